@@ -1,0 +1,320 @@
+"""The stepping loop: fixed or adaptive, landing exactly on every output time.
+
+The loop is generic over *what a step is*: the plain RK step for most strategies, the
+coupled ``(Y, Z)`` step for the reversible one. It returns the outputs and a
+:class:`Path`: the accepted step times and sizes (plain floats), which strategies with
+their own backward pass replay exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field as dataclass_field
+from typing import Any, Generic, TypeVar
+
+import torch
+from torch import Tensor
+
+from nde_zoo.solvers.errors import MaxStepsExceeded, NonFiniteStateError, StepSizeUnderflow
+from nde_zoo.solvers.rk import Field, rk_step
+from nde_zoo.solvers.stepping import PIController, Stepping, error_ratio, fixed_grid, initial_step_size
+from nde_zoo.solvers.tableau import ButcherTableau
+
+__all__ = [
+    "Path",
+    "SolveStats",
+    "CountedField",
+    "check_inputs",
+    "check_finite_outputs",
+    "integrate",
+    "odeint",
+]
+
+State = TypeVar("State")
+
+
+@dataclass
+class SolveStats:
+    """What a solve cost. ``nfe_backward`` is filled in by strategies during ``backward()``."""
+
+    nfe_forward: int = 0
+    nfe_backward: int = 0
+    accepted_steps: int = 0
+    rejected_steps: int = 0
+
+
+@dataclass
+class Path:
+    """The discretisation a forward solve chose.
+
+    Attributes:
+        times: ``N + 1`` step boundaries ``t_0 < ... < t_N`` (or decreasing), Python floats.
+        output_steps: for each output time ``ts[j]``, the number of steps taken to reach it
+            (``times[output_steps[j]] == ts[j]`` exactly).
+        states: the state at each step start when recorded (``N`` entries), else empty.
+    """
+
+    times: list[float]
+    output_steps: list[int]
+    states: list[Any] = dataclass_field(default_factory=list)
+
+    @property
+    def steps(self) -> int:
+        return len(self.times) - 1
+
+    def step_sizes(self) -> list[float]:
+        return [b - a for a, b in zip(self.times[:-1], self.times[1:])]
+
+
+def _describe_shape(name: str, shape: tuple[int, ...]) -> str:
+    dims = ["batch"] + [f"state dim {i}" for i in range(1, len(shape))]
+    return f"{name} {tuple(shape)} (" + ", ".join(f"{d}={n}" for d, n in zip(dims, shape)) + ")"
+
+
+class CountedField:
+    """Wraps ``f(t, y)``: counts evaluations and checks the first output against the state.
+
+    The check explains each dimension (torchcde's ``_check_compatability`` style).
+    """
+
+    def __init__(self, field: Field) -> None:
+        self.field = field
+        self.nfe = 0
+        self._checked = False
+
+    def __call__(self, t: Tensor, y: Tensor) -> Tensor:
+        self.nfe += 1
+        out = self.field(t, y)
+        if not self._checked:
+            self._check(y, out)
+            self._checked = True
+        return out
+
+    @staticmethod
+    def _check(y: Tensor, out: Any) -> None:
+        if not isinstance(out, Tensor):
+            raise TypeError(f"the vector field must return a tensor, got {type(out).__name__}")
+        if out.shape != y.shape:
+            mismatched = [
+                f"dimension {i}: field gives {a}, state has {b}"
+                for i, (a, b) in enumerate(zip(out.shape, y.shape))
+                if a != b
+            ]
+            if out.dim() != y.dim():
+                mismatched.append(f"field output has {out.dim()} dimensions, state has {y.dim()}")
+            raise ValueError(
+                f"the vector field returned shape {tuple(out.shape)} but the state y0 is "
+                f"{_describe_shape('shape', tuple(y.shape))}; f(t, y) must return dy/dt with the "
+                f"shape of y. Mismatch: " + "; ".join(mismatched)
+            )
+        if out.dtype != y.dtype or out.device != y.device:
+            raise TypeError(
+                f"the vector field returned {out.dtype} on {out.device} for a state of {y.dtype} on "
+                f"{y.device}; cast the field (e.g. field.to(y0)) so the two agree"
+            )
+
+
+def check_inputs(y0: Tensor, ts: Tensor) -> list[float]:
+    """Validate ``y0`` and ``ts`` once per solve; return ``ts`` as Python floats."""
+    if not isinstance(y0, Tensor) or not isinstance(ts, Tensor):
+        raise TypeError("y0 and ts must be tensors")
+    if not y0.is_floating_point():
+        raise TypeError(f"y0 must be a floating-point tensor, got {y0.dtype}")
+    if y0.dim() < 1:
+        raise ValueError("y0 must have shape (batch, *state); got a 0-d tensor")
+    if ts.dim() != 1 or ts.numel() < 1:
+        raise ValueError(f"ts must be a non-empty 1-D tensor of times, got shape {tuple(ts.shape)}")
+    if ts.dtype != y0.dtype:
+        raise TypeError(f"ts is {ts.dtype} but y0 is {y0.dtype}; pass ts.to(y0) so both share a dtype")
+    if ts.device != y0.device:
+        raise TypeError(f"ts is on {ts.device} but y0 is on {y0.device}; move both to one device")
+    times = ts.tolist()
+    if not all(math.isfinite(t) for t in times):
+        raise ValueError(f"ts must be finite, got {times}")
+    if len(times) > 1:
+        diffs = [b - a for a, b in zip(times[:-1], times[1:])]
+        if not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+            bad = next(i for i, d in enumerate(diffs) if d == 0 or (d > 0) != (diffs[0] > 0))
+            raise ValueError(
+                f"ts must be strictly monotone (all increasing or all decreasing) with no duplicates; "
+                f"ts[{bad}] = {times[bad]} and ts[{bad + 1}] = {times[bad + 1]} break it"
+            )
+    return times
+
+
+def check_finite_outputs(ys: Tensor, ts: list[float]) -> None:
+    """One sync per solve: name the first output time whose state is not finite."""
+    finite = torch.isfinite(ys.detach().reshape(ys.shape[0], -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    j = int((~finite).nonzero()[0])
+    since = f" (it was finite at t={ts[j - 1]})" if j > 0 else ""
+    raise NonFiniteStateError(
+        f"the state became NaN or infinite by t={ts[j]}{since}; the dynamics blew up or the step is "
+        f"too large: reduce the step size, use an adaptive solver, or check the data for NaN/inf"
+    )
+
+
+Step = Callable[[Tensor, State, float, Any], "tuple[State, Tensor | None, Any]"]
+
+
+def integrate(
+    step: Step,
+    state0: State,
+    observe: Callable[[State], Tensor],
+    ts: list[float],
+    t_like: Tensor,
+    stepping: Stepping,
+    order: int,
+    *,
+    first_step: Callable[[], float] | None = None,
+    record_states: bool = False,
+    controller: PIController = PIController(),
+) -> tuple[list[Tensor], Path, SolveStats]:
+    """Integrate from ``ts[0]``, returning the observed state at every output time.
+
+    Args:
+        step: ``step(t, state, h, carry) -> (state_next, error | None, carry_next)``;
+            ``carry`` is what may be reused by the next step (an FSAL stage), ``None`` at first.
+        state0: the state at ``ts[0]``.
+        observe: maps a state to the solution tensor (``(batch, *state)``).
+        ts: output times (validated by :func:`check_inputs`).
+        t_like: a 0-d tensor giving the dtype and device of times passed to the field.
+        stepping: fixed or adaptive; ``order`` is the method's order for the controller.
+        first_step: computes the initial adaptive step (Hairer) when ``stepping.dt0`` is unset.
+        record_states: keep the state at each step start in ``Path.states``.
+
+    Raises:
+        MaxStepsExceeded, StepSizeUnderflow, NonFiniteStateError (adaptive: at the step).
+    """
+    outputs = [observe(state0)]
+    path = Path(times=[ts[0]], output_steps=[0])
+    stats = SolveStats()
+    if len(ts) == 1:
+        return outputs, path, stats
+    state, carry = state0, None
+
+    def as_time(t: float) -> Tensor:
+        return t_like.new_tensor(t)
+
+    if not stepping.adaptive:
+        grid = fixed_grid(ts, stepping)
+        next_out = 1
+        for t_a, t_b in zip(grid[:-1], grid[1:]):
+            if record_states:
+                path.states.append(state)
+            state, _, carry = step(as_time(t_a), state, t_b - t_a, carry)
+            path.times.append(t_b)
+            if t_b == ts[next_out]:
+                outputs.append(observe(state))
+                path.output_steps.append(len(path.times) - 1)
+                next_out += 1
+        stats.accepted_steps = len(grid) - 1
+        return outputs, path, stats
+
+    rtol, atol = float(stepping.rtol or 0.0), float(stepping.atol or 0.0)
+    direction = 1.0 if ts[-1] > ts[0] else -1.0
+    t = ts[0]
+    h = direction * abs(stepping.dt0) if stepping.dt0 is not None else (
+        direction * abs(first_step()) if first_step is not None else direction * abs(ts[-1] - ts[0]) / 100
+    )
+    eps = torch.finfo(t_like.dtype).eps
+    prev_ratio = 1.0
+    next_out = 1
+    attempts = 0
+    while next_out < len(ts):
+        if attempts >= stepping.max_steps:
+            raise MaxStepsExceeded(
+                f"max_steps={stepping.max_steps} steps were taken and the solve reached only t={t:.6g} "
+                f"of [{ts[0]:.6g}, {ts[-1]:.6g}]; raise max_steps, loosen rtol/atol, or check that the "
+                f"dynamics are not stiff or blowing up"
+            )
+        attempts += 1
+        if abs(h) <= 4 * eps * max(1.0, abs(t)):
+            raise StepSizeUnderflow(
+                f"the adaptive step size underflowed to {h:.3g} at t={t:.6g} (rtol={rtol}, atol={atol}); "
+                f"the dynamics are stiff or singular there: loosen rtol/atol, use float64, or "
+                f"regularise the model"
+            )
+        target = ts[next_out]
+        lands = (t + h - target) * direction >= 0
+        h_try = target - t if lands else h
+        new_state, error, new_carry = step(as_time(t), state, h_try, carry)
+        assert error is not None, "adaptive stepping needs an error estimate"
+        ratio_t = error_ratio(error.detach(), observe(state).detach(), observe(new_state).detach(), rtol, atol)
+        ratio = float(ratio_t)  # the one host sync per step that adaptive control needs
+        if not math.isfinite(ratio):
+            bad = observe(new_state)
+            if not bool(torch.isfinite(bad).all()) or not bool(torch.isfinite(error).all()):
+                raise NonFiniteStateError(
+                    f"the state became NaN or infinite in the step from t={t:.6g} to t={t + h_try:.6g}; "
+                    f"check the data and the field for NaN/inf, or lower the learning rate"
+                )
+            ratio = math.inf
+        h_next = controller.propose(h_try, ratio, prev_ratio, order) if math.isfinite(ratio) else h_try * controller.dfactor
+        if ratio <= 1.0:
+            if record_states:
+                path.states.append(state)
+            state, carry = new_state, new_carry
+            t = target if lands else t + h_try
+            path.times.append(t)
+            stats.accepted_steps += 1
+            prev_ratio = max(ratio, 1e-4)
+            if lands:
+                outputs.append(observe(state))
+                path.output_steps.append(len(path.times) - 1)
+                next_out += 1
+                h_next = direction * max(abs(h_next), abs(h)) if abs(h_try) < abs(h) else h_next
+        else:
+            stats.rejected_steps += 1
+        h = h_next
+    return outputs, path, stats
+
+
+def _rk_stepper(field: Field, tableau: ButcherTableau) -> Step:
+    def step(t: Tensor, y: Tensor, h: float, k1: Tensor | None) -> tuple[Tensor, Tensor | None, Any]:
+        result = rk_step(field, t, y, h, tableau, k1)
+        return result.y, result.error, (result.stages[-1] if tableau.fsal else None)
+
+    return step
+
+
+def odeint(
+    field: Field,
+    y0: Tensor,
+    ts: Tensor,
+    tableau: ButcherTableau,
+    stepping: Stepping,
+    *,
+    record_states: bool = False,
+) -> tuple[Tensor, Path, SolveStats]:
+    """Solve ``dy/dt = field(t, y)`` with plain RK steps; differentiable by ordinary autograd.
+
+    Returns ``ys`` of shape ``(len(ts), *y0.shape)``, the :class:`Path` and the stats.
+    Step sizes are plain floats, so no gradient flows through step-size selection (as in
+    diffrax): every exact strategy differentiates the same discretisation.
+    """
+    stepping.check(tableau)
+    times = check_inputs(y0, ts)
+    counted = CountedField(field)
+    t_like = ts[0]
+    first_step = None
+    if stepping.adaptive and stepping.dt0 is None:
+
+        def first_step() -> float:
+            with torch.no_grad():
+                f0 = counted(t_like, y0)
+                return initial_step_size(
+                    counted, t_like, y0, f0, tableau.order - 1, float(stepping.rtol or 0.0),
+                    float(stepping.atol or 0.0),
+                )
+
+    outputs, path, stats = integrate(
+        _rk_stepper(counted, tableau), y0, lambda y: y, times, t_like, stepping, tableau.order,
+        first_step=first_step, record_states=record_states,
+    )
+    ys = torch.stack(outputs)
+    check_finite_outputs(ys, times)
+    stats.nfe_forward = counted.nfe
+    return ys, path, stats

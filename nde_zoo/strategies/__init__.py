@@ -1,0 +1,6 @@
+"""Gradient strategies: how the gradient through a differential equation solve is computed."""
+
+from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
+from nde_zoo.strategies.direct import Direct
+
+__all__ = ["Direct", "GradientStrategy", "ODEStrategy", "Solution"]
