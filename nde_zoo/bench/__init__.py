@@ -1,0 +1,9 @@
+"""Paper-reproduction benchmarks behind ``python -m nde_zoo bench NAME [--quick]``.
+
+Each benchmark is a module ``nde_zoo.bench.<name>`` with ``run(quick: bool) -> BenchReport``.
+Ratios are measured side by side in one run; figures go to ``docs/benchmarks.md``.
+"""
+
+BENCHMARKS: dict[str, str] = {
+    "solver_overhead": "our fixed-step RK4 vs torchdiffeq's, forward and forward+backward",
+}
