@@ -1,0 +1,6 @@
+"""LightningModules: a NeuralDE base and one file per model family."""
+
+from nde_zoo.models.base import NeuralDE
+from nde_zoo.models.ode_classifier import ODEClassifier
+
+__all__ = ["NeuralDE", "ODEClassifier"]

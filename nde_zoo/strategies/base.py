@@ -93,6 +93,9 @@ class GradientStrategy(lightning.Callback, abc.ABC):
     def __init__(self) -> None:
         super().__init__()
         self._solutions: list[Solution] = []
+        #: the figures logged at each training step (``{"step": ..., "nfe/forward": ...}``),
+        #: kept for plots at the end of ``fit``.
+        self.history: list[dict[str, float]] = []
 
     @abc.abstractmethod
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
@@ -129,6 +132,7 @@ class GradientStrategy(lightning.Callback, abc.ABC):
         else:
             figures["memory/saved_bytes"] = float(sum(s.saved_bytes for s in self._solutions))
         pl_module.log_dict(figures, on_step=True, on_epoch=False, batch_size=1)
+        self.history.append({"step": float(trainer.global_step), **figures})
         self._solutions.clear()
 
     def __repr__(self) -> str:

@@ -1,0 +1,131 @@
+"""The LightningModule every model family builds on.
+
+A :class:`NeuralDE` owns its :class:`~nde_zoo.strategies.GradientStrategy` and returns it
+from ``configure_callbacks()``, so the Trainer registers it once and it logs its own
+figures. Subclasses provide the physics (``vector_field``) and ``_common_step``; a
+downstream project overrides one hook and inherits the rest.
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any, ClassVar
+
+import lightning
+import torch
+from torch import Tensor
+
+from nde_zoo.strategies.base import GradientStrategy, Solution
+
+__all__ = ["NeuralDE", "strategies_supporting", "check_strategy_supports"]
+
+
+def _all_subclasses(cls: type) -> list[type]:
+    out = []
+    for sub in cls.__subclasses__():
+        out.append(sub)
+        out.extend(_all_subclasses(sub))
+    return out
+
+
+def strategies_supporting(kind: str) -> list[str]:
+    """Config names of the strategy classes that declare ``kind`` ("ode" or "sde")."""
+    import nde_zoo.strategies  # noqa: F401  (registers every strategy class)
+
+    names = {c.name for c in _all_subclasses(GradientStrategy) if c.name and kind in c.kinds}
+    return sorted(names)
+
+
+def check_strategy_supports(model: str, kind: str, strategy: GradientStrategy) -> None:
+    """Refuse an unsupported model x strategy pair, naming the strategies that work."""
+    if not isinstance(strategy, GradientStrategy):
+        raise TypeError(
+            f"model {model!r} needs a GradientStrategy (e.g. nde_zoo.strategies.Direct()), got "
+            f"{type(strategy).__name__}"
+        )
+    if kind not in strategy.kinds:
+        raise ValueError(
+            f"gradient strategy {strategy.name or type(strategy).__name__!r} does not support "
+            f"{kind.upper()}s, which model {model!r} solves; strategies that do: "
+            f"{', '.join(strategies_supporting(kind))} (choose one with strategy=<name>; this is our "
+            f"gradient strategy, not Lightning's trainer.strategy)"
+        )
+
+
+class NeuralDE(lightning.LightningModule, abc.ABC):
+    """Base of every model: owns the gradient strategy, the optimiser and the common step.
+
+    Args:
+        strategy: how gradients through the solve are computed.
+        lr / weight_decay: AdamW settings.
+    """
+
+    #: what the model solves: "ode" or "sde" (checked against ``strategy.kinds``).
+    kind: ClassVar[str] = "ode"
+    #: config name of the model, for messages.
+    config_name: ClassVar[str] = ""
+
+    def __init__(self, strategy: GradientStrategy, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+        super().__init__()
+        check_strategy_supports(self.config_name or type(self).__name__, self.kind, strategy)
+        self.strategy = strategy
+        self.lr = lr
+        self.weight_decay = weight_decay
+
+    # -- hooks a downstream project may override ---------------------------------------------
+    @abc.abstractmethod
+    def _common_step(self, batch: Any, stage: str) -> Tensor:
+        """Compute and log ``{stage}/loss`` (and metrics); return the loss."""
+
+    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+        """Solve with the owned strategy (a hook for subclasses that wrap it)."""
+        return self.strategy.solve(field, y0, ts)
+
+    # -- Lightning ---------------------------------------------------------------------------
+    def configure_callbacks(self) -> list[lightning.Callback]:
+        return [self.strategy]
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._common_step(batch, "train")
+
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._common_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self._common_step(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+
+    def output_dir(self) -> Path | None:
+        """Where pictures go at the end of ``fit``: the logger's directory, if any."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None or trainer.logger is None or trainer.log_dir is None:
+            return None
+        return Path(trainer.log_dir)
+
+    def on_fit_end(self) -> None:
+        """Plot forward/backward NFE per training step (skipped without matplotlib)."""
+        out = self.output_dir()
+        if out is None or not self.strategy.history or self.trainer.global_rank != 0:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # the [plots] extra is optional
+            return
+        steps = [h["step"] for h in self.strategy.history]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in ("nfe/forward", "nfe/backward"):
+            ax.plot(steps, [h[key] for h in self.strategy.history], label=key)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("function evaluations")
+        ax.set_title(f"{type(self).__name__} with {self.strategy!r}", fontsize=8)
+        ax.legend()
+        out.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(out / "nfe_curve.png", dpi=120)
+        plt.close(fig)
