@@ -59,8 +59,8 @@ class ODEClassifier(NeuralDE):
         state_dim: int = 32,
         width: int = 100,
         t1: float = 1.0,
-        lr: float = 3e-3,
-        weight_decay: float = 1e-4,
+        lr: float = 1e-2,
+        weight_decay: float = 5e-2,
     ) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay)
         self.in_features = in_features
