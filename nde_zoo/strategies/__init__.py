@@ -2,5 +2,6 @@
 
 from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
 from nde_zoo.strategies.direct import Direct
+from nde_zoo.strategies.symplectic import Symplectic
 
-__all__ = ["Direct", "GradientStrategy", "ODEStrategy", "Solution"]
+__all__ = ["Direct", "GradientStrategy", "ODEStrategy", "Solution", "Symplectic"]
