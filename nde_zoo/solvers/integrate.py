@@ -52,11 +52,14 @@ class Path:
         times: ``N + 1`` step boundaries ``t_0 < ... < t_N`` (or decreasing), Python floats.
         output_steps: for each output time ``ts[j]``, the number of steps taken to reach it
             (``times[output_steps[j]] == ts[j]`` exactly).
+        sizes: the ``N`` step sizes exactly as passed to the step function. Replay with
+            these, not ``times[n + 1] - times[n]``, which can differ in the last bit.
         states: the state at each step start when recorded (``N`` entries), else empty.
     """
 
     times: list[float]
     output_steps: list[int]
+    sizes: list[float] = dataclass_field(default_factory=list)
     states: list[Any] = dataclass_field(default_factory=list)
 
     @property
@@ -64,7 +67,8 @@ class Path:
         return len(self.times) - 1
 
     def step_sizes(self) -> list[float]:
-        return [b - a for a, b in zip(self.times[:-1], self.times[1:])]
+        """The step sizes as taken (alias of :attr:`sizes`)."""
+        return list(self.sizes)
 
 
 def _describe_shape(name: str, shape: tuple[int, ...]) -> str:
@@ -206,6 +210,7 @@ def integrate(
                 path.states.append(state)
             state, _, carry = step(as_time(t_a), state, t_b - t_a, carry)
             path.times.append(t_b)
+            path.sizes.append(t_b - t_a)
             if t_b == ts[next_out]:
                 outputs.append(observe(state))
                 path.output_steps.append(len(path.times) - 1)
@@ -259,6 +264,7 @@ def integrate(
             state, carry = new_state, new_carry
             t = target if lands else t + h_try
             path.times.append(t)
+            path.sizes.append(h_try)
             stats.accepted_steps += 1
             prev_ratio = max(ratio, 1e-4)
             if lands:
