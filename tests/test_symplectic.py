@@ -81,6 +81,7 @@ def _compare(field, y0, ts, **kwargs):
     sol_s, g_s = _grads(Symplectic(**kwargs), field, y0, ts, weights)
     assert sol_s.path.times == sol_d.path.times, "not the same accepted steps"
     assert sol_s.path.output_steps == sol_d.path.output_steps
+    assert sol_s.path.sizes == sol_d.path.sizes
     assert torch.equal(sol_s.ys, sol_d.ys), "forward values differ from Direct's"
     return sol_d, sol_s, max(_rel(a, b) for a, b in zip(g_s, g_d))
 
@@ -265,3 +266,22 @@ def test_config_mirrors_constructor():
 def test_adaptive_with_fixed_step_solver_is_refused():
     with pytest.raises(ValueError, match="no embedded error estimate"):
         Symplectic(solver="rk4", rtol=1e-3, atol=1e-6)
+
+
+def test_kdv_generator_carries_a_soliton_at_its_speed():
+    """The benchmark's data: u = 3c sech^2(sqrt(c) (x - ct) / (2 delta)) solves
+    u_t + u u_x + delta^2 u_xxx = 0 exactly; the pseudo-spectral solver must keep it."""
+    import math
+
+    from nde_zoo.bench.kdv import kdv_solve
+
+    delta, c, points = 0.15, 1.0, 128
+    x = torch.arange(points, dtype=torch.float64) * (2 * math.pi / points)
+
+    def soliton(t: float) -> torch.Tensor:
+        return 3 * c / torch.cosh(math.sqrt(c) / (2 * delta) * (x - math.pi - c * t)) ** 2
+
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64)
+    u = kdv_solve(soliton(0.0)[None], ts, delta=delta, dt=2e-3)  # (time, 1, points)
+    for i, t in enumerate(ts.tolist()):
+        assert float((u[i, 0] - soliton(t)).abs().max()) < 1e-5 * 3 * c, t

@@ -93,7 +93,6 @@ class _Problem:
     strategy: str
     # filled by forward:
     path: Path | None = None
-    step_sizes: list[float] | None = None
     stats: SolveStats | None = None
 
     def time(self, t: float) -> Tensor:
@@ -105,16 +104,13 @@ def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]
     """Plain RK without a graph; returns ``ys`` and the state at each accepted step start.
 
     The same loop and arithmetic as :func:`nde_zoo.solvers.odeint`, so the accepted steps
-    are those :class:`Direct` takes; it also records the step size each accepted step
-    actually used (``times[n+1] - times[n]`` may differ from it in the last bit).
+    are those :class:`Direct` takes (``Path.sizes``: the step sizes exactly as taken).
     """
     tableau, stepping = problem.tableau, problem.stepping
     counted = CountedField(problem.field)
     t_like = problem.time(problem.times_out[0])
-    step_size_of: dict[int, float] = {}  # id(state at step start) -> h of its last attempt
 
     def step(t: Tensor, y: Tensor, h: float, k1: Tensor | None) -> tuple[Tensor, Tensor | None, Any]:
-        step_size_of[id(y)] = h
         result = rk_step(counted, t, y, h, tableau, k1)
         return result.y, result.error, (result.stages[-1] if tableau.fsal else None)
 
@@ -136,8 +132,7 @@ def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]
     check_finite_outputs(ys, problem.times_out)
     stats.nfe_forward = counted.nfe
     states = path.states
-    problem.step_sizes = [step_size_of[id(y)] for y in states]
-    problem.path = Path(times=path.times, output_steps=path.output_steps)
+    problem.path = Path(times=path.times, output_steps=path.output_steps, sizes=path.sizes)
     problem.stats = stats
     return ys, states
 
@@ -168,8 +163,9 @@ class _SymplecticAdjoint(torch.autograd.Function):
 def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor) -> list[Tensor | None]:
     """The discrete adjoint, step by step from the end; returns ``[ybar_0, *thetabar]``."""
     tableau, params = problem.tableau, problem.params
-    path, hs, stats = problem.path, problem.step_sizes, problem.stats
-    assert path is not None and hs is not None and stats is not None
+    path, stats = problem.path, problem.stats
+    assert path is not None and stats is not None
+    hs = path.sizes  # exactly as taken
     needed = _stages_needed(tableau)
     last = max(i for i, n in enumerate(needed) if n)  # stages after it are never evaluated
     output_at: dict[int, list[int]] = {}
