@@ -175,9 +175,9 @@ def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor)
     checked = False
     nfe = 0
 
-    ybar = torch.zeros_like(grad_ys[0])  # (batch, *state)
+    ybar = torch.zeros_like(grad_ys[0])  # (batch, *state); a fresh tensor, updated in place
     for j in output_at.get(path.steps, []):
-        ybar = ybar + grad_ys[j]
+        ybar.add_(grad_ys[j])
     for n in reversed(range(path.steps)):
         y, h = states[n], hs[n]
         t = problem.time(path.times[n])
@@ -205,8 +205,10 @@ def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor)
             kbar = ybar * (h * tableau.b[i]) if tableau.b[i] != 0.0 else None
             for m in range(i + 1, last + 1):
                 if tableau.a[m][i] != 0.0 and xbars[m] is not None:
-                    term = xbars[m] * (h * tableau.a[m][i])
-                    kbar = term if kbar is None else kbar + term
+                    if kbar is None:
+                        kbar = xbars[m] * (h * tableau.a[m][i])
+                    else:
+                        kbar.add_(xbars[m], alpha=h * tableau.a[m][i])  # kbar is fresh: no aliasing
             if kbar is None:
                 continue
             x = xs[i].detach().requires_grad_()
@@ -224,9 +226,9 @@ def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor)
                     param_grads[p] = pbar if param_grads[p] is None else param_grads[p] + pbar
         for xbar in xbars:
             if xbar is not None:
-                ybar = ybar + xbar
+                ybar.add_(xbar)
         for j in output_at.get(n, []):
-            ybar = ybar + grad_ys[j]
+            ybar.add_(grad_ys[j])
     stats.nfe_backward += nfe
     return [ybar, *param_grads]
 
