@@ -9,17 +9,21 @@ checks they agree, so docs and code cannot drift).
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
 from nde_zoo.configs_path import config_dir
 
-__all__ = ["model_kinds", "strategy_kinds", "capability_matrix", "matrix_markdown"]
+__all__ = ["model_kinds", "strategy_kinds", "capability_matrix", "matrix_markdown", "update_readme"]
+
+START, END = "<!-- capability-matrix:start -->", "<!-- capability-matrix:end -->"
 
 
 def _target_class(group: str, name: str) -> type:
     cfg = OmegaConf.load(config_dir() / group / f"{name}.yaml")
-    module, _, attr = str(cfg["_target_"]).rpartition(".")
+    node = cfg.model if group == "model" else cfg  # model files are in the _global_ package
+    module, _, attr = str(node["_target_"]).rpartition(".")
     return getattr(importlib.import_module(module), attr)
 
 
@@ -60,3 +64,19 @@ def matrix_markdown() -> str:
     for m in models:
         lines.append(f"| `{m}` | " + " | ".join("yes" if matrix[(m, s)] else "-" for s in strategies) + " |")
     return "\n".join(lines)
+
+
+def update_readme(readme: Path) -> bool:
+    """Write the matrix between the README's markers; return whether the file changed."""
+    text = readme.read_text()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    new = f"{head}{START}\n{matrix_markdown()}\n{END}{tail}"
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m nde_zoo.capabilities: refresh the README's table
+    changed = update_readme(Path(__file__).resolve().parents[1] / "README.md")
+    print("README.md updated" if changed else "README.md already up to date")

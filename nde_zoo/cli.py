@@ -1,0 +1,125 @@
+"""``nde-zoo`` / ``python -m nde_zoo``: subcommands in front of a Hydra app.
+
+    python -m nde_zoo fit model=cnf strategy=reversible
+    python -m nde_zoo test ckpt_path=outputs/.../checkpoints/last.ckpt
+    python -m nde_zoo fit -m strategy=direct,symplectic        # Hydra multirun
+    python -m nde_zoo bench white_dwarf [--quick]              # benchmarks (not Hydra)
+
+Hydra has no subcommands, so the first word is taken off ``sys.argv`` before
+``@hydra.main`` parses it and selects the primary config (``configs/<subcommand>.yaml``);
+in run mode the original argv is put back, because Lightning's DDP launcher re-executes
+``sys.argv`` for ranks > 0 (ECOSYSTEM.md 2.2).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
+OTHER_SUBCOMMANDS = ("bench", "gradcheck")
+USAGE = f"""usage: nde-zoo <subcommand> [hydra overrides...]
+
+subcommands:
+  fit        train a model (then test it with the best checkpoint)
+  validate   evaluate a checkpoint on the validation split   (needs ckpt_path=...)
+  test       evaluate a checkpoint on the test split         (needs ckpt_path=...)
+  predict    predict with a checkpoint                       (needs ckpt_path=...)
+  gradcheck  compare one batch's gradient with float64 backprop, per parameter group
+  bench      run a benchmark: nde-zoo bench NAME [--quick]  (nde-zoo bench --list)
+
+examples:
+  nde-zoo fit model=cnf strategy=reversible
+  nde-zoo fit model=ode_classifier strategy=ernode strategy.inner=symplectic
+  nde-zoo fit --cfg job                      # print the composed config
+  nde-zoo fit --help                         # config groups and their options
+"""
+
+
+def _fail(message: str) -> None:
+    print(USAGE + f"\nerror: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _shell_completion(args: list[str]) -> tuple[str, list[str]] | None:
+    """Hydra's bash completion (``nde-zoo -sc query=bash``): complete the subcommand word."""
+    words = os.environ.get("COMP_LINE", "").split()
+    if len(words) <= 1 or (len(words) == 2 and not os.environ.get("COMP_LINE", "").endswith(" ")):
+        prefix = words[1] if len(words) == 2 else ""
+        print(" ".join(s for s in (*TRAIN_SUBCOMMANDS, *OTHER_SUBCOMMANDS) if s.startswith(prefix)))
+        return None
+    sub = words[1]
+    if sub not in TRAIN_SUBCOMMANDS + ("gradcheck",):
+        return None
+    os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (
+        " " if os.environ["COMP_LINE"].endswith(" ") else ""
+    )
+    return sub, args
+
+
+def main(argv: list[str] | None = None) -> Any:
+    argv = list(sys.argv if argv is None else argv)
+    prog, args = argv[0], argv[1:]
+    if args[:1] in (["-sc"], ["--shell-completion"]):
+        completed = _shell_completion(args)
+        if completed is None:
+            return None
+        sub, rest = completed
+    elif not args or args[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stdout if args else sys.stderr)
+        raise SystemExit(0 if args else 2)
+    elif args[0] == "bench":
+        from nde_zoo.bench.runner import main as bench_main
+
+        return bench_main(args[1:])
+    elif args[0] not in TRAIN_SUBCOMMANDS + ("gradcheck",):
+        _fail(
+            f"unknown subcommand {args[0]!r}; choose one of "
+            f"{', '.join(TRAIN_SUBCOMMANDS + OTHER_SUBCOMMANDS)}"
+        )
+        return None
+    else:
+        sub, rest = args[0], args[1:]
+    sys.argv = [prog, *rest]  # Hydra parses sys.argv[1:]
+    return _hydra_app(sub, argv)
+
+
+def _hydra_app(sub: str, argv: list[str]) -> Any:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from nde_zoo.configs_path import config_dir
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name=sub)
+    def app(cfg: DictConfig) -> Any:
+        if HydraConfig.get().mode == RunMode.RUN:
+            sys.argv = argv  # Lightning's DDP launcher replays sys.argv for ranks > 0
+        else:
+            _refuse_replayed_ddp(cfg)
+        from nde_zoo.train import run
+
+        return run(sub, cfg)
+
+    return app()
+
+
+def _refuse_replayed_ddp(cfg: Any) -> None:
+    """In a multirun, Lightning's subprocess DDP would replay the whole sweep: refuse it."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    strategy = str(cfg.trainer.get("strategy", "auto"))
+    if strategy.startswith("ddp") and not strategy.startswith("ddp_spawn"):
+        if not (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()):
+            raise SystemExit(
+                f"error: a multirun (-m) with trainer.strategy={strategy} would make Lightning "
+                f"re-launch the whole sweep in every rank. Use trainer.strategy=ddp_spawn for local "
+                f"sweeps, launch the processes with torchrun or srun, or submit the sweep to SLURM "
+                f"with hydra/launcher=slurm"
+            )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,109 @@
+"""What each subcommand does once Hydra has composed the config."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("nde_zoo")
+
+__all__ = ["run", "build"]
+
+
+def _run_dir() -> Path:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not under Hydra (called from Python)
+        return Path.cwd()
+
+
+def _check_ckpt_path(sub: str, cfg: DictConfig) -> str | None:
+    """``validate``/``test``/``predict`` need an existing checkpoint; say so plainly."""
+    if OmegaConf.is_missing(cfg, "ckpt_path") or cfg.get("ckpt_path") in (None, ""):
+        if sub == "fit":
+            return None
+        raise SystemExit(
+            f"error: {sub} needs a checkpoint: pass ckpt_path=<file.ckpt>, e.g. "
+            f"ckpt_path=outputs/fit/<model>/<time>/checkpoints/last.ckpt"
+        )
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.is_absolute():
+        path = Path(hydra.utils.get_original_cwd()) / path if HydraConfig.initialized() else path.resolve()
+    if not path.is_file():
+        raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} does not exist ({path})")
+    return str(path)
+
+
+def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
+    """Instantiate ``(datamodule, model, strategy)`` from a composed config."""
+    datamodule = hydra.utils.instantiate(cfg.data)
+    strategy = hydra.utils.instantiate(cfg.strategy)
+    model = hydra.utils.instantiate(cfg.model, strategy=strategy)
+    return datamodule, model, strategy
+
+
+def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    return hydra.utils.instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+    )
+
+
+def run(sub: str, cfg: DictConfig) -> Any:
+    """Run ``fit``/``validate``/``test``/``predict``/``gradcheck`` on the composed config."""
+    ckpt_path = _check_ckpt_path(sub, cfg) if sub != "gradcheck" else None
+    if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
+        for name in ("lightning.pytorch", "lightning.fabric"):
+            logging.getLogger(name).handlers.clear()
+    lightning.seed_everything(cfg.seed, workers=True)
+    datamodule, model, strategy = build(cfg)
+    if sub == "gradcheck":
+        return _gradcheck(cfg, datamodule, strategy)
+    run_dir = _run_dir()
+    trainer = _trainer(cfg, run_dir)
+    log.info("model %s with gradient strategy %r; outputs in %s", type(model).__name__, strategy, run_dir)
+    if sub == "fit":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        if not cfg.get("test_after_fit", True):
+            return trainer.callback_metrics
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        _summarise(results, best)
+        return results
+    if sub == "validate":
+        return trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    if sub == "test":
+        return trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path)
+    import torch
+
+    out = run_dir / "predictions.pt"
+    torch.save(predictions, out)
+    log.info("predictions written to %s", out)
+    return predictions
+
+
+def _summarise(results: list[dict[str, float]], best: str) -> None:
+    if not results:
+        return
+    figures = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(results[0].items()))
+    log.info("test with %s: %s", best or "the final weights", figures)
+
+
+def _gradcheck(cfg: DictConfig, datamodule: Any, strategy: Any) -> dict[str, float]:
+    from nde_zoo.fidelity import gradient_fidelity
+
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    errors = gradient_fidelity(lambda s: hydra.utils.instantiate(cfg.model, strategy=s), strategy, batch, cfg.seed)
+    print(f"relative gradient error of {strategy!r} vs float64 Direct on the same discretisation:")
+    for group, err in errors.items():
+        print(f"  {group:>12}: {err:.3e}")
+    return errors

@@ -1,0 +1,102 @@
+"""The command line: subcommands in front of Hydra, errors that say what to do, an end-to-end fit."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_val_batches=2",
+        "trainer.limit_test_batches=2", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
+        "strategy.solver=rk4", "strategy.steps=2", "strategy.rtol=null", "strategy.atol=null"]
+
+
+def test_no_subcommand_prints_usage(cli):
+    out = cli()
+    assert out.returncode == 2 and "usage: nde-zoo <subcommand>" in out.stderr
+
+
+def test_unknown_subcommand(cli):
+    out = cli("train")
+    assert out.returncode == 2
+    assert "unknown subcommand 'train'; choose one of fit, validate, test, predict, bench, gradcheck" in out.stderr
+
+
+def test_cfg_job_prints_the_composed_config(cli, tmp_path):
+    out = cli("predict", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "subcommand: predict" in out.stdout and "ckpt_path: ???" in out.stdout
+    assert "_target_: nde_zoo.models.ODEClassifier" in out.stdout
+
+
+def test_test_needs_ckpt_path(cli, tmp_path):
+    out = cli("test", cwd=tmp_path)
+    assert out.returncode != 0 and "test needs a checkpoint: pass ckpt_path=<file.ckpt>" in out.stderr
+
+
+def test_missing_checkpoint_file(cli, tmp_path):
+    out = cli("validate", "ckpt_path=nowhere.ckpt", cwd=tmp_path)
+    assert out.returncode != 0 and "ckpt_path=nowhere.ckpt does not exist" in out.stderr
+
+
+@pytest.mark.parametrize("override, group", [("strategy=bogus", "strategy"), ("model=bogus", "model")])
+def test_unknown_config_name_lists_valid_ones(cli, tmp_path, override, group):
+    out = cli("fit", override, cwd=tmp_path)
+    assert out.returncode != 0
+    assert f"Could not find '{group}/bogus'" in out.stderr and f"Available options in '{group}'" in out.stderr
+    assert ("direct" if group == "strategy" else "ode_classifier") in out.stderr
+
+
+def test_multirun_with_subprocess_ddp_is_refused(cli, tmp_path):
+    out = cli("fit", "-m", "trainer=ddp", "seed=1,2", cwd=tmp_path)
+    assert out.returncode != 0 and "re-launch the whole sweep in every rank" in out.stderr
+
+
+def test_fit_end_to_end_then_test_from_its_checkpoint(cli, tmp_path):
+    out = cli("fit", *FAST, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dir = next((tmp_path / "outputs" / "fit" / "ode_classifier").iterdir())
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    metrics = next(run_dir.glob("csv/version_*/metrics.csv"))
+    rows = list(csv.DictReader(metrics.open()))
+    assert any(r.get("nfe/forward") for r in rows) and any(r.get("test/acc") for r in rows)
+    assert (metrics.parent / "nfe_curve.png").is_file()
+    out = cli("test", f"ckpt_path={last}", *FAST, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "test/acc" in out.stdout + out.stderr
+
+
+def test_gradcheck_subcommand(cli, tmp_path):
+    out = cli("gradcheck", "strategy.solver=rk4", "strategy.steps=3", "strategy.rtol=null",
+              "strategy.atol=null", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "relative gradient error" in out.stdout and "field" in out.stdout
+
+
+def test_bench_lists_and_rejects_unknown(cli):
+    out = cli("bench", "--list")
+    assert out.returncode == 0 and "solver_overhead" in out.stdout
+    out = cli("bench", "nope")
+    assert out.returncode == 2 and "unknown benchmark 'nope'; valid benchmarks:" in out.stderr
+
+
+def test_bench_quick_writes_its_outputs(cli, tmp_path):
+    out = cli("bench", "solver_overhead", "--quick", "--out", str(tmp_path), timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "solver_overhead.json").is_file() and (tmp_path / "solver_overhead.md").is_file()
+    assert "ratio" in (tmp_path / "solver_overhead.md").read_text()
+
+
+@pytest.mark.ddp
+def test_ddp_through_the_cli_in_subprocesses(cli, tmp_path):
+    """Lightning re-launches rank 1 with the restored argv: both ranks train in one run dir.
+
+    Safe inside a pytest session: the re-launched command is the CLI's, not pytest's.
+    """
+    out = cli("fit", "trainer=ddp", "trainer.accelerator=cpu", *FAST, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    run_dirs = list((tmp_path / "outputs" / "fit" / "ode_classifier").iterdir())
+    assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert "GLOBAL_RANK: 1" in out.stderr + out.stdout
