@@ -10,7 +10,7 @@ from nde_zoo.solvers.integrate import (
     integrate,
     odeint,
 )
-from nde_zoo.solvers.rk import Field, StepResult, rk_step, stage_input
+from nde_zoo.solvers.rk import Field, StepResult, rk_increment, rk_step, stage_input
 from nde_zoo.solvers.stepping import PIController, Stepping, error_ratio, initial_step_size, rms_norm
 from nde_zoo.solvers.tableau import TABLEAUX, ButcherTableau, get_tableau, solver_names
 
@@ -35,6 +35,7 @@ __all__ = [
     "initial_step_size",
     "integrate",
     "odeint",
+    "rk_increment",
     "rk_step",
     "rms_norm",
     "solver_names",

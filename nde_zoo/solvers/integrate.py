@@ -55,12 +55,14 @@ class Path:
         sizes: the ``N`` step sizes exactly as passed to the step function. Replay with
             these, not ``times[n + 1] - times[n]``, which can differ in the last bit.
         states: the state at each step start when recorded (``N`` entries), else empty.
+        final_state: the state at the last output time (e.g. the reversible ``(Y, Z)`` pair).
     """
 
     times: list[float]
     output_steps: list[int]
     sizes: list[float] = dataclass_field(default_factory=list)
     states: list[Any] = dataclass_field(default_factory=list)
+    final_state: Any = None
 
     @property
     def steps(self) -> int:
@@ -195,6 +197,7 @@ def integrate(
     outputs = [observe(state0)]
     path = Path(times=[ts[0]], output_steps=[0])
     stats = SolveStats()
+    path.final_state = state0
     if len(ts) == 1:
         return outputs, path, stats
     state, carry = state0, None
@@ -216,6 +219,7 @@ def integrate(
                 path.output_steps.append(len(path.times) - 1)
                 next_out += 1
         stats.accepted_steps = len(grid) - 1
+        path.final_state = state
         return outputs, path, stats
 
     rtol, atol = float(stepping.rtol or 0.0), float(stepping.atol or 0.0)
@@ -275,6 +279,7 @@ def integrate(
         else:
             stats.rejected_steps += 1
         h = h_next
+    path.final_state = state
     return outputs, path, stats
 
 

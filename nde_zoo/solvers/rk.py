@@ -16,7 +16,7 @@ from torch import Tensor
 
 from nde_zoo.solvers.tableau import ButcherTableau
 
-__all__ = ["Field", "StepResult", "rk_step", "stage_input"]
+__all__ = ["Field", "StepResult", "rk_increment", "rk_step", "stage_input"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
@@ -87,3 +87,30 @@ def rk_step(
     if tableau.b_error is not None:
         error = _combine(torch.zeros_like(y), ks, tableau.b_error, h)
     return StepResult(y_new, error, ks)
+
+
+def rk_increment(
+    field: Field, t: Tensor, y: Tensor, h: float, tableau: ButcherTableau
+) -> tuple[Tensor, Tensor | None]:
+    """``Psi_h(t, y) = Phi_h(t, y) - y = h sum_i b_i k_i`` and the embedded error estimate.
+
+    Computed directly (not as a difference of states), so no rounding of ``y`` enters the
+    increment: what the reversible solvers add and later subtract is the same number.
+    """
+    ks: list[Tensor] = []
+    increment: Tensor | None = None
+    for i in range(tableau.stages):
+        if i == 0:
+            ks.append(field(t, y))
+            continue
+        if tableau.fsal and i == tableau.stages - 1:
+            increment = _combine(torch.zeros_like(y), ks, tableau.b, h)
+            ks.append(field(t + h, y + increment))
+            break
+        ks.append(field(t + tableau.c[i] * h, _combine(y, ks, tableau.a[i], h)))
+    if increment is None:
+        increment = _combine(torch.zeros_like(y), ks, tableau.b, h)
+    error = None
+    if tableau.b_error is not None:
+        error = _combine(torch.zeros_like(y), ks, tableau.b_error, h)
+    return increment, error

@@ -2,6 +2,7 @@
 
 from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
 from nde_zoo.strategies.direct import Direct
+from nde_zoo.strategies.reversible import Reversible
 from nde_zoo.strategies.symplectic import Symplectic
 
-__all__ = ["Direct", "GradientStrategy", "ODEStrategy", "Solution", "Symplectic"]
+__all__ = ["Direct", "GradientStrategy", "ODEStrategy", "Reversible", "Solution", "Symplectic"]
