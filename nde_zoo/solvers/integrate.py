@@ -42,6 +42,8 @@ class SolveStats:
     nfe_backward: int = 0
     accepted_steps: int = 0
     rejected_steps: int = 0
+    #: steps recomputed without a graph during backward (checkpointing schedules)
+    recomputed_steps: int = 0
 
 
 @dataclass

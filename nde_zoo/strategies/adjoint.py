@@ -1,0 +1,190 @@
+"""The continuous adjoint (Chen et al., 2018) and the seminorm adjoint (Kidger et al., 2021).
+
+Both run torchdiffeq's ``odeint_adjoint``: the backward pass solves the adjoint ODE
+backwards in time with its own adaptive steps, so memory is O(L) but the gradient is only
+as exact as the two solves' tolerances (not the gradient of the forward discretisation).
+The seminorm drops the parameter-gradient channels from the accept/reject test of the
+adjoint solve (they are integrals, never fed back), so fewer backward steps are rejected
+(papers/002).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torchdiffeq
+from torch import Tensor, nn
+
+from nde_zoo.solvers import (
+    ButcherTableau,
+    MaxStepsExceeded,
+    SolveStats,
+    StepSizeUnderflow,
+    check_finite_outputs,
+    check_inputs,
+)
+from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+
+__all__ = ["Adjoint", "Seminorm", "TORCHDIFFEQ_METHODS"]
+
+#: our solver names -> torchdiffeq's methods (its "rk4" is Kutta's 3/8 rule, our "rk38").
+TORCHDIFFEQ_METHODS = {
+    "euler": "euler",
+    "midpoint": "midpoint",
+    "rk38": "rk4",
+    "heun": "adaptive_heun",
+    "bosh3": "bosh3",
+    "dopri5": "dopri5",
+}
+ADJOINT_NORMS = ("default", "rms", "seminorm")
+
+
+def _rms_over_everything(tensor_tuple: Any) -> Tensor:
+    """A plain RMS over the whole augmented adjoint state: the seminorm paper's baseline."""
+    flat = torch.cat([t.reshape(-1) for t in tensor_tuple]) if isinstance(tensor_tuple, tuple) else tensor_tuple
+    return flat.pow(2).mean().sqrt()
+
+
+class _CountingField(nn.Module):
+    """Holds the user's field as a submodule (so its parameters are the adjoint's) and counts calls.
+
+    Calls during the forward solve go to ``nfe_forward``; after it returns, to ``nfe_backward``.
+    """
+
+    def __init__(self, field: Any, stats: SolveStats) -> None:
+        super().__init__()
+        self.field = field  # registered as a submodule when it is an nn.Module
+        self.stats = stats
+        self.forward_done = False
+
+    def forward(self, t: Tensor, y: Tensor) -> Tensor:
+        if self.forward_done:
+            self.stats.nfe_backward += 1
+        else:
+            self.stats.nfe_forward += 1
+        return self.field(t, y)
+
+
+class Adjoint(ODEStrategy):
+    """The continuous adjoint method on ``torchdiffeq.odeint_adjoint``.
+
+    Gradient: approximate (the adjoint ODE is solved to ``adjoint_rtol``/``adjoint_atol``,
+    defaulting to the forward tolerances). Memory: O(L), independent of the number of steps.
+    Not recommended when exact gradients matter (use :class:`Symplectic` or
+    :class:`Reversible`), on stiff or chaotic problems where the backward solve of the
+    state diverges from the forward one, or with few large steps.
+
+    Args:
+        solver: one of torchdiffeq's methods under our names: euler, midpoint, rk38 (its
+            ``rk4``), heun (``adaptive_heun``), bosh3, dopri5.
+        steps / step_size / rtol / atol / max_steps: as :class:`ODEStrategy`.
+        adjoint_rtol / adjoint_atol: tolerances of the backward solve (default: the forward ones).
+        adjoint_norm: ``"default"`` (torchdiffeq's own mixed norm), ``"rms"`` (plain RMS over
+            the whole augmented adjoint state) or ``"seminorm"`` (Kidger et al.).
+    """
+
+    name = "adjoint"
+    _fixed_norm: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        solver: str | ButcherTableau = "dopri5",
+        *,
+        steps: int | None = None,
+        step_size: float | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        adjoint_rtol: float | None = None,
+        adjoint_atol: float | None = None,
+        adjoint_norm: str = "default",
+    ) -> None:
+        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps)
+        if self.tableau.name not in TORCHDIFFEQ_METHODS:
+            raise ValueError(
+                f"strategy {self.name!r} runs torchdiffeq, which has no {self.tableau.name!r} solver; choose one "
+                f"of {', '.join(sorted(TORCHDIFFEQ_METHODS))} (or use strategy=symplectic / reversible, which "
+                f"take every solver)"
+            )
+        if adjoint_norm not in ADJOINT_NORMS:
+            raise ValueError(f"adjoint_norm must be one of {', '.join(ADJOINT_NORMS)}, got {adjoint_norm!r}")
+        self.method = TORCHDIFFEQ_METHODS[self.tableau.name]
+        self.adjoint_rtol = adjoint_rtol
+        self.adjoint_atol = adjoint_atol
+        self.adjoint_norm = adjoint_norm
+
+    def _options(self, times: list[float]) -> dict[str, Any]:
+        st = self.stepping
+        if st.steps is not None:
+            return dict(step_size=abs(times[-1] - times[0]) / st.steps)
+        if st.step_size is not None:
+            return dict(step_size=st.step_size)
+        return dict(max_num_steps=st.max_steps)
+
+    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+        times = check_inputs(y0, ts)
+        stats = SolveStats()
+        wrapped = _CountingField(field, stats)
+        options = self._options(times)
+        adaptive = self.stepping.adaptive
+        kwargs: dict[str, Any] = dict(method=self.method, options=options)
+        adjoint_options: dict[str, Any] = dict(options)
+        if adaptive:
+            kwargs.update(rtol=self.stepping.rtol, atol=self.stepping.atol)
+            kwargs.update(adjoint_rtol=self.adjoint_rtol or self.stepping.rtol,
+                          adjoint_atol=self.adjoint_atol or self.stepping.atol)
+            if self.adjoint_norm == "seminorm":
+                adjoint_options["norm"] = "seminorm"
+            elif self.adjoint_norm == "rms":
+                adjoint_options["norm"] = _rms_over_everything
+        kwargs["adjoint_options"] = adjoint_options
+        try:
+            with SavedBytes() as saved:
+                ys = torchdiffeq.odeint_adjoint(wrapped, y0, ts, **kwargs)
+        except AssertionError as exc:
+            raise _translate(exc, self) from exc
+        wrapped.forward_done = True
+        check_finite_outputs(ys, times)
+        return self._record(Solution(ys, ts, stats, None, saved_bytes=saved.nbytes))
+
+
+def _translate(exc: AssertionError, strategy: Adjoint) -> Exception:
+    message = str(exc)
+    if "max_num_steps" in message:
+        return MaxStepsExceeded(
+            f"torchdiffeq used up max_steps={strategy.stepping.max_steps} ({message}); raise max_steps, "
+            f"loosen rtol/atol, or check that the dynamics are not stiff or blowing up"
+        )
+    if "underflow" in message:
+        return StepSizeUnderflow(
+            f"torchdiffeq's step size underflowed ({message}); the dynamics are stiff or singular: "
+            f"loosen rtol/atol, use float64, or regularise the model"
+        )
+    return exc
+
+
+class Seminorm(Adjoint):
+    """The continuous adjoint with the seminorm on the backward solve (Kidger et al., 2021).
+
+    Same gradient quality and memory as :class:`Adjoint`; fewer backward steps on adaptive
+    solves, most when the field has many parameters relative to its state.
+    """
+
+    name = "seminorm"
+
+    def __init__(
+        self,
+        solver: str | ButcherTableau = "dopri5",
+        *,
+        steps: int | None = None,
+        step_size: float | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        adjoint_rtol: float | None = None,
+        adjoint_atol: float | None = None,
+    ) -> None:
+        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
+                         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_norm="seminorm")
