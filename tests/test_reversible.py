@@ -33,7 +33,7 @@ def reference_solve(field, y0, ts, solver, stepping, coupling):
     def step(t, state, h, carry):
         y, z = state
         psi, err = rk_increment(field, t, z, h, tableau)
-        y1 = coupling * y + (1 - coupling) * z + psi
+        y1 = torch.add(torch.add(psi, y, alpha=coupling), z, alpha=1 - coupling)  # as the strategy does
         back, _ = rk_increment(field, t + h, y1, -h, tableau)
         return (y1, z - back), err, None
 

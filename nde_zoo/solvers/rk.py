@@ -45,6 +45,16 @@ def _combine(y: Tensor, ks: Sequence[Tensor], weights: Sequence[float], h: float
     return out
 
 
+def _weighted_sum(ks: Sequence[Tensor], weights: Sequence[float], h: float) -> Tensor:
+    """``h * sum_j weights[j] * ks[j]`` (at least one weight is nonzero)."""
+    out: Tensor | None = None
+    for k, w in zip(ks, weights):
+        if w != 0.0:
+            out = k * (h * w) if out is None else torch.add(out, k, alpha=h * w)
+    assert out is not None
+    return out
+
+
 def stage_input(tableau: ButcherTableau, i: int, y: Tensor, ks: Sequence[Tensor], h: float) -> Tensor:
     """The state ``X_i = y + h sum_{j<i} a_ij k_j`` at which stage ``i`` is evaluated."""
     return _combine(y, ks, tableau.a[i], h)
@@ -85,7 +95,7 @@ def rk_step(
         y_new = _combine(y, ks, tableau.b, h)
     error = None
     if tableau.b_error is not None:
-        error = _combine(torch.zeros_like(y), ks, tableau.b_error, h)
+        error = _weighted_sum(ks, tableau.b_error, h)
     return StepResult(y_new, error, ks)
 
 
@@ -104,13 +114,13 @@ def rk_increment(
             ks.append(field(t, y))
             continue
         if tableau.fsal and i == tableau.stages - 1:
-            increment = _combine(torch.zeros_like(y), ks, tableau.b, h)
+            increment = _weighted_sum(ks, tableau.b, h)
             ks.append(field(t + h, y + increment))
             break
         ks.append(field(t + tableau.c[i] * h, _combine(y, ks, tableau.a[i], h)))
     if increment is None:
-        increment = _combine(torch.zeros_like(y), ks, tableau.b, h)
+        increment = _weighted_sum(ks, tableau.b, h)
     error = None
     if tableau.b_error is not None:
-        error = _combine(torch.zeros_like(y), ks, tableau.b_error, h)
+        error = _weighted_sum(ks, tableau.b_error, h)
     return increment, error

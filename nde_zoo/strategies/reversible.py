@@ -80,7 +80,7 @@ def _reversible_step(field: Any, tableau: ButcherTableau, lam: float):
     def step(t: Tensor, state: tuple[Tensor, Tensor], h: float, carry: Any):
         y, z = state
         psi_forward, error = rk_increment(field, t, z, h, tableau)
-        y_next = lam * y + (1.0 - lam) * z + psi_forward
+        y_next = torch.add(torch.add(psi_forward, y, alpha=lam), z, alpha=1.0 - lam)
         psi_backward, _ = rk_increment(field, t + h, y_next, -h, tableau)
         return (y_next, z - psi_backward), error, None
 
