@@ -100,3 +100,12 @@ def test_ddp_through_the_cli_in_subprocesses(cli, tmp_path):
     run_dirs = list((tmp_path / "outputs" / "fit" / "ode_classifier").iterdir())
     assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()
     assert "GLOBAL_RANK: 1" in out.stderr + out.stdout
+
+
+def test_ernode_wraps_an_inner_strategy_from_the_cli(cli, tmp_path):
+    out = cli("fit", "strategy=ernode", "strategy.inner=reversible", "trainer.max_steps=2",
+              "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
+              "test_after_fit=false", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = next((tmp_path / "outputs").glob("fit/ode_classifier/*/csv/version_*/metrics.csv")).read_text()
+    assert "reg/value" in metrics and "reg/coef" in metrics and "nfe/forward" in metrics

@@ -4,6 +4,7 @@ from nde_zoo.strategies.adjoint import Adjoint, Seminorm
 from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
 from nde_zoo.strategies.checkpoint import Checkpoint
 from nde_zoo.strategies.direct import Direct
+from nde_zoo.strategies.ernode import LocalERNODE
 from nde_zoo.strategies.reversible import Reversible
 from nde_zoo.strategies.symplectic import Symplectic
 
@@ -12,6 +13,7 @@ __all__ = [
     "Checkpoint",
     "Direct",
     "GradientStrategy",
+    "LocalERNODE",
     "ODEStrategy",
     "Reversible",
     "Seminorm",
