@@ -28,6 +28,7 @@ CASES = {
     "seminorm": ("Seminorm", dict(solver="dopri5", rtol=1e-4, atol=1e-6)),
     "reversible": ("Reversible", dict(solver="midpoint", steps=4)),
     "symplectic": ("Symplectic", dict(solver="dopri5", rtol=1e-4, atol=1e-6)),
+    "ernode": ("LocalERNODE", dict(inner="reversible")),
 }
 
 

@@ -7,5 +7,6 @@ Ratios are measured side by side in one run; figures go to ``docs/benchmarks.md`
 BENCHMARKS: dict[str, str] = {
     "solver_overhead": "our fixed-step RK4 vs torchdiffeq's, forward and forward+backward",
     "white_dwarf": "seed 000: reversible vs binomial checkpointing vs backprop on the white dwarf equation",
+    "ernode": "seed 004: local ERNODE regularisation lowers test NFE of the ODE classifier on digits",
     "symplectic": "symplectic adjoint vs adjoint, backprop, ACA on a KdV Neural ODE: loss, memory, time, gradient error",
 }
