@@ -62,6 +62,10 @@ def run(sub: str, cfg: DictConfig) -> Any:
     if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
         for name in ("lightning.pytorch", "lightning.fabric"):
             logging.getLogger(name).handlers.clear()
+    if cfg.get("cpu_threads"):
+        import torch
+
+        torch.set_num_threads(int(cfg.cpu_threads))
     lightning.seed_everything(cfg.seed, workers=True)
     datamodule, model, strategy = build(cfg)
     if sub == "gradcheck":

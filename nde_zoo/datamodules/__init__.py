@@ -2,5 +2,6 @@
 
 from nde_zoo.datamodules.digits import DigitsDataModule
 from nde_zoo.datamodules.mnist import MNISTDataModule
+from nde_zoo.datamodules.toy2d import Toy2DDataModule
 
-__all__ = ["DigitsDataModule", "MNISTDataModule"]
+__all__ = ["DigitsDataModule", "MNISTDataModule", "Toy2DDataModule"]

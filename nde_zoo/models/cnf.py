@@ -1,0 +1,184 @@
+"""Continuous normalising flows (FFJORD; Grathwohl et al., ICLR 2019).
+
+The state ``(z, delta)`` is packed in one tensor ``(batch, dim + 1)`` and solved from the
+data at ``t = 0`` to the base at ``t = t1``:
+
+    dz/dt = f(t, z),   d delta/dt = -tr(df/dz),   log p(x) = log N(z(t1); 0, I) - delta(t1).
+
+The trace is exact (one autograd row per dimension) up to ``exact_trace_max_dim``
+dimensions, Hutchinson's estimator ``e^T (df/dz) e`` above it (Rademacher or Gaussian
+``e``, drawn once per solve). The field takes the derivatives itself under
+``torch.enable_grad()``, so every strategy works with it, including those that re-evaluate
+the field on detached leaves in their own backward pass (reversible, symplectic, checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from nde_zoo.models.base import NeuralDE
+from nde_zoo.strategies.base import GradientStrategy, Solution
+
+__all__ = ["CNF", "CNFField"]
+
+
+class CNFField(nn.Module):
+    """``[f(t, z), -tr(df/dz)]`` for a time-conditioned MLP ``f``.
+
+    Shapes: ``state`` is ``(batch, dim + 1)``; returns the same shape.
+    """
+
+    def __init__(self, dim: int, width: int, depth: int, exact_trace_max_dim: int, noise: str) -> None:
+        super().__init__()
+        if noise not in ("rademacher", "gaussian"):
+            raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+        layers: list[nn.Module] = []
+        sizes = [dim + 1] + [width] * depth
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.Softplus()]
+        layers.append(nn.Linear(sizes[-1], dim))
+        self.net = nn.Sequential(*layers)
+        self.dim = dim
+        self.exact = dim <= exact_trace_max_dim
+        self.noise_kind = noise
+        self.probe: Tensor | None = None  # Hutchinson noise, fixed within a solve
+
+    def draw_probe(self, like: Tensor, generator: torch.Generator | None = None) -> None:
+        """Draw Hutchinson's noise ``(batch, dim)`` for the next solve (a no-op for exact traces)."""
+        if self.exact:
+            self.probe = None
+            return
+        shape = (like.shape[0], self.dim)
+        e = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+        self.probe = e.sign() if self.noise_kind == "rademacher" else e
+
+    def velocity(self, t: Tensor, z: Tensor) -> Tensor:
+        return self.net(torch.cat([z, t.to(z).expand(z.shape[0], 1)], dim=-1))
+
+    def forward(self, t: Tensor, state: Tensor) -> Tensor:
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                "the CNF takes its trace with autograd, which inference mode forbids: evaluate it under "
+                "torch.no_grad() instead, e.g. lightning.Trainer(inference_mode=False) "
+                "(trainer.inference_mode=false; configs/model/cnf.yaml sets it)"
+            )
+        with torch.enable_grad():
+            z = state[:, : self.dim]
+            if not z.requires_grad:  # a no-graph forward: differentiate w.r.t. a fresh leaf
+                z = z.detach().requires_grad_(True)
+            f = self.velocity(t, z)
+            if self.exact:
+                trace = sum(
+                    torch.autograd.grad(f[:, i].sum(), z, create_graph=True)[0][:, i] for i in range(self.dim)
+                )
+            else:
+                if self.probe is None or self.probe.shape[0] != z.shape[0]:
+                    raise RuntimeError("Hutchinson's estimator needs CNFField.draw_probe(...) before the solve")
+                vjp = torch.autograd.grad(f, z, self.probe, create_graph=True)[0]
+                trace = (vjp * self.probe).sum(dim=1)
+        return torch.cat([f, -trace[:, None]], dim=1)
+
+
+class CNF(NeuralDE):
+    """FFJORD density model with a standard normal base; NLL in nats, logged as ``{stage}/nll``.
+
+    Args:
+        strategy: the gradient strategy of the flow's solve.
+        dim: data dimension.
+        width / depth: the MLP field's hidden width and number of hidden layers.
+        t1: the flow runs on ``[0, t1]``.
+        exact_trace_max_dim: exact trace up to this dimension, Hutchinson's estimator above.
+        noise: ``"rademacher"`` or ``"gaussian"`` Hutchinson noise.
+        lr / weight_decay: AdamW.
+    """
+
+    config_name = "cnf"
+
+    def __init__(self, strategy: GradientStrategy, dim: int = 2, width: int = 64, depth: int = 2,
+                 t1: float = 1.0, exact_trace_max_dim: int = 8, noise: str = "rademacher",
+                 lr: float = 1e-2, weight_decay: float = 0.0) -> None:
+        super().__init__(strategy, lr=lr, weight_decay=weight_decay)
+        self.dim = dim
+        self.field = CNFField(dim, width, depth, exact_trace_max_dim, noise)
+        self.register_buffer("ts", torch.tensor([0.0, t1]), persistent=False)
+
+    def vector_field(self) -> CNFField:
+        """The augmented field (override to change the dynamics)."""
+        return self.field
+
+    def log_prob(self, x: Tensor) -> tuple[Tensor, Solution]:
+        """``log p(x)`` per point ``(batch,)`` and the solve's :class:`Solution`."""
+        if x.dim() != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"CNF expects points of shape (batch, {self.dim}), got {tuple(x.shape)}")
+        field = self.vector_field()
+        field.draw_probe(x)
+        y0 = torch.cat([x, x.new_zeros(x.shape[0], 1)], dim=1)  # (batch, dim + 1)
+        solution = self.solve(field, y0, self.ts.to(x))
+        z, delta = solution.ys[-1][:, : self.dim], solution.ys[-1][:, self.dim]
+        log_base = -0.5 * (z.pow(2).sum(dim=1) + self.dim * math.log(2 * math.pi))
+        return log_base - delta, solution
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` points ``(n, dim)``: base samples flowed from ``t1`` back to 0."""
+        field = self.vector_field()
+        z = torch.randn(n, self.dim, generator=generator, dtype=self.ts.dtype, device=self.ts.device)
+        field.draw_probe(z)
+        state = torch.cat([z, z.new_zeros(n, 1)], dim=1)
+        return self.solve(field, state, self.ts.flip(0)).ys[-1][:, : self.dim]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.log_prob(x)[0]
+
+    def _common_step(self, batch: Any, stage: str) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        log_p, solution = self.log_prob(x)
+        nll = -log_p.mean()
+        loss = nll + self.strategy.regularisation(solution) if stage == "train" else nll
+        self.log(f"{stage}/nll", nll, prog_bar=True, batch_size=len(x))
+        self.log(f"{stage}/loss", loss, batch_size=len(x))
+        self.log(f"{stage}/nfe", float(solution.stats.nfe_forward), on_step=False, on_epoch=True, batch_size=len(x))
+        return loss
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
+
+    def on_fit_end(self) -> None:
+        super().on_fit_end()
+        out = self.output_dir()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if out is None or self.dim != 2 or self.trainer.global_rank != 0 or datamodule is None:
+            return
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return
+        data = datamodule.test_dataloader().dataset.tensors[0][:2000]
+        samples = self.sample(2000, torch.Generator(device=self.ts.device).manual_seed(0)).cpu()
+        lo, hi = data.min(0).values - 0.5, data.max(0).values + 0.5
+        gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 120), torch.linspace(lo[1], hi[1], 120), indexing="xy")
+        grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1).to(self.ts)
+        with torch.no_grad():
+            density = torch.cat([self(chunk).exp() for chunk in grid.split(4096)]).reshape(gx.shape).cpu()
+        fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+        axes[0].scatter(data[:, 0], data[:, 1], s=2)
+        axes[0].set_title("data (test split)")
+        axes[1].scatter(samples[:, 0], samples[:, 1], s=2, color="tab:orange")
+        axes[1].set_title("samples")
+        axes[2].pcolormesh(gx, gy, density, shading="auto")
+        axes[2].set_title("learned density")
+        for ax in axes:
+            ax.set_xlim(float(lo[0]), float(hi[0]))
+            ax.set_ylim(float(lo[1]), float(hi[1]))
+            ax.set_aspect("equal")
+        fig.suptitle(f"CNF with {self.strategy!r}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "cnf_samples.png", dpi=110)
+        plt.close(fig)

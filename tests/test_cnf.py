@@ -1,0 +1,106 @@
+"""The CNF: a normalised density, Hutchinson's trace, every strategy, the CLI job and its picture."""
+
+from __future__ import annotations
+
+import lightning
+import pytest
+import torch
+
+from nde_zoo.datamodules import Toy2DDataModule
+from nde_zoo.datamodules.toy2d import TOY2D, sample_toy2d
+from nde_zoo.models import CNF
+from nde_zoo.models.cnf import CNFField
+from nde_zoo.strategies import (Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic)
+
+F64 = torch.float64
+STRATEGIES = {
+    "direct": lambda: Direct("rk4", steps=3),
+    "checkpoint": lambda: Checkpoint("rk4", steps=3, snapshots=2),
+    "adjoint": lambda: Adjoint("dopri5", rtol=1e-3, atol=1e-5),
+    "seminorm": lambda: Seminorm("dopri5", rtol=1e-3, atol=1e-5),
+    "reversible": lambda: Reversible("rk4", steps=3),
+    "symplectic": lambda: Symplectic("dopri5", rtol=1e-3, atol=1e-5),
+    "ernode": lambda: LocalERNODE(Reversible("rk4", steps=3)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_trains_with_every_ode_strategy(name, tmp_path):
+    lightning.seed_everything(0)
+    model = CNF(STRATEGIES[name](), width=16)
+    data = Toy2DDataModule(n_train=256, n_val=64, n_test=64, batch_size=128)
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                                limit_val_batches=1, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(model, data)
+    nll = trainer.test(model, data, verbose=False)[0]["test/nll"]
+    assert torch.isfinite(torch.tensor(nll))
+
+
+def test_density_integrates_to_one():
+    torch.manual_seed(0)
+    model = CNF(Direct("dopri5", rtol=1e-7, atol=1e-9), width=16).double()
+    with torch.no_grad():  # a nontrivial flow: scale up the random weights
+        for p in model.parameters():
+            p.mul_(2.0)
+    xs = torch.linspace(-7, 7, 141, dtype=F64)
+    gx, gy = torch.meshgrid(xs, xs, indexing="xy")
+    grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1)
+    with torch.no_grad():
+        density = model(grid).exp()
+    cell = (xs[1] - xs[0]) ** 2
+    total = float(density.sum() * cell)
+    assert abs(total - 1.0) < 0.05, total
+    # and the flow is not the identity: the density differs from the base's
+    base = torch.exp(-0.5 * grid.pow(2).sum(1)) / (2 * torch.pi)
+    assert (density - base).abs().max() > 1e-3
+
+
+def test_hutchinson_agrees_with_the_exact_trace_in_expectation():
+    torch.manual_seed(0)
+    exact = CNFField(3, 16, 2, exact_trace_max_dim=8, noise="rademacher").double()
+    for noise in ("rademacher", "gaussian"):
+        hutch = CNFField(3, 16, 2, exact_trace_max_dim=1, noise=noise).double()
+        hutch.load_state_dict(exact.state_dict())
+        state = torch.randn(1, 4, dtype=F64).repeat(4000, 1)  # one point, many probes
+        t = torch.tensor(0.3, dtype=F64)
+        hutch.draw_probe(state, torch.Generator().manual_seed(1))
+        estimates = -hutch(t, state)[:, 3]
+        truth = -exact(t, state[:1])[0, 3]
+        stderr = estimates.std() / 4000**0.5
+        assert abs(estimates.mean() - truth) < 4 * stderr + 1e-12, (noise, estimates.mean(), truth, stderr)
+        assert torch.allclose(hutch(t, state)[:, :3], exact(t, state)[:, :3])
+
+
+def test_hutchinson_needs_a_probe():
+    field = CNFField(10, 8, 1, exact_trace_max_dim=8, noise="rademacher")
+    with pytest.raises(RuntimeError, match="draw_probe"):
+        field(torch.tensor(0.0), torch.randn(2, 11))
+
+
+def test_inference_mode_is_refused_clearly():
+    model = CNF(Direct("rk4", steps=2), width=8)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=false"):
+        model(torch.randn(4, 2))
+
+
+@pytest.mark.parametrize("name", sorted(TOY2D))
+def test_toy_datasets_are_fixed_and_two_dimensional(name):
+    a, b = sample_toy2d(name, 100, 3), sample_toy2d(name, 100, 3)
+    assert a.shape == (100, 2) and torch.equal(a, b) and torch.isfinite(a).all()
+    with pytest.raises(ValueError, match="unknown 2-D dataset 'spiral'"):
+        Toy2DDataModule(dataset="spiral")
+
+
+def test_samples_have_the_data_dimension():
+    model = CNF(Reversible("rk4", steps=2), width=8)
+    assert model.sample(5, torch.Generator().manual_seed(0)).shape == (5, 2)
+
+
+def test_cli_fit_writes_the_picture(cli, tmp_path):
+    out = cli("fit", "model=cnf", "strategy=reversible", "strategy.solver=rk4", "strategy.steps=2",
+              "strategy.rtol=null", "strategy.atol=null", "trainer.max_steps=2", "trainer.limit_val_batches=1",
+              "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "data.n_train=256",
+              "model.width=8", cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert next((tmp_path / "outputs").glob("fit/cnf/*/csv/version_*/cnf_samples.png")).is_file()
