@@ -203,7 +203,7 @@ class _LiveSavedBytes:
 
         class Held:
             def __init__(self, tensor):
-                self.tensor = tensor
+                self.tensor = tensor.detach()  # no reference cycle through an output's grad_fn
                 self.nbytes = tensor.untyped_storage().nbytes()
                 outer.live += self.nbytes
                 outer.peak = max(outer.peak, outer.live)
