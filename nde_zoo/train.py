@@ -37,6 +37,18 @@ def _check_ckpt_path(sub: str, cfg: DictConfig) -> str | None:
         path = Path(hydra.utils.get_original_cwd()) / path if HydraConfig.initialized() else path.resolve()
     if not path.is_file():
         raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} does not exist ({path})")
+    import torch
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a truncated or foreign file: say so before Lightning does it obscurely
+        raise SystemExit(
+            f"error: ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); it may be truncated by a killed run: use another one, "
+            f"e.g. checkpoints/last.ckpt of the same run"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} is not a Lightning checkpoint (it has no state_dict)")
     return str(path)
 
 
