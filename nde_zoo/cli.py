@@ -19,7 +19,7 @@ from typing import Any
 
 TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 OTHER_SUBCOMMANDS = ("bench", "gradcheck")
-USAGE = f"""usage: nde-zoo <subcommand> [hydra overrides...]
+USAGE = """usage: nde-zoo <subcommand> [hydra overrides...]
 
 subcommands:
   fit        train a model (then test it with the best checkpoint)

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from nde_zoo.solvers import Stepping, get_tableau, integrate, rk_increment
+from nde_zoo.solvers import get_tableau, integrate, rk_increment
 from nde_zoo.strategies import Direct, Reversible
 
 F64 = torch.float64

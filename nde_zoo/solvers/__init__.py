@@ -7,6 +7,7 @@ from nde_zoo.solvers.integrate import (
     SolveStats,
     check_finite_outputs,
     check_inputs,
+    hairer_first_step,
     integrate,
     odeint,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "check_inputs",
     "error_ratio",
     "get_tableau",
+    "hairer_first_step",
     "initial_step_size",
     "integrate",
     "odeint",

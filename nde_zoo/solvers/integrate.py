@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
-from typing import Any, Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ __all__ = [
     "CountedField",
     "check_inputs",
     "check_finite_outputs",
+    "hairer_first_step",
     "integrate",
     "odeint",
 ]
@@ -285,6 +286,22 @@ def integrate(
     return outputs, path, stats
 
 
+def hairer_first_step(
+    field: Field, t0: Tensor, y0: Tensor, tableau: ButcherTableau, stepping: Stepping
+) -> Callable[[], float] | None:
+    """The initial adaptive step as torchdiffeq picks it (Hairer), or ``None`` when not needed."""
+    if not stepping.adaptive or stepping.dt0 is not None:
+        return None
+
+    def first_step() -> float:
+        with torch.no_grad():
+            f0 = field(t0, y0)
+            return initial_step_size(field, t0, y0, f0, tableau.order - 1, float(stepping.rtol or 0.0),
+                                     float(stepping.atol or 0.0))
+
+    return first_step
+
+
 def _rk_stepper(field: Field, tableau: ButcherTableau) -> Step:
     def step(t: Tensor, y: Tensor, h: float, k1: Tensor | None) -> tuple[Tensor, Tensor | None, Any]:
         result = rk_step(field, t, y, h, tableau, k1)
@@ -312,17 +329,7 @@ def odeint(
     times = check_inputs(y0, ts)
     counted = CountedField(field)
     t_like = ts[0]
-    first_step = None
-    if stepping.adaptive and stepping.dt0 is None:
-
-        def first_step() -> float:
-            with torch.no_grad():
-                f0 = counted(t_like, y0)
-                return initial_step_size(
-                    counted, t_like, y0, f0, tableau.order - 1, float(stepping.rtol or 0.0),
-                    float(stepping.atol or 0.0),
-                )
-
+    first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
     outputs, path, stats = integrate(
         _rk_stepper(counted, tableau), y0, lambda y: y, times, t_like, stepping, tableau.order,
         first_step=first_step, record_states=record_states,

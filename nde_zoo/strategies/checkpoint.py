@@ -17,18 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nde_zoo.solvers import (
-    ButcherTableau,
-    CountedField,
-    Path,
-    SolveStats,
-    Stepping,
-    check_finite_outputs,
-    check_inputs,
-    initial_step_size,
-    integrate,
-    rk_step,
-)
+from nde_zoo.solvers import ButcherTableau, CountedField, Path, SolveStats, Stepping, check_inputs, odeint, rk_step
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
@@ -85,33 +74,15 @@ def _spine(steps: int, snapshots: int) -> list[int]:
 
 
 def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]:
-    tableau, stepping = problem.tableau, problem.stepping
-    counted = CountedField(problem.field)
-    t_like = y0.new_tensor(problem.times_out[0])
-
-    def step(t: Tensor, y: Tensor, h: float, k1: Any):
-        result = rk_step(counted, t, y, h, tableau, k1)
-        return result.y, result.error, (result.stages[-1] if tableau.fsal else None)
-
-    first_step = None
-    if stepping.adaptive and stepping.dt0 is None:
-
-        def first_step() -> float:
-            f0 = counted(t_like, y0)
-            return initial_step_size(counted, t_like, y0, f0, tableau.order - 1,
-                                     float(stepping.rtol or 0.0), float(stepping.atol or 0.0))
-
-    outputs, path, stats = integrate(step, y0, lambda y: y, problem.times_out, t_like, stepping,
-                                     tableau.order, first_step=first_step, record_states=True)
-    ys = torch.stack(outputs)
-    check_finite_outputs(ys, problem.times_out)
-    stats.nfe_forward = counted.nfe
+    """Plain RK without a graph (the steps :class:`Direct` takes); keeps the states to store."""
+    ts = torch.tensor(problem.times_out, dtype=y0.dtype, device=y0.device)
+    ys, path, stats = odeint(problem.field, y0, ts, problem.tableau, problem.stepping, record_states=True)
     if problem.snapshots is None:
         positions = list(range(path.steps))
     else:
         positions = [0, *_spine(path.steps, problem.snapshots)]
     stored = [path.states[k] for k in positions]
-    path.states = []
+    path.states, path.final_state = [], None
     problem.path, problem.stats, problem.stored_positions = path, stats, positions
     return ys, stored
 

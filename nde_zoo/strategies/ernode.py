@@ -24,7 +24,6 @@ test and predict loops run without gradients), so inference is untouched and pay
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch

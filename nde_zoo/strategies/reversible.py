@@ -43,7 +43,7 @@ from nde_zoo.solvers import (
     Stepping,
     check_finite_outputs,
     check_inputs,
-    initial_step_size,
+    hairer_first_step,
     integrate,
     rk_increment,
 )
@@ -92,14 +92,7 @@ def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     tableau, stepping = problem.tableau, problem.stepping
     counted = CountedField(problem.field)
     t_like = y0.new_tensor(problem.times_out[0])
-    first_step = None
-    if stepping.adaptive and stepping.dt0 is None:
-
-        def first_step() -> float:
-            f0 = counted(t_like, y0)
-            return initial_step_size(counted, t_like, y0, f0, tableau.order - 1,
-                                     float(stepping.rtol or 0.0), float(stepping.atol or 0.0))
-
+    first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
     outputs, path, stats = integrate(
         _reversible_step(counted, tableau, problem.coupling), (y0, y0), lambda s: s[0],
         problem.times_out, t_like, stepping, tableau.order, first_step=first_step,
