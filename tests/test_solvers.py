@@ -284,3 +284,14 @@ def test_stepping_validation(kwargs, message):
 def test_adaptive_needs_an_error_estimate():
     with pytest.raises(ValueError, match=r"'rk4' has no embedded error estimate.*bosh3, dopri5, heun, tsit5"):
         Stepping.of().check(get_tableau("rk4"))
+
+
+def test_tsit5_matches_torchdiffeq_solution_at_tight_tolerance():
+    """torchdiffeq has no tsit5: both solve the same ODE, so compare with its dopri5."""
+    field = MLPField().double()
+    y0 = torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(2))
+    ts = torch.tensor([0.0, 1.0, 3.0], dtype=F64)
+    with torch.no_grad():
+        ours, _, _ = odeint(field, y0, ts, get_tableau("tsit5"), Stepping.of(rtol=1e-11, atol=1e-11))
+        ref = torchdiffeq.odeint(field, y0, ts, method="dopri5", rtol=1e-11, atol=1e-11)
+    assert (ours - ref).abs().max().item() < 1e-9
