@@ -13,7 +13,8 @@ losses; what differs is time and memory.
 Second table: the real-axis extent of the linear stability region of the reversible
 midpoint/RK3/RK4 (and Euler) at coupling 0.8 and 0.999 against their base methods, from
 the spectral radius of the reversible step's 2x2 amplification matrix on ``y' = lam y``.
-Third: the memory-bound regime (a wide state), where not keeping a trajectory pays.
+Third: the memory-bound regime (a wide state), where not keeping a trajectory pays; fourth:
+peak RSS growth against N (flat for Reversible, linear for Direct).
 """
 
 from __future__ import annotations
@@ -188,6 +189,18 @@ def _large_state(quick: bool) -> tuple[Table, dict]:
                  ["strategy", "s per fwd+bwd", "time / Direct", "saved MiB"], rows), {"seconds": t, "saved": saved}
 
 
+def _rss_table(quick: bool) -> tuple[Table, dict]:
+    """Peak RSS growth of one fwd+bwd in a fresh process per cell: flat for Reversible."""
+    from nde_zoo.bench.rss import peak_rss_growth_mib
+
+    batch, dim, width = (256, 32, 64) if quick else (1024, 64, 128)
+    ns = (10, 20) if quick else (25, 50, 100, 200)
+    growth = {s: {n: peak_rss_growth_mib(s, n, batch, dim, width) for n in ns} for s in ("direct", "reversible")}
+    rows = [[name.capitalize(), *(f"{growth[name][n]:.1f}" for n in ns)] for name in growth]
+    return Table(f"Peak RSS growth (MiB) of one fwd+bwd, fresh process per cell: batch {batch} x {dim}, "
+                 f"width {width}, midpoint, float32", ["strategy", *(f"N={n}" for n in ns)], rows), growth
+
+
 def run(quick: bool = False) -> BenchReport:
     ts, truth = white_dwarf_data()
     train_steps = 3 if quick else 20
@@ -204,6 +217,7 @@ def run(quick: bool = False) -> BenchReport:
     ]
     stability, stability_data, figure = _stability_table()
     large, large_data = _large_state(quick)
+    rss, rss_data = _rss_table(quick)
     ckpt_fast = min((r["seconds"], n) for n, r in results.items() if n.startswith("Checkpoint"))
     comparable = min((abs(r["saved_bytes"] - results["Reversible"]["saved_bytes"]), n)
                      for n, r in results.items() if n.startswith("Checkpoint"))[1]
@@ -231,8 +245,9 @@ def run(quick: bool = False) -> BenchReport:
                                                              "time / Reversible", "saved KiB"], rows),
             stability,
             large,
+            rss,
         ],
-        data={"training": results, "stability": stability_data, "large_state": large_data},
+        data={"training": results, "stability": stability_data, "large_state": large_data, "rss": rss_data},
         figures={"stability": figure},
         notes=notes,
     )
