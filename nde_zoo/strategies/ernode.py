@@ -24,6 +24,7 @@ test and predict loops run without gradients), so inference is untouched and pay
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import torch
@@ -53,6 +54,12 @@ def _strategy_from_config(name: str) -> GradientStrategy:
     if name not in valid:
         raise ValueError(f"unknown inner strategy {name!r} for ernode; valid inner strategies: {', '.join(valid)}")
     return instantiate(OmegaConf.load(folder / f"{name}.yaml"))
+
+
+def _as_rng_state(state: Any) -> tuple:
+    """``random.Random`` state from a checkpoint (lists may come back where tuples went in)."""
+    version, internal, gauss = state
+    return (int(version), tuple(int(x) for x in internal), gauss)
 
 
 class LocalERNODE(GradientStrategy):
@@ -104,7 +111,8 @@ class LocalERNODE(GradientStrategy):
         self.coef_start, self.coef_end, self.decay_steps = float(coef_start), float(coef_end), int(decay_steps)
         self.seed = int(seed)
         self.step = 0  # training steps taken: the schedule's position
-        self.generator = torch.Generator().manual_seed(self.seed)
+        # A plain Python generator: picklable for ddp_spawn (a torch.Generator is not) and cheap.
+        self.rng = random.Random(self.seed)
         self._previous_times: list[float] = []
         self._last_values: list[float] = []
 
@@ -121,7 +129,7 @@ class LocalERNODE(GradientStrategy):
         return DEFAULT_RTOL, DEFAULT_ATOL
 
     def _sample_time(self, t0: float, t1: float) -> float:
-        u = float(torch.rand((), generator=self.generator, dtype=torch.float64))
+        u = self.rng.random()
         if self.sampling == "biased" and self._previous_times:
             k = int(u * len(self._previous_times))
             return self._previous_times[min(k, len(self._previous_times) - 1)]
@@ -177,7 +185,7 @@ class LocalERNODE(GradientStrategy):
     # -- Lightning: delegate to the inner strategy, log the schedule ---------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if self.step == 0:  # a fresh run: per-rank stream (a resumed one restores its state)
-            self.generator.manual_seed(self.seed + trainer.global_rank)
+            self.rng.seed(self.seed + trainer.global_rank)
         self.inner.setup(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -195,14 +203,14 @@ class LocalERNODE(GradientStrategy):
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
-            "generator": self.generator.get_state(),
+            "rng": self.rng.getstate(),
             "previous_times": list(self._previous_times),
             "inner": self.inner.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.step = int(state_dict["step"])
-        self.generator.set_state(state_dict["generator"])
+        self.rng.setstate(_as_rng_state(state_dict["rng"]))
         self._previous_times = list(state_dict["previous_times"])
         self.inner.load_state_dict(state_dict.get("inner", {}))
 
