@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-ARGS   ?=
+ARGS   ?= model=cnf strategy=reversible
 PYTEST_ARGS ?=
 
 .PHONY: fit test bench clean
