@@ -1,7 +1,8 @@
 """Peak resident-memory growth of one training step, measured in a fresh process.
 
-``ru_maxrss`` is a high-water mark, so each measurement runs in its own subprocess: build
-the problem, note the mark, run one forward and backward pass, report the growth.
+The kernel's high-water mark of the process (``VmHWM``; ``ru_maxrss`` where there is no
+/proc, but that one survives fork+exec from a large parent) is read before and after one
+forward and backward pass, in a fresh subprocess per measurement.
 ``python -m nde_zoo.bench.rss STRATEGY STEPS BATCH DIM WIDTH`` prints it in MiB.
 """
 
@@ -22,6 +23,17 @@ def peak_rss_growth_mib(strategy: str, steps: int, batch: int, dim: int, width: 
         check=True, capture_output=True, text=True, timeout=600,
     )
     return float(json.loads(out.stdout.strip().splitlines()[-1])["growth_mib"])
+
+
+def _high_water_kib() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
 
 def _probe(strategy: str, steps: int, batch: int, dim: int, width: int) -> float:
@@ -46,10 +58,9 @@ def _probe(strategy: str, steps: int, batch: int, dim: int, width: int) -> float
     ts = torch.tensor([0.0, 1.0])
     chosen = {"direct": Direct, "reversible": Reversible}[strategy]("midpoint", steps=steps)
     chosen.solve(field, y0[:2], ts).ys.sum().backward()  # warm up allocator and kernels on a tiny batch
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = _high_water_kib()
     chosen.solve(field, y0, ts).ys[-1].square().mean().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (after - before) / 1024.0  # ru_maxrss is in KiB on Linux
+    return (_high_water_kib() - before) / 1024.0
 
 
 if __name__ == "__main__":

@@ -216,8 +216,8 @@ def run(quick: bool = False) -> BenchReport:
         for name, r in results.items()
     ]
     stability, stability_data, figure = _stability_table()
-    large, large_data = _large_state(quick)
     rss, rss_data = _rss_table(quick)
+    large, large_data = _large_state(quick)
     ckpt_fast = min((r["seconds"], n) for n, r in results.items() if n.startswith("Checkpoint"))
     comparable = min((abs(r["saved_bytes"] - results["Reversible"]["saved_bytes"]), n)
                      for n, r in results.items() if n.startswith("Checkpoint"))[1]
