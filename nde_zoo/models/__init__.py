@@ -2,6 +2,7 @@
 
 from nde_zoo.models.base import NeuralDE
 from nde_zoo.models.cnf import CNF
+from nde_zoo.models.latent_ode import LatentODE
 from nde_zoo.models.ode_classifier import ODEClassifier
 
-__all__ = ["CNF", "NeuralDE", "ODEClassifier"]
+__all__ = ["CNF", "LatentODE", "NeuralDE", "ODEClassifier"]
