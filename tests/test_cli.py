@@ -101,8 +101,9 @@ def test_ddp_through_the_cli_in_subprocesses(cli, tmp_path):
     assert "GLOBAL_RANK: 1" in out.stderr + out.stdout
 
 
-def test_ernode_wraps_an_inner_strategy_from_the_cli(cli, tmp_path):
-    out = cli("fit", "strategy=ernode", "strategy.inner=reversible", "trainer.max_steps=2",
+@pytest.mark.parametrize("inner", ["direct", "checkpoint", "adjoint", "seminorm", "reversible", "symplectic"])
+def test_ernode_wraps_an_inner_strategy_from_the_cli(cli, tmp_path, inner):
+    out = cli("fit", "strategy=ernode", f"strategy.inner={inner}", "trainer.max_steps=2",
               "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
               "test_after_fit=false", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
