@@ -70,6 +70,8 @@ def _gradient(model: NeuralDE, batch: Any, seed: int) -> dict[str, Tensor]:
 def _to_float64(batch: Any) -> Any:
     if isinstance(batch, Tensor):
         return batch.double() if batch.is_floating_point() else batch
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # a NamedTuple (the latent ODE's batches)
+        return type(batch)(*(_to_float64(b) for b in batch))
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_float64(b) for b in batch)
     if isinstance(batch, dict):

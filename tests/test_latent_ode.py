@@ -322,3 +322,10 @@ def test_downstream_example_overrides_only_the_likelihood(monkeypatch):
     expected = (laplace.log_prob(batch.values) * batch.mask).sum(dim=(1, 2))
     assert torch.allclose(model.loss(batch, predicted, posterior)["log_likelihood"], expected)
     assert not torch.allclose(LatentODE.loss(model, batch, predicted, posterior)["log_likelihood"], expected)
+
+
+def test_gradcheck_takes_the_latent_odes_batches():
+    from nde_zoo.fidelity import gradient_fidelity
+
+    errors = gradient_fidelity(lambda s: LatentODE(s, **SMALL), Symplectic("rk4", steps=5), _batch())
+    assert set(errors) == {"encoder", "field", "readout", "all"} and errors["all"] < 1e-10, errors

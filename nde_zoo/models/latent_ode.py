@@ -168,6 +168,8 @@ class LatentODE(NeuralDE):
         kl_warmup_steps: the KL term's weight rises linearly from 0 to 1 over this many
             training steps (0: always 1); validation and test always use 1.
         lr / weight_decay: AdamW.
+        lr_final_factor: the learning rate follows a cosine from ``lr`` to ``lr * lr_final_factor``
+            over the run (1: constant).
     """
 
     config_name = "latent_ode"
@@ -175,10 +177,14 @@ class LatentODE(NeuralDE):
     def __init__(self, strategy: GradientStrategy, data_dim: int = 2, latent_dim: int = 4, hidden_dim: int = 32,
                  field_width: int = 32, decoder_width: int = 32, encoder: str = "odernn", encoder_width: int = 32,
                  encoder_solver: str = "euler", encoder_step_size: float = 0.25, obs_std: float = 0.1,
-                 kl_warmup_steps: int = 0, lr: float = 1e-2, weight_decay: float = 0.0) -> None:
+                 kl_warmup_steps: int = 0, lr: float = 1e-2, weight_decay: float = 0.0,
+                 lr_final_factor: float = 0.1) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay)
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}")
+        if not 0 < lr_final_factor <= 1:
+            raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
+        self.lr_final_factor = lr_final_factor
         self.data_dim, self.latent_dim, self.obs_std = data_dim, latent_dim, obs_std
         self.kl_warmup_steps = kl_warmup_steps
         self.encoder = ODERNNEncoder(data_dim, hidden_dim, latent_dim, encoder, encoder_width, encoder_solver,
@@ -242,6 +248,14 @@ class LatentODE(NeuralDE):
             raise ValueError(
                 f"the data has {features} channels but model.data_dim={self.data_dim}; pass model.data_dim={features}"
             )
+
+    def configure_optimizers(self) -> Any:
+        optimizer = super().configure_optimizers()
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        if self.lr_final_factor == 1 or not math.isfinite(total) or total <= 0:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total), self.lr * self.lr_final_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _kl_weight(self, stage: str) -> float:
         if stage != "train" or self.kl_warmup_steps <= 0:
