@@ -1,9 +1,23 @@
 """LightningDataModules; every model has an embedded default that needs no download."""
 
+from nde_zoo.datamodules.cde_spirals import CDESpiralsDataModule
 from nde_zoo.datamodules.digits import DigitsDataModule
 from nde_zoo.datamodules.mnist import MNISTDataModule
 from nde_zoo.datamodules.physionet import PhysioNetDataModule
+from nde_zoo.datamodules.sde_series import SDESeriesDataModule
+from nde_zoo.datamodules.speech_commands import SpeechCommandsDataModule
 from nde_zoo.datamodules.spirals import SpiralsDataModule
 from nde_zoo.datamodules.toy2d import Toy2DDataModule
+from nde_zoo.datamodules.uea import UEADataModule
 
-__all__ = ["DigitsDataModule", "MNISTDataModule", "PhysioNetDataModule", "SpiralsDataModule", "Toy2DDataModule"]
+__all__ = [
+    "CDESpiralsDataModule",
+    "DigitsDataModule",
+    "MNISTDataModule",
+    "PhysioNetDataModule",
+    "SDESeriesDataModule",
+    "SpeechCommandsDataModule",
+    "SpiralsDataModule",
+    "Toy2DDataModule",
+    "UEADataModule",
+]

@@ -26,6 +26,7 @@ from nde_zoo.solvers import (
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Adjoint", "Seminorm", "TORCHDIFFEQ_METHODS"]
 
@@ -86,6 +87,7 @@ class Adjoint(ODEStrategy):
     """
 
     name = "adjoint"
+    kinds = frozenset({"ode", "sde"})
     _fixed_norm: ClassVar[str | None] = None
 
     def __init__(
@@ -149,6 +151,10 @@ class Adjoint(ODEStrategy):
         check_finite_outputs(ys, times)
         return self._record(Solution(ys, ts, stats, None, saved_bytes=saved.nbytes))
 
+    def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:
+        """An SDE by torchsde's stochastic adjoint, ``sdeint_adjoint`` (see :mod:`nde_zoo.strategies.sde`)."""
+        return solve_sde(self, sde, y0, ts, bm, route="adjoint", dt=dt)
+
 
 def _translate(exc: AssertionError, strategy: Adjoint) -> Exception:
     message = str(exc)
@@ -173,6 +179,7 @@ class Seminorm(Adjoint):
     """
 
     name = "seminorm"
+    kinds = frozenset({"ode"})  # the seminorm is an ODE adjoint-norm choice: no SDE form
 
     def __init__(
         self,

@@ -8,6 +8,7 @@ from torch import Tensor
 
 from nde_zoo.solvers import odeint
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Direct"]
 
@@ -21,8 +22,13 @@ class Direct(ODEStrategy):
     """
 
     name = "direct"
+    kinds = frozenset({"ode", "sde"})
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         with SavedBytes() as saved:
             ys, path, stats = odeint(field, y0, ts, self.tableau, self.stepping)
         return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes))
+
+    def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:
+        """An SDE by backprop through ``torchsde.sdeint`` (see :mod:`nde_zoo.strategies.sde`)."""
+        return solve_sde(self, sde, y0, ts, bm, route="direct", dt=dt)

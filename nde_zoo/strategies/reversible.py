@@ -50,6 +50,7 @@ from nde_zoo.solvers import (
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
+from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Reversible"]
 
@@ -223,6 +224,7 @@ class Reversible(ODEStrategy):
     """
 
     name = "reversible"
+    kinds = frozenset({"ode", "sde"})
 
     def __init__(
         self,
@@ -258,6 +260,11 @@ class Reversible(ODEStrategy):
         with SavedBytes() as saved:
             ys = _ReversibleAdjoint.apply(problem, y0, *params)
         return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes, extras=extras))
+
+    def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:
+        """An SDE by reversible Heun with torchsde's exact ``adjoint_reversible_heun`` backward
+        (Kidger et al. 2021; see :mod:`nde_zoo.strategies.sde`); the solver and coupling apply to ODEs only."""
+        return solve_sde(self, sde, y0, ts, bm, route="reversible", dt=dt)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         errors = [s.extras["reconstruction_error"] for s in self._solutions if "reconstruction_error" in s.extras]

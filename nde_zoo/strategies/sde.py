@@ -1,0 +1,287 @@
+"""Neural SDEs: how the gradient strategies map onto torchsde, and the local error of an SDE step.
+
+The zoo's SDEs are Stratonovich with diagonal noise, ``dy = f(t, y) dt + g(t, y) o dW``
+with ``g(t, y)`` of the same shape as ``y`` (elementwise noise): every route below supports
+that, reversible Heun included. An SDE is an ``nn.Module`` with ``f(t, y)`` and ``g(t, y)``
+(``t`` a 0-d tensor, ``y`` and both outputs ``(batch, d)``), ``noise_type = "diagonal"`` and
+``sde_type = "stratonovich"``; its parameters are the only trainable inputs besides ``y0``.
+
+Routes (``GradientStrategy.solve_sde`` delegates here):
+
+- ``direct`` -> ``sdeint``, backprop through the steps: exact for the discretisation, memory O(N).
+- ``adjoint`` -> ``sdeint_adjoint``, the stochastic adjoint (Li et al. 2020): approximate (it solves
+  the adjoint SDE backwards), memory O(1).
+- ``reversible`` -> ``sdeint_adjoint`` with ``reversible_heun`` forward and ``adjoint_reversible_heun``
+  backward (Kidger et al. 2021): exact for reversible Heun up to round-off, memory O(1).
+
+``checkpoint``, ``symplectic`` and ``seminorm`` have no SDE form here: they declare
+``kinds = {"ode"}`` and a model solving an SDE refuses them by name.
+
+Steps: SDE solves take fixed steps. A strategy configured with ``steps``/``step_size``
+uses them; an adaptive one (``rtol``/``atol``, the default configs) solves the SDE with the
+model's ``dt`` instead: torchsde's adaptive stepping (step doubling) makes reversible Heun
+inexact (torchsde warns so), and side-by-side comparisons need one grid. The method of
+``direct``/``adjoint`` follows the strategy's solver (:data:`SDE_METHODS`: ``euler`` ->
+Euler-Heun, ``heun`` -> Heun, anything else -> midpoint; higher-order ODE tableaux cannot
+raise the strong order of an SDE solve, and midpoint is torchsde's derivative-free
+Stratonovich method for diagonal noise). ``reversible`` always runs reversible Heun, and
+needs every output time on its step grid (checked). Noise comes from the ``bm`` the model
+passes (a seeded ``torchsde.BrownianInterval``), so a solve is reproducible and the
+backward pass sees the same Brownian sample as the forward.
+
+Local error (for ERNODE): :func:`sde_local_error` compares one Stratonovich midpoint step
+of size ``h`` with two steps of ``h/2`` driven by the *same* Brownian increments
+(``W(t, t+h) = W(t, t+h/2) + W(t+h/2, t+h)``), scaled as an adaptive solver scales errors:
+``RMS((y_h - y_{h/2,h/2}) / (atol + rtol max(|y|, |y_{h/2,h/2}|)))``. This is the
+step-doubling estimate torchsde's adaptive stepping uses (``torchsde/_core/adaptive_stepping.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from nde_zoo.solvers import SolveStats, check_finite_outputs, check_inputs
+from nde_zoo.strategies._autograd import check_no_hidden_inputs
+from nde_zoo.strategies.base import SavedBytes, Solution, field_parameters
+
+__all__ = [
+    "ROUTES",
+    "SDE_METHODS",
+    "sde_method",
+    "sde_step_size",
+    "check_sde",
+    "brownian",
+    "solve_sde",
+    "sde_local_error",
+    "midpoint_step",
+]
+
+ROUTES = ("direct", "adjoint", "reversible")
+#: our ODE solver names -> torchsde's Stratonovich method for direct/adjoint; others -> midpoint.
+SDE_METHODS = {"euler": "euler_heun", "heun": "heun", "midpoint": "midpoint"}
+DEFAULT_SDE_METHOD = "midpoint"
+
+
+def sde_method(solver_name: str) -> str:
+    """The torchsde method ``direct``/``adjoint`` use for a strategy's solver (see the module doc)."""
+    return SDE_METHODS.get(solver_name, DEFAULT_SDE_METHOD)
+
+
+def sde_step_size(strategy: Any, times: list[float], dt: float | None) -> float:
+    """The fixed step of an SDE solve: the strategy's when it has one, else the model's ``dt``."""
+    span = abs(times[-1] - times[0])
+    stepping = strategy.stepping
+    if stepping.steps is not None:
+        return span / stepping.steps
+    if stepping.step_size is not None:
+        return float(stepping.step_size)
+    if dt is None or not dt > 0:
+        raise ValueError(
+            f"strategy {strategy.name!r} is adaptive (rtol/atol), which SDE solves do not use: pass the "
+            "model's step dt > 0, or give the strategy fixed steps (strategy.steps=N strategy.rtol=null "
+            "strategy.atol=null)"
+        )
+    return float(dt)
+
+
+def check_sde(sde: Any, y0: Tensor, t0: Tensor) -> None:
+    """Check the SDE's interface and its output shapes once, explaining each dimension."""
+    if (
+        not isinstance(sde, nn.Module)
+        or not callable(getattr(sde, "f", None))
+        or not callable(getattr(sde, "g", None))
+    ):
+        raise TypeError(
+            f"an SDE must be an nn.Module with methods f(t, y) and g(t, y); got {type(sde).__name__}"
+        )
+    if getattr(sde, "noise_type", None) != "diagonal" or getattr(sde, "sde_type", None) != "stratonovich":
+        raise ValueError(
+            "the zoo's SDE routes need noise_type='diagonal' and sde_type='stratonovich' (reversible Heun "
+            f"is Stratonovich); {type(sde).__name__} has noise_type={getattr(sde, 'noise_type', None)!r}, "
+            f"sde_type={getattr(sde, 'sde_type', None)!r}"
+        )
+    if y0.dim() != 2:
+        raise ValueError(f"y0 must have shape (batch, state), got {tuple(y0.shape)}")
+    with torch.no_grad():
+        for name in ("f", "g"):
+            out = getattr(sde, name)(t0, y0)
+            if out.shape != y0.shape or out.dtype != y0.dtype:
+                what = "drift" if name == "f" else "diagonal diffusion (one noise channel per state channel)"
+                raise ValueError(
+                    f"{type(sde).__name__}.{name} (the {what}) returned shape {tuple(out.shape)} and dtype "
+                    f"{out.dtype}, whilst y0 has shape {tuple(y0.shape)} (meaning batch {y0.shape[0]}, state "
+                    f"{y0.shape[1]}) and dtype {y0.dtype}; they must match"
+                )
+
+
+def _torchsde() -> Any:
+    """torchsde, imported when an SDE is solved (it is the optional ``[sde]`` extra)."""
+    try:
+        import torchsde
+    except ImportError as exc:  # pragma: no cover - the dev environment has it
+        raise ImportError("solving SDEs needs torchsde: pip install 'nde-zoo[sde]'") from exc
+    return torchsde
+
+
+def brownian(t0: float, t1: float, like: Tensor, entropy: int, dt: float | None = None) -> Any:
+    """A seeded Brownian sample on ``[t0, t1]`` with one channel per entry of ``like`` ``(batch, d)``.
+
+    The same ``entropy`` gives the same sample (whatever order it is queried in), so the
+    backward pass and a test can replay it.
+    """
+    return _torchsde().BrownianInterval(
+        t0=t0,
+        t1=t1,
+        size=tuple(like.shape),
+        dtype=like.dtype,
+        device=like.device,
+        entropy=int(entropy),
+        dt=dt,
+        levy_area_approximation="none",
+    )
+
+
+class _CountedSDE(nn.Module):
+    """Holds the user's SDE as a submodule and counts drift evaluations (one ``f`` = one NFE).
+
+    Calls during the forward solve go to ``nfe_forward``; after it returns, to ``nfe_backward``.
+    """
+
+    noise_type = "diagonal"
+    sde_type = "stratonovich"
+
+    def __init__(self, sde: nn.Module, stats: SolveStats) -> None:
+        super().__init__()
+        self.sde = sde
+        self.stats = stats
+        self.forward_done = False
+
+    def f(self, t: Tensor, y: Tensor) -> Tensor:
+        if self.forward_done:
+            self.stats.nfe_backward += 1
+        else:
+            self.stats.nfe_forward += 1
+        return self.sde.f(t, y)
+
+    def g(self, t: Tensor, y: Tensor) -> Tensor:
+        return self.sde.g(t, y)
+
+
+def _check_grid(ts: Tensor, dt: float, strategy: str) -> None:
+    """Refuse output times that torchsde's stepping would pass by a whole step.
+
+    torchsde steps ``t += dt`` (in ``ts``'s dtype, clamped to ``ts[-1]``) and interpolates the
+    outputs; its reversible-Heun backward steps to each output time exactly. When round-off
+    leaves ``t`` just short of an output time the forward takes one more step and the two
+    grids differ by a step from there on. This replays the forward's float sums.
+    """
+    dtype = np.float32 if ts.dtype == torch.float32 else np.float64
+    times = ts.detach().cpu().numpy().astype(dtype)
+    step, t = dtype(dt), times[0]
+    for out in times[1:-1]:
+        while t < out:
+            t = min(t + step, times[-1])
+        if float(t - out) > 1e-6 * dt:
+            raise ValueError(
+                f"strategy {strategy!r} runs reversible Heun, whose gradient is exact only when every output "
+                f"time is on its step grid; with dt={dt:.6g} from {float(times[0])} the steps pass output "
+                f"time {float(out)} at {float(t)}. Choose dt (or strategy.steps) so that the output times "
+                "are whole steps apart, e.g. a power-of-two fraction of their spacing"
+            )
+
+
+def _check_hidden(sde: nn.Module, y0: Tensor, t0: Tensor, params: list[Tensor], strategy: str) -> None:
+    """torchsde's adjoints differentiate only ``y0`` and ``adjoint_params``: refuse any other input."""
+    y_leaf = y0.detach().requires_grad_()
+    with torch.enable_grad():
+        out = sde.f(t0, y_leaf) + sde.g(t0, y_leaf)
+    check_no_hidden_inputs(out, [y_leaf, *params], strategy)
+
+
+def solve_sde(
+    strategy: Any, sde: nn.Module, y0: Tensor, ts: Tensor, bm: Any, *, route: str, dt: float | None = None
+) -> Solution:
+    """Solve the SDE from ``y0`` at ``ts[0]`` with outputs at every ``ts``, along ``route``.
+
+    Args:
+        strategy: the calling strategy (its ``name``, ``tableau``, ``stepping``; the solution is
+            recorded on it for its per-step figures).
+        sde: the SDE module (see the module docstring).
+        y0: ``(batch, d)``; ts: 1-D increasing output times.
+        bm: the Brownian sample (e.g. :func:`brownian`), covering ``[ts[0], ts[-1]]``.
+        route: ``"direct"``, ``"adjoint"`` or ``"reversible"``.
+        dt: the step used when the strategy is adaptive (see the module docstring).
+
+    Returns:
+        A :class:`Solution` with ``ys`` of shape ``(len(ts), batch, d)``; ``extras["sde"]`` holds
+        the method and step used.
+    """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+    times = check_inputs(y0, ts)
+    if times[-1] < times[0]:
+        raise ValueError("SDE output times must increase (torchsde integrates forwards)")
+    check_sde(sde, y0, ts[0])
+    step = sde_step_size(strategy, times, dt)
+    method = "reversible_heun" if route == "reversible" else sde_method(strategy.tableau.name)
+    if route == "reversible":
+        _check_grid(ts, step, strategy.name)
+    stats = SolveStats()
+    counted = _CountedSDE(sde, stats)
+    params = field_parameters(sde)
+    differentiate = torch.is_grad_enabled() and (y0.requires_grad or any(p.requires_grad for p in params))
+    torchsde = _torchsde()
+    with SavedBytes() as saved:
+        if route == "direct" or not differentiate:
+            ys = torchsde.sdeint(counted, y0, ts, bm=bm, method=method, dt=step)
+        else:
+            _check_hidden(sde, y0, ts[0], params, strategy.name)
+            adjoint_method = "adjoint_reversible_heun" if route == "reversible" else method
+            ys = torchsde.sdeint_adjoint(
+                counted,
+                y0,
+                ts,
+                bm=bm,
+                method=method,
+                adjoint_method=adjoint_method,
+                dt=step,
+                adjoint_params=tuple(params),
+            )
+    counted.forward_done = True
+    check_finite_outputs(ys, times)
+    stats.accepted_steps = int(math.ceil((times[-1] - times[0]) / step - 1e-9))
+    extras = {"sde": {"method": method, "dt": step, "route": route}}
+    return strategy._record(Solution(ys, ts, stats, None, saved_bytes=saved.nbytes, extras=extras))
+
+
+def midpoint_step(sde: nn.Module, t: Tensor, y: Tensor, h: float, dw: Tensor) -> Tensor:
+    """One Stratonovich midpoint step ``y -> y + f(t+h/2, y_m) h + g(t+h/2, y_m) dW``, diagonal noise."""
+    y_mid = y + 0.5 * (sde.f(t, y) * h + sde.g(t, y) * dw)
+    t_mid = t + 0.5 * h
+    return y + sde.f(t_mid, y_mid) * h + sde.g(t_mid, y_mid) * dw
+
+
+def sde_local_error(
+    sde: nn.Module, t: Tensor, y: Tensor, h: float, bm: Any, rtol: float, atol: float
+) -> Tensor:
+    """The scaled step-doubling error of one SDE step of size ``h > 0`` from ``(t, y)``.
+
+    One midpoint step of ``h`` against two of ``h/2`` on the same Brownian path; returns the
+    RMS over batch and state of ``error / (atol + rtol max(|y|, |y_two|))`` (0-d, differentiable
+    through ``sde``'s parameters and ``y``). Six drift and six diffusion evaluations.
+    """
+    if not h > 0:
+        raise ValueError(f"the SDE local error needs a positive step, got h={h}")
+    t0 = float(t)
+    dw1 = bm(t0, t0 + 0.5 * h)
+    dw2 = bm(t0 + 0.5 * h, t0 + h)
+    one = midpoint_step(sde, t, y, h, dw1 + dw2)
+    half = midpoint_step(sde, t, y, 0.5 * h, dw1)
+    two = midpoint_step(sde, t + 0.5 * h, half, 0.5 * h, dw2)
+    scale = atol + rtol * torch.maximum(y.abs(), two.abs())
+    return ((one - two) / scale).pow(2).mean().sqrt()
