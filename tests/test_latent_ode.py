@@ -19,8 +19,17 @@ from nde_zoo.datamodules.spirals import spiral_points
 from nde_zoo.models import LatentODE
 from nde_zoo.models.latent_ode import ODERNNEncoder
 from nde_zoo.solvers import integrate, rk_increment
-from nde_zoo.strategies import (Adjoint, Checkpoint, Direct, LocalERNODE, ODEStrategy, Reversible, Seminorm,
-                                Solution, Symplectic)
+from nde_zoo.strategies import (
+    Adjoint,
+    Checkpoint,
+    Direct,
+    LocalERNODE,
+    ODEStrategy,
+    Reversible,
+    Seminorm,
+    Solution,
+    Symplectic,
+)
 
 F64 = torch.float64
 FIXTURE = Path(__file__).parent / "fixtures" / "physionet"
@@ -43,9 +52,17 @@ def tiny_spirals(**kw) -> SpiralsDataModule:
 
 
 def trainer(tmp_path, logger=False, **kw) -> lightning.Trainer:
-    args = dict(accelerator="cpu", max_steps=2, logger=logger, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=1, num_sanity_val_steps=0,
-                default_root_dir=str(tmp_path))
+    args = dict(
+        accelerator="cpu",
+        max_steps=2,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
     return lightning.Trainer(**{**args, **kw})
 
 
@@ -55,7 +72,9 @@ def test_trains_with_every_ode_strategy(name, tmp_path):
     model = LatentODE(STRATEGIES[name](), **SMALL)
     before = [p.detach().clone() for p in model.field.parameters()]
     trainer(tmp_path).fit(model, tiny_spirals())
-    assert all(not torch.equal(a, p) for a, p in zip(before, model.field.parameters()))  # the decoder learned
+    assert all(
+        not torch.equal(a, p) for a, p in zip(before, model.field.parameters(), strict=True)
+    )  # the decoder learned
     assert model.strategy.history and model.strategy.history[-1]["nfe/forward"] > 0
     if name not in ("direct",):  # own backward passes count their field evaluations
         assert model.strategy.history[-1]["nfe/backward"] > 0
@@ -96,27 +115,44 @@ class ReversibleBackprop(ODEStrategy):
 @pytest.mark.parametrize("name", ["checkpoint", "reversible", "symplectic"])
 def test_exact_strategies_give_backprops_gradient_through_the_whole_model(name):
     torch.manual_seed(0)
-    reference_strategy = ReversibleBackprop("rk4", steps=6) if name == "reversible" else Direct("rk4", steps=6)
+    reference_strategy = (
+        ReversibleBackprop("rk4", steps=6) if name == "reversible" else Direct("rk4", steps=6)
+    )
     model = LatentODE(reference_strategy, **SMALL).double()
     batch = _batch(dtype=F64)
     reference = _grads(model, batch)
-    model.strategy = {"checkpoint": Checkpoint("rk4", steps=6, snapshots=3), "reversible": Reversible("rk4", steps=6),
-                      "symplectic": Symplectic("rk4", steps=6)}[name]
-    for g, r in zip(_grads(model, batch), reference):
+    model.strategy = {
+        "checkpoint": Checkpoint("rk4", steps=6, snapshots=3),
+        "reversible": Reversible("rk4", steps=6),
+        "symplectic": Symplectic("rk4", steps=6),
+    }[name]
+    for g, r in zip(_grads(model, batch), reference, strict=True):
         assert torch.allclose(g, r, rtol=1e-9, atol=1e-12), (g - r).abs().max()
 
 
 def test_batches_put_series_with_different_times_on_the_union_with_masks():
-    a = IrregularRecord(torch.tensor([0.0, 0.5, 1.5]), torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
-                        torch.tensor([[True, True], [True, False], [True, True]]))
-    b = IrregularRecord(torch.tensor([0.25, 0.5, 2.0]), torch.tensor([[7.0, 8.0], [9.0, 9.5], [10.0, 11.0]]),
-                        torch.ones(3, 2, dtype=torch.bool))
+    a = IrregularRecord(
+        torch.tensor([0.0, 0.5, 1.5]),
+        torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+        torch.tensor([[True, True], [True, False], [True, True]]),
+    )
+    b = IrregularRecord(
+        torch.tensor([0.25, 0.5, 2.0]),
+        torch.tensor([[7.0, 8.0], [9.0, 9.5], [10.0, 11.0]]),
+        torch.ones(3, 2, dtype=torch.bool),
+    )
     batch = collate_irregular([a, b], t_split=1.0)
     assert batch.times.tolist() == [0.0, 0.25, 0.5, 1.5, 2.0]
-    assert batch.mask[:, :, 0].tolist() == [[True, False, True, True, False], [False, True, True, False, True]]
+    assert batch.mask[:, :, 0].tolist() == [
+        [True, False, True, True, False],
+        [False, True, True, False, True],
+    ]
     assert batch.values[0, 2].tolist() == [3.0, 0.0]  # unobserved channel zeroed
     assert batch.values[1, 2].tolist() == [9.0, 9.5]
-    assert batch.encode_mask[:, :, 0].tolist() == [[True, False, True, False, False], [False, True, True, False, False]]
+    assert batch.encode_mask[:, :, 0].tolist() == [
+        [True, False, True, False, False],
+        [False, True, True, False, False],
+    ]
 
 
 def test_a_series_is_encoded_and_decoded_the_same_whatever_shares_its_batch():
@@ -133,8 +169,9 @@ def test_a_series_is_encoded_and_decoded_the_same_whatever_shares_its_batch():
     assert torch.allclose(qa.mean[0], qm.mean[0], rtol=0, atol=1e-14)
     assert torch.allclose(qa.std[0], qm.std[0], rtol=0, atol=1e-14)
     # the ODE-RNN and the decoder: the same up to their discretisations (fine steps, tight tolerance)
-    model = LatentODE(Direct("dopri5", rtol=1e-9, atol=1e-11), encoder_solver="rk4", encoder_step_size=0.01,
-                      **SMALL).double()
+    model = LatentODE(
+        Direct("dopri5", rtol=1e-9, atol=1e-11), encoder_solver="rk4", encoder_step_size=0.01, **SMALL
+    ).double()
     alone64 = IrregularBatch(alone.times.double(), alone.values.double(), alone.mask, alone.encode_mask)
     mixed64 = IrregularBatch(mixed.times.double(), mixed.values.double(), mixed.mask, mixed.encode_mask)
     with torch.no_grad():
@@ -144,7 +181,9 @@ def test_a_series_is_encoded_and_decoded_the_same_whatever_shares_its_batch():
     assert torch.allclose(pa[0], pm[0, own], atol=1e-7)
     # and the loss ignores whatever sits where a series was not observed
     posterior = model.encode(mixed64)
-    noisy = mixed64._replace(values=torch.where(mixed64.mask, mixed64.values, torch.full_like(mixed64.values, 1e3)))
+    noisy = mixed64._replace(
+        values=torch.where(mixed64.mask, mixed64.values, torch.full_like(mixed64.values, 1e3))
+    )
     with torch.no_grad():
         assert model.loss(mixed64, pm, posterior)["loss"] == model.loss(noisy, pm, posterior)["loss"]
 
@@ -175,13 +214,17 @@ def test_decoding_starts_at_zero_and_reports_bad_times():
     with pytest.raises(ValueError, match="encoder must be 'odernn' or 'gru'"):
         LatentODE(Direct("rk4", steps=2), encoder="lstm")
     with pytest.raises(ValueError, match="model.data_dim=2"):
-        trainer(Path("."), max_steps=1).fit(LatentODE(Direct("rk4", steps=2), data_dim=3, **SMALL), tiny_spirals())
+        trainer(Path("."), max_steps=1).fit(
+            LatentODE(Direct("rk4", steps=2), data_dim=3, **SMALL), tiny_spirals()
+        )
 
 
 def test_spirals_are_fixed_irregular_and_noisy_versions_of_both_spirals():
     a, b = tiny_spirals(n_train=40), tiny_spirals(n_train=40)
     ra, rb = a.dataset("train"), b.dataset("train")
-    assert all(torch.equal(x.values, y.values) and torch.equal(x.times, y.times) for x, y in zip(ra, rb))
+    assert all(
+        torch.equal(x.values, y.values) and torch.equal(x.times, y.times) for x, y in zip(ra, rb, strict=True)
+    )
     times = {tuple(r.times.tolist()) for r in ra}
     assert len(times) == 40  # every series has its own observation times
     assert all(len(r.times) == 8 and (r.times.diff() > 0).all() for r in ra)
@@ -189,7 +232,9 @@ def test_spirals_are_fixed_irregular_and_noisy_versions_of_both_spirals():
     assert 0 < sum(directions) < 40  # clockwise and counter-clockwise
     residual = torch.cat([r.values - a.truth("train", i, r.times) for i, r in enumerate(ra)])
     assert abs(float(residual.std()) - 0.1) < 0.02 and abs(float(residual.mean())) < 0.03
-    assert a.t_split == 2.0 and not torch.equal(ra[0].values, tiny_spirals(n_train=40, seed=1).dataset("train")[0].values)
+    assert a.t_split == 2.0 and not torch.equal(
+        ra[0].values, tiny_spirals(n_train=40, seed=1).dataset("train")[0].values
+    )
     # counter-clockwise: the angle grows with u; clockwise: it shrinks
     u = torch.linspace(1.0, 1.5, 2).numpy()
     ccw, cw = spiral_points(u, False) - [5.0, 0.0], spiral_points(u, True) + [5.0, 0.0]
@@ -213,7 +258,9 @@ def test_physionet_record_parsing_averages_bins_and_drops_missing_descriptors():
 
 
 def _physionet(root, **kw) -> PhysioNetDataModule:
-    return PhysioNetDataModule(root=str(root), **{**dict(batch_size=2, val_fraction=0.25, test_fraction=0.25), **kw})
+    return PhysioNetDataModule(
+        root=str(root), **{**dict(batch_size=2, val_fraction=0.25, test_fraction=0.25), **kw}
+    )
 
 
 def test_physionet_loads_the_fixture_from_a_folder_or_the_archive(tmp_path):
@@ -237,19 +284,25 @@ def test_physionet_loads_the_fixture_from_a_folder_or_the_archive(tmp_path):
         other = _physionet(root)
         other.setup()
         assert other.record_ids == dm.record_ids
-        assert all(torch.equal(x.values, y.values) for x, y in zip(other.dataset("test"), dm.dataset("test")))
+        assert all(
+            torch.equal(x.values, y.values)
+            for x, y in zip(other.dataset("test"), dm.dataset("test"), strict=True)
+        )
     small = _physionet(FIXTURE, max_records=2, val_fraction=0.0, test_fraction=0.5)
     small.setup()
     assert sorted(sum(small.record_ids.values(), [])) == ["132539", "132540"]
 
 
-@pytest.mark.parametrize("line, lineno, message", [
-    ("00:07,HR", 3, "expected 3 comma-separated fields"),
-    ("7h,HR,73", 3, "bad time '7h'"),
-    ("00:07,HR,fast", 3, "value 'fast' of HR is not a number"),
-    ("00:07,HR,nan", 3, "value 'nan' of HR is not finite"),
-    ("00:07,Heartbeat,73", 3, "unknown parameter 'Heartbeat'"),
-])
+@pytest.mark.parametrize(
+    "line, lineno, message",
+    [
+        ("00:07,HR", 3, "expected 3 comma-separated fields"),
+        ("7h,HR,73", 3, "bad time '7h'"),
+        ("00:07,HR,fast", 3, "value 'fast' of HR is not a number"),
+        ("00:07,HR,nan", 3, "value 'nan' of HR is not finite"),
+        ("00:07,Heartbeat,73", 3, "unknown parameter 'Heartbeat'"),
+    ],
+)
 def test_malformed_physionet_files_name_the_file_and_line(tmp_path, line, lineno, message):
     folder = tmp_path / "set-a"
     folder.mkdir()
@@ -287,22 +340,50 @@ def test_fit_draws_reconstructions_and_extrapolations(tmp_path):
 
 
 # -- through the CLI -------------------------------------------------------------------------
-TINY = ["strategy.solver=rk4", "strategy.steps=3", "strategy.rtol=null", "strategy.atol=null", "trainer.max_steps=2",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-        "data.n_train=20", "data.n_val=10", "data.n_test=10", "data.batch_size=10"]
+TINY = [
+    "strategy.solver=rk4",
+    "strategy.steps=3",
+    "strategy.rtol=null",
+    "strategy.atol=null",
+    "trainer.max_steps=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "data.n_train=20",
+    "data.n_val=10",
+    "data.n_test=10",
+    "data.batch_size=10",
+]
 
 
 def test_cli_fit_writes_the_picture(cli, tmp_path):
-    out = cli("fit", "model=latent_ode", "strategy=reversible", *TINY, "model.hidden_dim=8", cwd=tmp_path, timeout=600)
+    out = cli(
+        "fit",
+        "model=latent_ode",
+        "strategy=reversible",
+        *TINY,
+        "model.hidden_dim=8",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    assert next((tmp_path / "outputs").glob("fit/latent_ode/*/csv/version_*/latent_ode_extrapolation.png")).is_file()
+    assert next(
+        (tmp_path / "outputs").glob("fit/latent_ode/*/csv/version_*/latent_ode_extrapolation.png")
+    ).is_file()
 
 
 def test_downstream_example_trains_from_the_cli(cli, tmp_path):
-    out = cli("fit", "model=laplace_latent_ode", "strategy=symplectic", *TINY,
-              f"hydra.searchpath=[file://{EXAMPLE / 'configs'}]", "hydra.run.dir=" + str(tmp_path / "run"),
-              cwd=EXAMPLE, env={"PYTHONPATH": os.pathsep.join([str(EXAMPLE), os.environ.get("PYTHONPATH", "")])},
-              timeout=600)
+    out = cli(
+        "fit",
+        "model=laplace_latent_ode",
+        "strategy=symplectic",
+        *TINY,
+        f"hydra.searchpath=[file://{EXAMPLE / 'configs'}]",
+        "hydra.run.dir=" + str(tmp_path / "run"),
+        cwd=EXAMPLE,
+        env={"PYTHONPATH": os.pathsep.join([str(EXAMPLE), os.environ.get("PYTHONPATH", "")])},
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert "LaplaceLatentODE" in out.stdout + out.stderr
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

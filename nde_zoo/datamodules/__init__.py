@@ -1,6 +1,7 @@
 """LightningDataModules; every model has an embedded default that needs no download."""
 
 from nde_zoo.datamodules.cde_spirals import CDESpiralsDataModule
+from nde_zoo.datamodules.density_tabular import DensityTabularDataModule
 from nde_zoo.datamodules.digits import DigitsDataModule
 from nde_zoo.datamodules.mnist import MNISTDataModule
 from nde_zoo.datamodules.physionet import PhysioNetDataModule
@@ -12,6 +13,7 @@ from nde_zoo.datamodules.uea import UEADataModule
 
 __all__ = [
     "CDESpiralsDataModule",
+    "DensityTabularDataModule",
     "DigitsDataModule",
     "MNISTDataModule",
     "PhysioNetDataModule",

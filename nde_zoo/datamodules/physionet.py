@@ -47,16 +47,54 @@ HORIZON_HOURS = 48.0
 DESCRIPTORS = ("Age", "Gender", "Height", "ICUType", "Weight")
 #: Rubanova et al.'s 41 channels, in their order
 VARIABLES = (
-    "Age", "Gender", "Height", "ICUType", "Weight", "Albumin", "ALP", "ALT", "AST", "Bilirubin", "BUN",
-    "Cholesterol", "Creatinine", "DiasABP", "FiO2", "GCS", "Glucose", "HCO3", "HCT", "HR", "K", "Lactate",
-    "Mg", "MAP", "MechVent", "Na", "NIDiasABP", "NIMAP", "NISysABP", "PaCO2", "PaO2", "pH", "Platelets",
-    "RespRate", "SaO2", "SysABP", "Temp", "TroponinI", "TroponinT", "Urine", "WBC",
+    "Age",
+    "Gender",
+    "Height",
+    "ICUType",
+    "Weight",
+    "Albumin",
+    "ALP",
+    "ALT",
+    "AST",
+    "Bilirubin",
+    "BUN",
+    "Cholesterol",
+    "Creatinine",
+    "DiasABP",
+    "FiO2",
+    "GCS",
+    "Glucose",
+    "HCO3",
+    "HCT",
+    "HR",
+    "K",
+    "Lactate",
+    "Mg",
+    "MAP",
+    "MechVent",
+    "Na",
+    "NIDiasABP",
+    "NIMAP",
+    "NISysABP",
+    "PaCO2",
+    "PaO2",
+    "pH",
+    "Platelets",
+    "RespRate",
+    "SaO2",
+    "SysABP",
+    "Temp",
+    "TroponinI",
+    "TroponinT",
+    "Urine",
+    "WBC",
 )
 _TIME = re.compile(r"^(\d{1,3}):([0-5]\d)$")
 
 
-def parse_record(lines: Iterable[str], source: str, variables: Sequence[str] = VARIABLES,
-                 quantization_hours: float = 0.1) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+def parse_record(
+    lines: Iterable[str], source: str, variables: Sequence[str] = VARIABLES, quantization_hours: float = 0.1
+) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """Parse one record file.
 
     Args:
@@ -82,15 +120,19 @@ def parse_record(lines: Iterable[str], source: str, variables: Sequence[str] = V
         line = raw.strip().lstrip("\ufeff")
         if not saw_header:
             if line.replace(" ", "") != "Time,Parameter,Value":
-                raise ValueError(f"{source}:{lineno}: expected the header 'Time,Parameter,Value', got {line[:80]!r}")
+                raise ValueError(
+                    f"{source}:{lineno}: expected the header 'Time,Parameter,Value', got {line[:80]!r}"
+                )
             saw_header = True
             continue
         if not line:
             continue
         fields = line.split(",")
         if len(fields) != 3:
-            raise ValueError(f"{source}:{lineno}: expected 3 comma-separated fields (Time,Parameter,Value), "
-                             f"got {len(fields)}: {line[:80]!r}")
+            raise ValueError(
+                f"{source}:{lineno}: expected 3 comma-separated fields (Time,Parameter,Value), "
+                f"got {len(fields)}: {line[:80]!r}"
+            )
         time_text, param, value_text = (f.strip() for f in fields)
         if param == "":  # the challenge files hold a few lines without a parameter: no measurement
             continue
@@ -107,8 +149,10 @@ def parse_record(lines: Iterable[str], source: str, variables: Sequence[str] = V
             record_id = str(int(value)) if value.is_integer() else value_text
             continue
         if param not in VARIABLES:
-            raise ValueError(f"{source}:{lineno}: unknown parameter {param!r}; PhysioNet 2012 has "
-                             f"{', '.join(VARIABLES)} (and RecordID)")
+            raise ValueError(
+                f"{source}:{lineno}: unknown parameter {param!r}; PhysioNet 2012 has "
+                f"{', '.join(VARIABLES)} (and RecordID)"
+            )
         if param not in index or (param in DESCRIPTORS and value == -1):
             continue
         hours = int(match.group(1)) + int(match.group(2)) / 60.0
@@ -143,9 +187,19 @@ class PhysioNetDataModule(lightning.LightningDataModule):
         batch_size / val_fraction / test_fraction / seed: loaders and a fixed random split.
     """
 
-    def __init__(self, root: str = "data/physionet", download: bool = False, variables: list[str] | None = None,
-                 quantization_hours: float = 0.1, observe_hours: float = 24.0, max_records: int | None = None,
-                 batch_size: int = 50, val_fraction: float = 0.1, test_fraction: float = 0.2, seed: int = 0) -> None:
+    def __init__(
+        self,
+        root: str = "data/physionet",
+        download: bool = False,
+        variables: list[str] | None = None,
+        quantization_hours: float = 0.1,
+        observe_hours: float = 24.0,
+        max_records: int | None = None,
+        batch_size: int = 50,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         unknown = sorted(set(variables or ()) - set(VARIABLES))
         if unknown:
@@ -154,8 +208,17 @@ class PhysioNetDataModule(lightning.LightningDataModule):
             raise ValueError(f"observe_hours={observe_hours} must be in (0, {HORIZON_HOURS:g}]")
         self.root, self.download = Path(root).expanduser(), download
         self.variables = tuple(variables) if variables else VARIABLES
-        self.quantization_hours, self.observe_hours, self.max_records = quantization_hours, observe_hours, max_records
-        self.batch_size, self.val_fraction, self.test_fraction, self.seed = batch_size, val_fraction, test_fraction, seed
+        self.quantization_hours, self.observe_hours, self.max_records = (
+            quantization_hours,
+            observe_hours,
+            max_records,
+        )
+        self.batch_size, self.val_fraction, self.test_fraction, self.seed = (
+            batch_size,
+            val_fraction,
+            test_fraction,
+            seed,
+        )
         self._splits: dict[str, IrregularDataset] = {}
         self.record_ids: dict[str, list[str]] = {}
         self.mean = self.std = None
@@ -189,7 +252,8 @@ class PhysioNetDataModule(lightning.LightningDataModule):
         if self._folder() is None and self._archive() is None:
             if not self.download:
                 raise FileNotFoundError(
-                    f"no PhysioNet 2012 records under {self.root} (a folder of <RecordID>.txt files, set-a/ or "
+                    f"no PhysioNet 2012 records under {self.root} (a folder of <RecordID>.txt files, "
+                    f"set-a/ or "
                     f"set-a.tar.gz); pass data.download=true (needs a network) or use data=spirals (embedded)"
                 )
             self.root.mkdir(parents=True, exist_ok=True)
@@ -206,12 +270,15 @@ class PhysioNetDataModule(lightning.LightningDataModule):
         archive = self._archive()
         assert archive is not None
         with tarfile.open(archive) as tar:
-            members = sorted((m for m in tar.getmembers() if m.isfile() and m.name.endswith(".txt")),
-                             key=lambda m: m.name)[: self.max_records]
+            members = sorted(
+                (m for m in tar.getmembers() if m.isfile() and m.name.endswith(".txt")), key=lambda m: m.name
+            )[: self.max_records]
             for m in members:
                 data = tar.extractfile(m)
                 assert data is not None
-                out.append((f"{archive}:{m.name}", data.read().decode("utf-8", errors="replace").splitlines()))
+                out.append(
+                    (f"{archive}:{m.name}", data.read().decode("utf-8", errors="replace").splitlines())
+                )
         return out
 
     # -- splits -----------------------------------------------------------------------------
@@ -224,7 +291,9 @@ class PhysioNetDataModule(lightning.LightningDataModule):
             if len(times):  # a stay with none of the chosen variables has nothing to encode
                 parsed.append((rid or Path(name).stem, times, values, mask))
         if not parsed:
-            raise ValueError(f"no PhysioNet record under {self.root} has an observation of {', '.join(self.variables)}")
+            raise ValueError(
+                f"no PhysioNet record under {self.root} has an observation of {', '.join(self.variables)}"
+            )
         train, val, test = split_indices(len(parsed), self.val_fraction, self.test_fraction, self.seed)
         values = np.concatenate([parsed[i][2] for i in train])
         mask = np.concatenate([parsed[i][3] for i in train])
@@ -238,8 +307,13 @@ class PhysioNetDataModule(lightning.LightningDataModule):
             for i in idx:
                 _, t, v, m = parsed[i]
                 v = np.where(m, (v - mean) / std, 0.0)
-                records.append(IrregularRecord(torch.tensor(t / HORIZON_HOURS, dtype=torch.float32),
-                                               torch.tensor(v, dtype=torch.float32), torch.from_numpy(m)))
+                records.append(
+                    IrregularRecord(
+                        torch.tensor(t / HORIZON_HOURS, dtype=torch.float32),
+                        torch.tensor(v, dtype=torch.float32),
+                        torch.from_numpy(m),
+                    )
+                )
             self._splits[split] = IrregularDataset(records, self.t_split)
             self.record_ids[split] = [parsed[i][0] for i in idx]
 

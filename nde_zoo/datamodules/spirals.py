@@ -56,9 +56,19 @@ class SpiralsDataModule(lightning.LightningDataModule):
         seed: base seed.
     """
 
-    def __init__(self, n_train: int = 1000, n_val: int = 100, n_test: int = 100, n_grid: int = 100, n_obs: int = 40,
-                 duration: float = 4.0, observed_fraction: float = 0.5, noise_std: float = 0.1,
-                 batch_size: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        n_train: int = 1000,
+        n_val: int = 100,
+        n_test: int = 100,
+        n_grid: int = 100,
+        n_obs: int = 40,
+        duration: float = 4.0,
+        observed_fraction: float = 0.5,
+        noise_std: float = 0.1,
+        batch_size: int = 50,
+        seed: int = 0,
+    ) -> None:
         super().__init__()
         if not 1 <= n_obs <= n_grid:
             raise ValueError(f"n_obs={n_obs} must be between 1 and n_grid={n_grid}")
@@ -96,8 +106,13 @@ class SpiralsDataModule(lightning.LightningDataModule):
             idx = np.sort(rng.choice(self.n_grid, self.n_obs, replace=False))
             t = grid[idx]
             x = spiral_points(u0 + t, clockwise) + self.noise_std * rng.standard_normal((self.n_obs, 2))
-            records.append(IrregularRecord(torch.tensor(t, dtype=torch.float32), torch.tensor(x, dtype=torch.float32),
-                                           torch.ones(self.n_obs, 2, dtype=torch.bool)))
+            records.append(
+                IrregularRecord(
+                    torch.tensor(t, dtype=torch.float32),
+                    torch.tensor(x, dtype=torch.float32),
+                    torch.ones(self.n_obs, 2, dtype=torch.bool),
+                )
+            )
             params.append((u0, clockwise))
         return records, params
 

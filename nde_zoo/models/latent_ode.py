@@ -61,8 +61,13 @@ class LatentField(nn.Module):
 
     def __init__(self, latent_dim: int, width: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(latent_dim, width), nn.ELU(), nn.Linear(width, width), nn.ELU(),
-                                 nn.Linear(width, latent_dim))
+        self.net = nn.Sequential(
+            nn.Linear(latent_dim, width),
+            nn.ELU(),
+            nn.Linear(width, width),
+            nn.ELU(),
+            nn.Linear(width, latent_dim),
+        )
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
         return self.net(z)
@@ -96,8 +101,16 @@ class ODERNNEncoder(nn.Module):
     batch (up to round-off for ``"gru"``; up to the evolution's discretisation for ``"odernn"``).
     """
 
-    def __init__(self, channels: int, hidden: int, latent_dim: int, mode: str = "odernn", width: int = 32,
-                 solver: str = "euler", step_size: float = 0.25) -> None:
+    def __init__(
+        self,
+        channels: int,
+        hidden: int,
+        latent_dim: int,
+        mode: str = "odernn",
+        width: int = 32,
+        solver: str = "euler",
+        step_size: float = 0.25,
+    ) -> None:
         super().__init__()
         if mode not in ("odernn", "gru"):
             raise ValueError(f"encoder must be 'odernn' or 'gru', got {mode!r}")
@@ -144,8 +157,13 @@ class ODERNNEncoder(nn.Module):
         if self.field is not None and t_prev != 0.0:
             h = torch.where(seen, self._evolve(h, t_prev, 0.0), h)
         elif self.mode == "gru":  # one last read: how far the first observation lies from t = 0
-            x = torch.cat([values.new_zeros(batch, self.cell.input_size - 1),
-                           torch.where(seen, last, torch.zeros_like(last))], dim=-1)
+            x = torch.cat(
+                [
+                    values.new_zeros(batch, self.cell.input_size - 1),
+                    torch.where(seen, last, torch.zeros_like(last)),
+                ],
+                dim=-1,
+            )
             h = self.cell(x, h)
         mean, raw = self.to_posterior(h).chunk(2, dim=-1)
         return Posterior(mean, nn.functional.softplus(raw) + 1e-4)
@@ -174,11 +192,24 @@ class LatentODE(NeuralDE):
 
     config_name = "latent_ode"
 
-    def __init__(self, strategy: GradientStrategy, data_dim: int = 2, latent_dim: int = 4, hidden_dim: int = 32,
-                 field_width: int = 32, decoder_width: int = 32, encoder: str = "odernn", encoder_width: int = 32,
-                 encoder_solver: str = "euler", encoder_step_size: float = 0.25, obs_std: float = 0.1,
-                 kl_warmup_steps: int = 0, lr: float = 1e-2, weight_decay: float = 0.0,
-                 lr_final_factor: float = 0.1) -> None:
+    def __init__(
+        self,
+        strategy: GradientStrategy,
+        data_dim: int = 2,
+        latent_dim: int = 4,
+        hidden_dim: int = 32,
+        field_width: int = 32,
+        decoder_width: int = 32,
+        encoder: str = "odernn",
+        encoder_width: int = 32,
+        encoder_solver: str = "euler",
+        encoder_step_size: float = 0.25,
+        obs_std: float = 0.1,
+        kl_warmup_steps: int = 0,
+        lr: float = 1e-2,
+        weight_decay: float = 0.0,
+        lr_final_factor: float = 0.1,
+    ) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay)
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}")
@@ -187,11 +218,13 @@ class LatentODE(NeuralDE):
         self.lr_final_factor = lr_final_factor
         self.data_dim, self.latent_dim, self.obs_std = data_dim, latent_dim, obs_std
         self.kl_warmup_steps = kl_warmup_steps
-        self.encoder = ODERNNEncoder(data_dim, hidden_dim, latent_dim, encoder, encoder_width, encoder_solver,
-                                     encoder_step_size)
+        self.encoder = ODERNNEncoder(
+            data_dim, hidden_dim, latent_dim, encoder, encoder_width, encoder_solver, encoder_step_size
+        )
         self.field = LatentField(latent_dim, field_width)
-        self.readout = nn.Sequential(nn.Linear(latent_dim, decoder_width), nn.ReLU(),
-                                     nn.Linear(decoder_width, data_dim))
+        self.readout = nn.Sequential(
+            nn.Linear(latent_dim, decoder_width), nn.ReLU(), nn.Linear(decoder_width, data_dim)
+        )
 
     # -- hooks a downstream project may override ---------------------------------------------
     def vector_field(self) -> nn.Module:
@@ -220,8 +253,9 @@ class LatentODE(NeuralDE):
         zs = solution.ys[offset:].transpose(0, 1)  # (batch, T, latent_dim)
         return self.readout(zs), solution
 
-    def loss(self, batch: IrregularBatch, predicted: Tensor, posterior: Posterior, kl_weight: float = 1.0
-             ) -> dict[str, Tensor]:
+    def loss(
+        self, batch: IrregularBatch, predicted: Tensor, posterior: Posterior, kl_weight: float = 1.0
+    ) -> dict[str, Tensor]:
         """The negative ELBO per observed value (``"loss"``) and its parts.
 
         Returns ``{"loss", "elbo" (batch,), "log_likelihood" (batch,), "kl" (batch,)}``; the
@@ -229,12 +263,19 @@ class LatentODE(NeuralDE):
         """
         m = batch.mask.to(predicted.dtype)
         z = (batch.values - predicted) / self.obs_std
-        log_lik = ((-0.5 * z.pow(2) - math.log(self.obs_std) - 0.5 * math.log(2 * math.pi)) * m).sum(dim=(1, 2))
+        log_lik = ((-0.5 * z.pow(2) - math.log(self.obs_std) - 0.5 * math.log(2 * math.pi)) * m).sum(
+            dim=(1, 2)
+        )
         mean, std = posterior
         kl = (0.5 * (mean.pow(2) + std.pow(2) - 1.0) - torch.log(std)).sum(dim=1)
         elbo = log_lik - kl
         count = m.sum().clamp_min(1.0)
-        return {"loss": -(log_lik - kl_weight * kl).sum() / count, "elbo": elbo, "log_likelihood": log_lik, "kl": kl}
+        return {
+            "loss": -(log_lik - kl_weight * kl).sum() / count,
+            "elbo": elbo,
+            "log_likelihood": log_lik,
+            "kl": kl,
+        }
 
     # -- the rest ---------------------------------------------------------------------------
     def forward(self, batch: IrregularBatch) -> Tensor:
@@ -246,7 +287,8 @@ class LatentODE(NeuralDE):
         features = getattr(datamodule, "num_features", None)
         if features is not None and features != self.data_dim:
             raise ValueError(
-                f"the data has {features} channels but model.data_dim={self.data_dim}; pass model.data_dim={features}"
+                f"the data has {features} channels but model.data_dim={self.data_dim}; "
+                f"pass model.data_dim={features}"
             )
 
     def configure_optimizers(self) -> Any:
@@ -254,7 +296,9 @@ class LatentODE(NeuralDE):
         total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
         if self.lr_final_factor == 1 or not math.isfinite(total) or total <= 0:
             return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, int(total), self.lr * self.lr_final_factor)
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            optimizer, int(total), self.lr * self.lr_final_factor
+        )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _kl_weight(self, stage: str) -> float:
@@ -285,8 +329,14 @@ class LatentODE(NeuralDE):
         for name, where in (("mse", batch.encode_mask), ("extrap_mse", batch.mask & ~batch.encode_mask)):
             count = int(where.sum())
             if count:
-                self.log(f"{stage}/{name}", sq[where].mean(), prog_bar=True, on_step=False, on_epoch=True,
-                         batch_size=count)
+                self.log(
+                    f"{stage}/{name}",
+                    sq[where].mean(),
+                    prog_bar=True,
+                    on_step=False,
+                    on_epoch=True,
+                    batch_size=count,
+                )
         nfe = float(solution.stats.nfe_forward) if solution is not None else 0.0
         self.log(f"{stage}/nfe", nfe, on_step=False, on_epoch=True, batch_size=n)
         return loss
@@ -336,31 +386,48 @@ class LatentODE(NeuralDE):
         rows = math.ceil(len(indices) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
         before = dense <= t_split
-        for k, (ax, record) in enumerate(zip(axes.flat, records)):
+        for k, (ax, record) in enumerate(zip(axes.flat, records, strict=False)):
             seen = record.times <= t_split
             if self.data_dim == 2 and hasattr(datamodule, "truth"):  # a trajectory in the plane
                 truth = datamodule.truth(split, indices[k], dense)
                 ax.plot(truth[:, 0], truth[:, 1], color="0.6", lw=1, label="truth")
                 ax.plot(path[k, before, 0], path[k, before, 1], color="tab:blue", label="reconstruction")
-                ax.plot(path[k, ~before, 0], path[k, ~before, 1], "--", color="tab:orange", label="extrapolation")
-                ax.scatter(record.values[seen, 0], record.values[seen, 1], s=8, color="k", label="encoder input")
-                ax.scatter(record.values[~seen, 0], record.values[~seen, 1], s=8, marker="x", color="tab:red",
-                           label="held out")
+                ax.plot(
+                    path[k, ~before, 0], path[k, ~before, 1], "--", color="tab:orange", label="extrapolation"
+                )
+                ax.scatter(
+                    record.values[seen, 0], record.values[seen, 1], s=8, color="k", label="encoder input"
+                )
+                ax.scatter(
+                    record.values[~seen, 0],
+                    record.values[~seen, 1],
+                    s=8,
+                    marker="x",
+                    color="tab:red",
+                    label="held out",
+                )
                 ax.set_aspect("equal", adjustable="datalim")
             else:  # channels against time: the two most observed
                 counts = record.mask.sum(0)
-                for c, color in zip(counts.argsort(descending=True)[:2].tolist(), ("tab:blue", "tab:green")):
+                for c, color in zip(
+                    counts.argsort(descending=True)[:2].tolist(), ("tab:blue", "tab:green"), strict=False
+                ):
                     obs = record.mask[:, c]
                     ax.plot(dense[before], path[k, before, c], color=color)
                     ax.plot(dense[~before], path[k, ~before, c], "--", color=color)
-                    ax.scatter(record.times[obs], record.values[obs, c], s=8, color=color, label=f"channel {c}")
+                    ax.scatter(
+                        record.times[obs], record.values[obs, c], s=8, color=color, label=f"channel {c}"
+                    )
                 ax.axvline(t_split, color="0.5", lw=0.8)
                 ax.set_xlabel("t")
             ax.set_title(f"{split} series {indices[k]}", fontsize=8)
-        for ax in list(axes.flat)[len(records):]:
+        for ax in list(axes.flat)[len(records) :]:
             ax.axis("off")
         axes.flat[0].legend(fontsize=6)
-        fig.suptitle(f"LatentODE with {self.strategy!r}: reconstruction (solid) and extrapolation (dashed) "
-                     f"beyond t = {t_split:g}", fontsize=8)
+        fig.suptitle(
+            f"LatentODE with {self.strategy!r}: reconstruction (solid) and extrapolation (dashed) "
+            f"beyond t = {t_split:g}",
+            fontsize=8,
+        )
         fig.tight_layout()
         return fig

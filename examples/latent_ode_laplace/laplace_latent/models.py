@@ -22,13 +22,18 @@ class LaplaceLatentODE(LatentODE):
 
     config_name = "laplace_latent_ode"
 
-    def loss(self, batch: IrregularBatch, predicted: Tensor, posterior: Posterior, kl_weight: float = 1.0
-             ) -> dict[str, Tensor]:
+    def loss(
+        self, batch: IrregularBatch, predicted: Tensor, posterior: Posterior, kl_weight: float = 1.0
+    ) -> dict[str, Tensor]:
         b = self.obs_std / math.sqrt(2.0)
         m = batch.mask.to(predicted.dtype)
         log_lik = ((-(batch.values - predicted).abs() / b - math.log(2 * b)) * m).sum(dim=(1, 2))
         mean, std = posterior
         kl = (0.5 * (mean.pow(2) + std.pow(2) - 1.0) - torch.log(std)).sum(dim=1)
         count = m.sum().clamp_min(1.0)
-        return {"loss": -(log_lik - kl_weight * kl).sum() / count, "elbo": log_lik - kl,
-                "log_likelihood": log_lik, "kl": kl}
+        return {
+            "loss": -(log_lik - kl_weight * kl).sum() / count,
+            "elbo": log_lik - kl,
+            "log_likelihood": log_lik,
+            "kl": kl,
+        }
