@@ -34,6 +34,7 @@ from torch import Tensor
 from nde_zoo.solvers import get_tableau, initial_step_size, rk_step
 from nde_zoo.solvers.stepping import error_ratio
 from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
+from nde_zoo.strategies.sde import ernode_sde_regularisation, ernode_solve_sde
 
 __all__ = ["LocalERNODE"]
 
@@ -79,7 +80,7 @@ class LocalERNODE(GradientStrategy):
     """
 
     name = "ernode"
-    kinds = frozenset({"ode"})
+    kinds = frozenset({"ode", "sde"})  # an instance supports what its inner strategy supports
 
     def __init__(
         self,
@@ -161,6 +162,10 @@ class LocalERNODE(GradientStrategy):
         extras["ernode"] = {"field": field, "t": ts_aug[index], "y": solution.ys[index], "h": h}
         return Solution(ys, ts, solution.stats, path, solution.saved_bytes, extras)
 
+    def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:
+        """SDEs: the step-doubling local error of one SDE step (:func:`nde_zoo.strategies.sde.ernode_solve_sde`)."""
+        return ernode_solve_sde(self, sde, y0, ts, bm, dt)
+
     def _hairer_step(self, field: Any, t: Tensor, y: Tensor, times: list[float]) -> float:
         rtol, atol = self._tolerances()
         with torch.no_grad():
@@ -170,6 +175,8 @@ class LocalERNODE(GradientStrategy):
 
     def regularisation(self, solution: Solution) -> Tensor:
         """``coef * err * |dt|`` at the sampled time; zero when the solve did not sample."""
+        if "ernode_sde" in solution.extras:
+            return ernode_sde_regularisation(self, solution)
         sample = solution.extras.get("ernode")
         if sample is None:
             return solution.ys.new_zeros(())

@@ -285,3 +285,53 @@ def sde_local_error(
     two = midpoint_step(sde, t + 0.5 * h, half, 0.5 * h, dw2)
     scale = atol + rtol * torch.maximum(y.abs(), two.abs())
     return ((one - two) / scale).pow(2).mean().sqrt()
+
+
+# -- LocalERNODE on SDEs ---------------------------------------------------------------------------
+def _grid_time(times: list[float], step: float, k: int, dtype: torch.dtype) -> float:
+    """The start of step ``k`` exactly as torchsde's loop reaches it (repeated sums in ``dtype``)."""
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    t, h, end = np_dtype(times[0]), np_dtype(step), np_dtype(times[-1])
+    for _ in range(k):
+        t = min(t + h, end)
+    return float(t)
+
+
+def ernode_solve_sde(ernode: Any, sde: nn.Module, y0: Tensor, ts: Tensor, bm: Any, dt: float | None) -> Solution:
+    """Local ERNODE (Pal et al. 2023) around an SDE solve: the inner strategy solves, one step is sampled.
+
+    SDE solves take fixed steps, so ``t_reg`` is the start of a step drawn uniformly from the
+    grid (both ``sampling`` modes: on a fixed grid the accepted step times *are* the grid). The
+    inner strategy solves with ``t_reg`` added to the output times (it is on the grid, so
+    reversible Heun stays exact); the state there, the step ``h`` and the Brownian sample are
+    kept for :func:`ernode_sde_regularisation`. Without gradients (inference) nothing is sampled.
+    """
+    inner = ernode.inner
+    if not torch.is_grad_enabled() or ts.numel() < 2:
+        return inner.solve_sde(sde, y0, ts, bm, dt=dt)
+    times = check_inputs(y0, ts)
+    step = sde_step_size(inner, times, dt)
+    n_steps = max(1, int(math.ceil((times[-1] - times[0]) / step - 1e-9)))
+    k = min(int(ernode.rng.random() * n_steps), n_steps - 1)
+    t_reg = _grid_time(times, step, k, ts.dtype)
+    h = min(step, times[-1] - t_reg)
+    if t_reg in times:
+        index, ts_aug = times.index(t_reg), ts
+    else:
+        index = sum(1 for t in times if t < t_reg)
+        ts_aug = torch.cat([ts[:index], ts.new_tensor([t_reg]), ts[index:]])
+    solution = inner.solve_sde(sde, y0, ts_aug, bm, dt=dt)
+    ys = solution.ys if ts_aug is ts else torch.cat([solution.ys[:index], solution.ys[index + 1 :]])
+    extras = dict(solution.extras)
+    extras["ernode_sde"] = {"sde": sde, "t": ts_aug[index], "y": solution.ys[index], "h": h, "bm": bm}
+    return Solution(ys, ts, solution.stats, solution.path, solution.saved_bytes, extras)
+
+
+def ernode_sde_regularisation(ernode: Any, solution: Solution) -> Tensor:
+    """``coef * err * h`` with ``err`` the step-doubling local error (:func:`sde_local_error`) at ``t_reg``."""
+    sample = solution.extras["ernode_sde"]
+    rtol, atol = ernode._tolerances()
+    err = sde_local_error(sample["sde"], sample["t"], sample["y"], sample["h"], sample["bm"], rtol, atol)
+    value = ernode.coef * err * sample["h"]
+    ernode._last_values.append(float(value.detach()))
+    return value
