@@ -9,4 +9,5 @@ BENCHMARKS: dict[str, str] = {
     "white_dwarf": "seed 000: reversible vs binomial checkpointing vs backprop on the white dwarf equation",
     "ernode": "seed 004: local ERNODE regularisation lowers test NFE of the ODE classifier on digits",
     "symplectic": "symplectic adjoint vs adjoint, backprop, ACA on a KdV Neural ODE: loss, memory, time, gradient error",
+    "cnf_memory": "seed 000: reversible vs backprop (+ symplectic, adjoint) FFJORD on two moons, midpoint/rk4/dopri5: NLL and memory",
 }
