@@ -127,7 +127,7 @@ class UEADataModule(SeriesDataModule):
         name: str = "JapaneseVowels",
         root: str = "data/uea",
         download: bool = False,
-        batch_size: int = 32,
+        batch_size: int = 64,
         val_fraction: float = 0.15,
         missing_rate: float = 0.0,
         intensity: bool = False,
