@@ -10,4 +10,6 @@ BENCHMARKS: dict[str, str] = {
     "ernode": "seed 004: local ERNODE regularisation lowers test NFE of the ODE classifier on digits",
     "symplectic": "symplectic adjoint vs adjoint, backprop, ACA on a KdV Neural ODE: loss, memory, time, gradient error",
     "cnf_memory": "seed 000: reversible vs backprop (+ symplectic, adjoint) FFJORD on two moons, midpoint/rk4/dopri5: NLL and memory",
+    "seminorm": "seed 002: RMS vs torchdiffeq's mixed default vs seminorm adjoint norms on a Neural CDE and a Neural ODE",
+    "cde_memory": "seed 000: reversible vs backprop Neural CDE with midpoint/rk4/dopri5: accuracy and memory",
 }
