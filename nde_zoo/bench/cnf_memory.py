@@ -28,14 +28,7 @@ the ratio is about ``N / 2`` plus fixed costs: the step counts below set it.
 from __future__ import annotations
 
 import copy
-import ctypes
-import gc
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from typing import Any
 
@@ -43,8 +36,9 @@ import torch
 from torch import Tensor
 
 from nde_zoo.bench.report import BenchReport, Table
+from nde_zoo.bench.rss import training_step_rss_growth
 
-__all__ = ["run", "rss_probe", "SOLVERS", "ROWS"]
+__all__ = ["run", "nll_loss", "SOLVERS", "ROWS"]
 
 #: base solver -> its stepping (fixed steps for the explicit ones, FFJORD's tolerances for dopri5)
 SOLVERS: dict[str, dict[str, Any]] = {
@@ -109,69 +103,9 @@ def _kept_bytes(model: Any, batch: Tensor) -> tuple[int, int]:
     return int(solution.saved_bytes), int(solution.stats.nfe_forward)
 
 
-def rss_probe(path: str) -> None:
-    """Subprocess entry: one training step; prints its peak RSS growth (bytes) as JSON.
-
-    After a warm-up step the freed heap is handed back (``malloc_trim``) and the peak is
-    reset to the current RSS (``/proc/self/clear_refs``), so the figure is the high-water
-    mark of one step above the resident memory before it.
-    """
-    blob = torch.load(path)
-    torch.set_num_threads(1)
-    model = _build(blob["row"], blob["solver"], blob["stepping"], blob["width"], seed=0)
-    model.load_state_dict(blob["state"])
-    batch = blob["batch"]
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        (-model.log_prob(batch)[0].mean()).backward()
-
-    def status(key: str) -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError(f"{key} not in /proc/self/status")
-
-    step()
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = status("VmRSS:")
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM to the current RSS
-    step()
-    print(json.dumps({"rss_growth": status("VmHWM:") - before}))
-
-
-def _rss_growth(
-    row: str, solver: str, stepping: dict[str, Any], width: int, state: dict[str, Tensor], batch: Tensor
-) -> float | None:
-    if not os.path.exists("/proc/self/clear_refs"):
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "probe.pt")
-        torch.save(
-            {
-                "row": row,
-                "solver": solver,
-                "stepping": stepping,
-                "width": width,
-                "state": state,
-                "batch": batch,
-            },
-            path,
-        )
-        code = f"from nde_zoo.bench.cnf_memory import rss_probe; rss_probe({path!r})"
-        res = subprocess.run(
-            [sys.executable, "-c", code],
-            capture_output=True,
-            text=True,
-            timeout=600,
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"},
-        )
-    if res.returncode != 0:
-        raise RuntimeError(f"RSS probe for {row} / {solver} failed:\n{res.stderr[-2000:]}")
-    return float(json.loads(res.stdout.strip().splitlines()[-1])["rss_growth"])
+def nll_loss(model: Any, batch: Tensor) -> Tensor:
+    """One training step's loss, for the RSS probe (:func:`nde_zoo.bench.rss.training_step_rss_growth`)."""
+    return -model.log_prob(batch)[0].mean()
 
 
 def _run_solver(
@@ -224,7 +158,7 @@ def _memory(
         probe = _build(row, solver, stepping, cfg["width"], seed=0)
         probe.load_state_dict(state)
         kept, nfe = _kept_bytes(probe, batch)
-        rss = _rss_growth(row, solver, stepping, cfg["width"], state, batch) if cfg["rss"] else None
+        rss = training_step_rss_growth(probe, batch, "nde_zoo.bench.cnf_memory:nll_loss") if cfg["rss"] else None
         out[row] = {"kept": kept, "rss": rss, "nfe": nfe}
     return out
 
