@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning
 from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("nde_zoo")
@@ -86,7 +89,10 @@ def run(sub: str, cfg: DictConfig) -> Any:
     trainer = _trainer(cfg, run_dir)
     log.info("model %s with gradient strategy %r; outputs in %s", type(model).__name__, strategy, run_dir)
     if sub == "fit":
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:  # Lightning stops after the current step and saves nothing
+            raise SystemExit(_stopped_by_sigterm(trainer)) from None
         if not cfg.get("test_after_fit", True):
             return trainer.callback_metrics
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -104,6 +110,18 @@ def run(sub: str, cfg: DictConfig) -> Any:
     torch.save(predictions, out)
     log.info("predictions written to %s", out)
     return predictions
+
+
+def _stopped_by_sigterm(trainer: lightning.Trainer) -> int:
+    """Say where a fit stopped by SIGTERM resumes from; the exit status of a SIGTERM (143), not 0."""
+    lasts = [Path(c.dirpath) / "last.ckpt" for c in trainer.checkpoint_callbacks
+             if isinstance(c, ModelCheckpoint) and c.dirpath]
+    last = next((p for p in lasts if p.is_file()), None)
+    log.warning(
+        "fit stopped by SIGTERM in epoch %d at step %d; %s", trainer.current_epoch, trainer.global_step,
+        f"resume with ckpt_path={last}" if last else "no checkpoint had been written yet",
+    )
+    return 128 + signal.SIGTERM
 
 
 def _summarise(results: list[dict[str, float]], best: str) -> None:
