@@ -18,15 +18,33 @@ import torch
 from torch import Tensor
 
 from nde_zoo.models.base import NeuralDE
-from nde_zoo.strategies.base import GradientStrategy, ODEStrategy
+from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
 
 __all__ = ["reference_strategy", "parameter_groups", "gradient_fidelity", "relative_error"]
 
 
-def reference_strategy(strategy: GradientStrategy) -> ODEStrategy:
-    """``Direct`` on the discretisation ``strategy`` uses (its inner one for a wrapper)."""
-    from nde_zoo.strategies import Direct
+def reference_strategy(strategy: GradientStrategy) -> GradientStrategy:
+    """Backprop (float64 autograd) through the discretisation ``strategy`` uses.
 
+    ``Direct`` on the same tableau and stepping for the strategies that run the plain RK
+    recursion (or torchdiffeq's); autograd through the coupled reversible recursion for
+    :class:`~nde_zoo.strategies.Reversible` (its own discretisation, not the base method's);
+    for :class:`~nde_zoo.strategies.LocalERNODE`, the same wrapper (same settings, schedule
+    position and random state, so it samples the same ``t_reg`` and solves the same grid)
+    around the reference of its inner strategy.
+    """
+    from nde_zoo.strategies import Direct, LocalERNODE, Reversible
+
+    if isinstance(strategy, LocalERNODE):
+        wrapper = LocalERNODE(
+            reference_strategy(strategy.inner), sampling=strategy.sampling, coef_start=strategy.coef_start,
+            coef_end=strategy.coef_end, decay_steps=strategy.decay_steps,
+            error_solver=strategy.error_tableau.name, seed=strategy.seed,
+        )
+        wrapper.step = strategy.step
+        wrapper.rng.setstate(strategy.rng.getstate())
+        wrapper._previous_times = list(strategy._previous_times)
+        return wrapper
     inner = getattr(strategy, "inner", None)
     base = inner if isinstance(inner, GradientStrategy) else strategy
     if not isinstance(base, ODEStrategy):
@@ -35,10 +53,31 @@ def reference_strategy(strategy: GradientStrategy) -> ODEStrategy:
             f"{type(strategy).__name__} does not use"
         )
     stepping = base.stepping
-    return Direct(
-        solver=base.tableau, steps=stepping.steps, step_size=stepping.step_size, rtol=stepping.rtol,
-        atol=stepping.atol, max_steps=stepping.max_steps,
-    )
+    kwargs = dict(steps=stepping.steps, step_size=stepping.step_size, rtol=stepping.rtol, atol=stepping.atol,
+                  max_steps=stepping.max_steps)
+    if isinstance(base, Reversible):
+        return _BackpropReversible(base.tableau, coupling=base.coupling, **kwargs)
+    return Direct(solver=base.tableau, **kwargs)
+
+
+class _BackpropReversible(ODEStrategy):
+    """Plain autograd through the reversible strategy's coupled recursion (its reference)."""
+
+    name = "backprop_reversible"
+
+    def __init__(self, solver: Any, *, coupling: float, **stepping: Any) -> None:
+        super().__init__(solver, **stepping)
+        self.coupling = coupling
+
+    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+        from nde_zoo.solvers import check_inputs
+        from nde_zoo.strategies.base import field_parameters
+        from nde_zoo.strategies.reversible import _forward, _Problem
+
+        problem = _Problem(field, field_parameters(field), self.tableau, self.stepping, self.coupling,
+                           check_inputs(y0, ts), self.name, {})
+        ys, _, _ = _forward(problem, y0)  # with a graph: the reference backpropagates through it
+        return Solution(ys, ts, problem.stats, problem.path)
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:
@@ -56,12 +95,12 @@ def relative_error(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm()) / denom
 
 
-def _gradient(model: NeuralDE, batch: Any, seed: int) -> dict[str, Tensor]:
+def _gradient(model: NeuralDE, batch: Any, seed: int, stage: str = "val") -> dict[str, Tensor]:
     model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)  # models that sample (Hutchinson probes, q(z0)) draw the same noise
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # self.log() outside a Trainer
-        loss = model._common_step(batch, "val")
+        loss = model._common_step(batch, stage)
     loss.backward()
     return {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for n, p in model.named_parameters() if p.requires_grad}
@@ -84,6 +123,9 @@ def gradient_fidelity(
     strategy: GradientStrategy,
     batch: Any,
     seed: int = 0,
+    *,
+    reference: GradientStrategy | None = None,
+    stage: str = "val",
 ) -> dict[str, float]:
     """Relative gradient error of ``strategy`` against float64 ``Direct``, per parameter group.
 
@@ -91,17 +133,22 @@ def gradient_fidelity(
         build_model: makes the model around a given strategy (same architecture each call).
         strategy: the strategy under test.
         batch: one batch as the model's ``_common_step`` takes it.
+        reference: what to compare against (default :func:`reference_strategy`); e.g. a
+            tight-tolerance ``Direct`` to see the discretisation error instead.
+        stage: the ``_common_step`` stage whose loss is differentiated: ``"val"`` (the task
+            loss) or ``"train"`` (plus the strategy's regulariser, e.g. LocalERNODE's).
 
     Returns:
         ``{group: relative error}`` plus ``"all"`` for the whole gradient.
     """
     torch.manual_seed(seed)
     model = build_model(strategy).double()
-    reference = build_model(reference_strategy(strategy)).double()
-    reference.load_state_dict(copy.deepcopy(model.state_dict()))
+    reference = reference if reference is not None else reference_strategy(strategy)
+    reference_model = build_model(reference).double()
+    reference_model.load_state_dict(copy.deepcopy(model.state_dict()))
     batch = _to_float64(batch)
-    got = _gradient(model, batch, seed)
-    want = _gradient(reference, batch, seed)
+    got = _gradient(model, batch, seed, stage)
+    want = _gradient(reference_model, batch, seed, stage)
     out = {
         group: relative_error(torch.cat([got[n].reshape(-1) for n in names]),
                               torch.cat([want[n].reshape(-1) for n in names]))

@@ -5,6 +5,7 @@ Ratios are measured side by side in one run; figures go to ``docs/benchmarks.md`
 """
 
 BENCHMARKS: dict[str, str] = {
+    "gradients": "gradient error of each ODE strategy x solver vs float64 backprop (exact ones at round-off)",
     "solver_overhead": "our fixed-step RK4 vs torchdiffeq's, forward and forward+backward",
     "white_dwarf": "seed 000: reversible vs binomial checkpointing vs backprop on the white dwarf equation",
     "ernode": "seed 004: local ERNODE regularisation lowers test NFE of the ODE classifier on digits",
