@@ -113,6 +113,7 @@ def test_model_brings_its_data_and_data_can_be_overridden():
 
 def test_launcher_configs_compose_when_the_plugin_is_installed():
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    for launcher in ("slurm", "local"):
+    # slurm: one task per device on each node; local: one process per job (ddp_spawn for more)
+    for launcher, tasks, nodes in (("slurm", 4, 2), ("local", 1, 1)):
         cfg = _compose([f"hydra/launcher={launcher}", "trainer.devices=4", "trainer.num_nodes=2"])
-        assert cfg.hydra.launcher.tasks_per_node == 4 and cfg.hydra.launcher.nodes == (2 if launcher == "slurm" else 1)
+        assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.nodes) == (tasks, nodes), launcher

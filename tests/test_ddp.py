@@ -1,71 +1,299 @@
-"""DDP on the CPU (gloo, 2 processes, ddp_spawn in-process): every strategy's gradients
-are all-reduced, so both ranks hold the same gradient, although each saw different data.
+"""DDP on the CPU (gloo, 2 processes): every strategy on two models (the ODE classifier on
+digits, the CNF on two moons).
+
+1. The ranks agree: each saw different data, yet both hold the same all-reduced gradient
+   and the same weights after the optimiser step.
+2. The ranks agree with one process: the DDP gradient is the mean of what one process
+   computes on each rank's batch (every case: adaptive solves and ERNODE's per-rank
+   sampled time included), and, for fixed-step solves whose loss is a per-sample mean, what
+   one process computes on the *global* batch (both ranks' batches concatenated), weights
+   after the AdamW step included. Adaptive solves are left out of that second check on
+   purpose: their step sizes come from an error norm over the whole batch, so the union
+   takes other steps than either half (a different discretisation, not a DDP defect);
+   ERNODE too, whose regulariser is one value per batch at a time each rank samples itself.
 
 A strategy with its own backward must take the field's parameters as explicit inputs of
-its autograd Function (ECOSYSTEM.md 3.2); one that wrote ``p.grad`` by hand would leave the
-ranks disagreeing here, silently.
+its autograd Function (ECOSYSTEM.md 3.2); one that writes ``p.grad`` by hand leaves the
+ranks disagreeing, silently: the negative control ``GradByHand`` runs too, and must fail
+both checks.
+
+Cost (~30 s on 2 cores): one 2-process group runs every case (Lightning's ``ddp`` with
+processes created outside it, LOCAL_RANK set: the torchrun/SLURM path), in float64, one
+training step each; one more test runs Lightning's own ``ddp_spawn`` launcher, which
+pickles model and strategy (every case's pickling is checked without spawning).
 """
 
 from __future__ import annotations
 
-import json
+import os
+import pickle
+import socket
+import traceback
+from datetime import timedelta
 
 import lightning
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 import nde_zoo.strategies as strategies
 from nde_zoo.datamodules import DigitsDataModule
-from nde_zoo.models import ODEClassifier
+from nde_zoo.datamodules.toy2d import Toy2DDataModule
+from nde_zoo.models import CNF, ODEClassifier
+from nde_zoo.solvers.integrate import SolveStats, odeint
+from nde_zoo.strategies import Solution
 
-pytestmark = pytest.mark.ddp
+pytestmark = [pytest.mark.ddp, pytest.mark.filterwarnings("ignore:You are trying to .self.log")]
 
-# One small configuration per strategy: (class name, constructor kwargs).
-CASES = {
-    "direct": ("Direct", dict(solver="rk4", steps=3)),
-    "checkpoint": ("Checkpoint", dict(solver="rk4", steps=4, snapshots=2)),
-    "adjoint": ("Adjoint", dict(solver="dopri5", rtol=1e-4, atol=1e-6)),
-    "seminorm": ("Seminorm", dict(solver="dopri5", rtol=1e-4, atol=1e-6)),
-    "reversible": ("Reversible", dict(solver="midpoint", steps=4)),
-    "symplectic": ("Symplectic", dict(solver="dopri5", rtol=1e-4, atol=1e-6)),
-    "ernode": ("LocalERNODE", dict(inner="reversible")),
+WORLD = 2
+BATCH = 16  # per rank: the global batch is 32
+
+# Strategy configurations: (class name, kwargs, union), union = the single-process run on the
+# concatenated global batch must give DDP's gradient (fixed steps, no per-batch regulariser).
+STRATEGIES = {
+    "direct": ("Direct", dict(solver="rk4", steps=3), True),
+    "checkpoint": ("Checkpoint", dict(solver="rk4", steps=4, snapshots=2), True),
+    "adjoint": ("Adjoint", dict(solver="midpoint", steps=4), True),
+    "seminorm": ("Seminorm", dict(solver="rk38", steps=3), True),
+    "reversible": ("Reversible", dict(solver="midpoint", steps=4), True),
+    "symplectic": ("Symplectic", dict(solver="rk4", steps=3), True),
+    "ernode": ("LocalERNODE", dict(inner="reversible"), False),
+    "adjoint_adaptive": ("Adjoint", dict(solver="dopri5", rtol=1e-6, atol=1e-8), False),
+    "seminorm_adaptive": ("Seminorm", dict(solver="dopri5", rtol=1e-6, atol=1e-8), False),
+    "symplectic_adaptive": ("Symplectic", dict(solver="dopri5", rtol=1e-6, atol=1e-8), False),
 }
+MODELS = ("ode_classifier", "cnf")
+CASES = [f"{m}-{s}" for m in MODELS for s in STRATEGIES]
+# The negative control: the wrong pattern of ECOSYSTEM.md 3.2, run in the same process group.
+CONTROL = "ode_classifier-handwritten"
 
 
-class GradientProbe(lightning.Callback):
-    """Before the first optimiser step, gather every rank's flat gradient and save them."""
+class _GradByHand(torch.autograd.Function):
+    """WRONG on purpose: the field's parameters are not inputs; backward writes ``p.grad`` itself."""
+
+    @staticmethod
+    def forward(ctx, y0, strategy, field, ts):
+        ctx.strategy, ctx.field, ctx.ts = strategy, field, ts
+        ctx.save_for_backward(y0)
+        return odeint(field, y0, ts, strategy.tableau, strategy.stepping)[0]
+
+    @staticmethod
+    def backward(ctx, grad_ys):
+        (y0,) = ctx.saved_tensors
+        params = list(ctx.field.parameters())
+        with torch.enable_grad():
+            y = y0.detach().requires_grad_()
+            ys = odeint(ctx.field, y, ctx.ts, ctx.strategy.tableau, ctx.strategy.stepping)[0]
+            grads = torch.autograd.grad(ys, [y, *params], grad_ys)
+        for p, g in zip(params, grads[1:], strict=True):
+            p.grad = g if p.grad is None else p.grad + g
+        return grads[0], None, None, None
+
+
+class GradByHand(strategies.ODEStrategy):
+    """A strategy built the wrong way (not a config strategy: no ``name``)."""
+
+    def solve(self, field, y0, ts):
+        ys = _GradByHand.apply(y0, self, field, ts)
+        return Solution(ys, ts, SolveStats(), None)
+
+
+def make_strategy(name: str):
+    if name == "handwritten":
+        return GradByHand("rk4", steps=3)
+    cls_name, kwargs, _ = STRATEGIES[name]
+    return getattr(strategies, cls_name)(**kwargs)
+
+
+def make_case(case: str):
+    """``(model, datamodule)`` of a case, freshly built."""
+    model_name, strategy_name = case.split("-")
+    strategy = make_strategy(strategy_name)
+    if model_name == "ode_classifier":
+        return ODEClassifier(strategy, state_dim=8, width=16), DigitsDataModule(batch_size=BATCH)
+    data = Toy2DDataModule(n_train=256, n_val=32, n_test=32, batch_size=BATCH)
+    return CNF(strategy, width=16, depth=1), data
+
+
+def flat_grad(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+
+
+def flat_params(module: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+
+
+class Probe(lightning.Callback):
+    """Keep this rank's first batch, the weights before and after the step, and the gradient."""
+
+    def __init__(self) -> None:
+        self.record: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.record["batch"] = [t.detach().clone() for t in batch]
+        self.record["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.record["params_before"] = flat_params(pl_module).clone()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.record["grad"] = flat_grad(pl_module).clone()  # all-reduced by now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.record["params_after"] = flat_params(pl_module).clone()
+        self.record["world_size"] = trainer.world_size
+
+
+def _worker(rank: int, port: int, out_dir: str, cases: list[str]) -> None:
+    """One rank: LOCAL_RANK is set, so Lightning's ``ddp`` joins these processes (no re-launch)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
+                      WORLD_SIZE=str(WORLD), PYTHONWARNINGS="ignore")
+    torch.set_num_threads(1)
+    results = {}
+    for case in cases:
+        try:
+            lightning.seed_everything(0, verbose=False)
+            model, datamodule = make_case(case)
+            probe = Probe()
+            trainer = lightning.Trainer(
+                accelerator="cpu", devices=WORLD, precision="64-true", max_steps=1, logger=False,
+                strategy=lightning.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=90)),
+                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                num_sanity_val_steps=0, limit_val_batches=0, inference_mode=False, callbacks=[probe],
+            )
+            trainer.fit(model, datamodule)
+            results[case] = probe.record
+        except Exception:  # recorded, so the other cases still run and the test names the failure
+            results[case] = {"error": traceback.format_exc()}
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_records(tmp_path_factory):
+    """Run every case under 2-process DDP once; ``{case: [rank 0 record, rank 1 record]}``."""
+    out = tmp_path_factory.mktemp("ddp")
+    cases = [*CASES, CONTROL]
+    mp.start_processes(_worker, args=(_free_port(), str(out), cases), nprocs=WORLD, start_method="spawn")
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    return {case: [ranks[r][case] for r in range(WORLD)] for case in cases}
+
+
+def _records(ddp_records, case):
+    records = ddp_records[case]
+    for r, rec in enumerate(records):
+        if "error" in rec:
+            pytest.fail(f"{case} failed on rank {r}:\n{rec['error']}")
+    return records
+
+
+def _as_double(batch):
+    return [t.double() if t.is_floating_point() else t for t in batch]
+
+
+def one_process(case: str, state_dict, batch, rank: int = 0):
+    """One process, same weights, float64: the model after ``backward`` on ``batch``."""
+    model, _ = make_case(case)
+    model.double().load_state_dict(state_dict)
+    if isinstance(model.strategy, strategies.LocalERNODE):  # the sampler stream of that rank
+        model.strategy.rng.seed(model.strategy.seed + rank)
+    loss = model.training_step(_as_double(batch), 0)
+    loss.backward()
+    return model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ranks_agree(ddp_records, case):
+    r0, r1 = _records(ddp_records, case)
+    assert r0["world_size"] == r1["world_size"] == WORLD
+    assert not torch.equal(r0["batch"][0], r1["batch"][0]), "both ranks saw the same data"
+    assert torch.equal(r0["params_before"], r1["params_before"])
+    assert r0["grad"].dtype == torch.float64 and r0["grad"].abs().max() > 0
+    disagreement = (r0["grad"] - r1["grad"]).abs().max().item()
+    assert disagreement == 0.0, f"{case}: ranks' gradients disagree by {disagreement:.3g}"
+    assert torch.equal(r0["params_after"], r1["params_after"])
+    assert not torch.equal(r0["params_after"], r0["params_before"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ddp_gradient_is_the_mean_of_each_ranks_gradient(ddp_records, case):
+    records = _records(ddp_records, case)
+    state = records[0]["state_dict"]
+    mean = sum(flat_grad(one_process(case, state, rec["batch"], rank=r)) for r, rec in enumerate(records))
+    error = rel(records[0]["grad"], mean / WORLD)
+    assert error < 1e-12, f"{case}: DDP gradient vs the mean of per-rank ones: relative error {error:.3g}"
+
+
+def _tolerance(case: str) -> float:
+    """Round-off for fixed steps; adaptive solves: the union takes its own steps (rtol=1e-6)."""
+    return 1e-12 if STRATEGIES[case.split("-")[1]][2] else 1e-5
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if not c.endswith("-ernode")])
+def test_one_process_on_the_global_batch_matches_ddp(ddp_records, case):
+    records = _records(ddp_records, case)
+    union = [torch.cat(parts) for parts in zip(*(rec["batch"] for rec in records), strict=True)]
+    assert len(union[0]) == WORLD * BATCH
+    model = one_process(case, records[0]["state_dict"], union)
+    error, tol = rel(records[0]["grad"], flat_grad(model)), _tolerance(case)
+    assert error < tol, f"{case}: DDP vs one process on the global batch: relative gradient error {error:.3g}"
+    optimizer = model.configure_optimizers()
+    optimizer.step()
+    step_ddp = records[0]["params_after"] - records[0]["params_before"]
+    step_one = flat_params(model) - records[0]["params_before"]
+    assert step_one.abs().max() > 0
+    step_error = rel(step_ddp, step_one)
+    assert step_error < tol, f"{case}: weights after one AdamW step differ (relative {step_error:.3g})"
+
+
+def test_the_checks_catch_a_hand_written_parameter_gradient(ddp_records):
+    """The control writes ``p.grad`` itself: DDP reduces nothing, raises nothing, ranks drift."""
+    r0, r1 = _records(ddp_records, CONTROL)
+    assert rel(r0["grad"], r1["grad"]) > 1e-3
+    mean = sum(flat_grad(one_process(CONTROL, r0["state_dict"], rec["batch"])) for rec in (r0, r1)) / WORLD
+    assert rel(r0["grad"], mean) > 1e-3
+    assert not torch.equal(r0["params_after"], r1["params_after"])
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_case_pickles_for_ddp_spawn(case):
+    """``ddp_spawn`` pickles the model (and its strategy, a callback) into each process."""
+    model, datamodule = make_case(case)
+    clone = pickle.loads(pickle.dumps((model, datamodule)))[0]
+    assert type(clone.strategy) is type(model.strategy)
+    assert torch.equal(flat_params(clone), flat_params(model))
+
+
+class GatherGrad(lightning.Callback):
+    """ddp_spawn: gather every rank's flat gradient before the first step, save it on rank 0."""
 
     def __init__(self, path: str) -> None:
         self.path = path
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        flat = torch.cat([p.grad.reshape(-1) for p in pl_module.parameters() if p.grad is not None])
-        gathered = pl_module.all_gather(flat)  # (world_size, n_params)
+        gathered = pl_module.all_gather(flat_grad(pl_module))  # (world_size, n_params)
         if trainer.global_rank == 0:
-            with open(self.path, "w") as fh:
-                json.dump(gathered.tolist(), fh)
+            torch.save(gathered, self.path)
 
 
-def make_strategy(name: str):
-    cls_name, kwargs = CASES[name]
-    return getattr(strategies, cls_name)(**kwargs)
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_ranks_agree_under_ddp_spawn(name, tmp_path):
-    if not hasattr(strategies, CASES[name][0]):
-        pytest.fail(f"strategy {CASES[name][0]} is not exported by nde_zoo.strategies")
-    lightning.seed_everything(0)
-    model = ODEClassifier(make_strategy(name), state_dim=8, width=16)
-    path = tmp_path / "grads.json"
+def test_ranks_agree_under_lightnings_ddp_spawn_launcher(tmp_path):
+    """The launcher local sweeps use (trainer=ddp_spawn), with the most stateful strategy."""
+    lightning.seed_everything(0, verbose=False)
+    model, datamodule = make_case("ode_classifier-ernode")
+    path = tmp_path / "grads.pt"
     trainer = lightning.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, logger=False,
+        accelerator="cpu", devices=WORLD, strategy="ddp_spawn", max_steps=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[GradientProbe(str(path))],
+        num_sanity_val_steps=0, limit_val_batches=0, callbacks=[GatherGrad(str(path))],
     )
-    trainer.fit(model, DigitsDataModule(batch_size=16))
-    grads = torch.tensor(json.loads(path.read_text()), dtype=torch.float64)
-    assert grads.shape[0] == 2
-    assert grads.abs().max() > 0
-    disagreement = (grads[0] - grads[1]).abs().max().item()
-    assert disagreement == 0.0, f"{name}: ranks disagree by {disagreement:.3g}"
+    trainer.fit(model, datamodule)
+    grads = torch.load(path)
+    assert grads.shape[0] == WORLD and grads.abs().max() > 0
+    assert (grads[0] - grads[1]).abs().max().item() == 0.0
