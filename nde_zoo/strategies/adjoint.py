@@ -43,13 +43,27 @@ TORCHDIFFEQ_METHODS = {
     "bosh3": "bosh3",
     "dopri5": "dopri5",
 }
-ADJOINT_NORMS = ("default", "rms", "seminorm", "torchdiffeq_seminorm")
+ADJOINT_NORMS = ("default", "rms", "seminorm", "torchdiffeq_seminorm", "torchdiffeq_2020")
 
 
 def _rms_over_everything(tensor_tuple: Any) -> Tensor:
     """A plain RMS over the whole augmented adjoint state: the seminorm paper's baseline."""
     flat = torch.cat([t.reshape(-1) for t in tensor_tuple]) if isinstance(tensor_tuple, tuple) else tensor_tuple
     return flat.pow(2).mean().sqrt()
+
+
+def _torchdiffeq_2020_norm(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
+    """``max(|a_t|, rms(z), rms(a_z), rms(a_theta))``, all parameters as *one* group.
+
+    torchdiffeq's default adjoint norm when the seminorm paper was written (v0.1.1, 2020; its
+    ``adjoint.py`` then built ``_mixed_linf_rms_norm`` over ``[a_t, y, adj_y, all params]``):
+    the "Default norm" of the paper's tables. Today's default splits ``a_theta`` per tensor.
+    """
+    a_t, state, adjoint_state, *param_adjoints = tensor_tuple
+    rms = [state.pow(2).mean().sqrt(), adjoint_state.pow(2).mean().sqrt(), a_t.abs().max()]
+    if param_adjoints:
+        rms.append(torch.cat([p.reshape(-1) for p in param_adjoints]).pow(2).mean().sqrt())
+    return torch.stack(rms).max()
 
 
 def _seminorm_without_time(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
@@ -98,8 +112,9 @@ class Adjoint(ODEStrategy):
         adjoint_norm: ``"default"`` (torchdiffeq's own mixed norm ``max(|a_t|, rms(z), rms(a_z),
             max_p rms(a_p))``), ``"rms"`` (plain RMS over the whole augmented adjoint state),
             ``"seminorm"`` (Kidger et al.: ``max(rms(z), rms(a_z))``, plus ``|a_t|`` only when
-            ``ts`` requires grad) or ``"torchdiffeq_seminorm"`` (torchdiffeq's ``norm="seminorm"``,
-            which always keeps ``|a_t|``).
+            ``ts`` requires grad), ``"torchdiffeq_seminorm"`` (torchdiffeq's ``norm="seminorm"``,
+            which always keeps ``|a_t|``) or ``"torchdiffeq_2020"`` (the paper's baseline, torchdiffeq's
+            default in 2020: ``max(|a_t|, rms(z), rms(a_z), rms(a_theta))`` with every parameter in one group).
     """
 
     name = "adjoint"
@@ -159,6 +174,8 @@ class Adjoint(ODEStrategy):
                 adjoint_options["norm"] = _seminorm_without_time
             elif self.adjoint_norm == "rms":
                 adjoint_options["norm"] = _rms_over_everything
+            elif self.adjoint_norm == "torchdiffeq_2020":
+                adjoint_options["norm"] = _torchdiffeq_2020_norm
         kwargs["adjoint_options"] = adjoint_options
         try:
             with SavedBytes() as saved:
