@@ -86,3 +86,21 @@ def test_nan_in_training_data_stops_training_with_our_error(tmp_path):
                                 default_root_dir=str(tmp_path))
     with pytest.raises(NonFiniteStateError, match="NaN or infinite"):
         trainer.fit(model, NaNData())
+
+
+def test_a_nan_gradient_is_refused_before_it_reaches_the_weights(tmp_path):
+    """A finite loss whose gradient is NaN once poisoned every weight and surfaced a step later."""
+    from nde_zoo.datamodules import DigitsDataModule
+
+    lightning.seed_everything(0)
+    model = ODEClassifier(Direct("rk4", steps=2), state_dim=4, width=8)
+    poisoned = model.head.weight if hasattr(model, "head") else next(model.parameters())
+    poisoned.register_hook(lambda grad: grad * float("nan"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                                limit_val_batches=0, default_root_dir=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"non-finite gradient at training step 0 in 1 parameter "
+                                                 r"tensor\(s\): \S*weight\. The weights were not updated"):
+        trainer.fit(model, DigitsDataModule(batch_size=32))
+    assert all(torch.equal(before[name], p) for name, p in model.named_parameters())

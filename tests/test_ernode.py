@@ -34,6 +34,33 @@ class Constant(nn.Module):
         return self.c.expand_as(y)
 
 
+class SwitchedOff(nn.Module):
+    """A field that is exactly zero after ``t = 1`` (a CDE's control held constant past a short series)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(3, 3).double()
+
+    def forward(self, t, y):
+        return self.linear(y) * (t < 1.0).to(y)
+
+
+def test_a_zero_local_error_has_a_zero_gradient_not_nan():
+    """sqrt'(0) is infinite: the RMS of an error estimate of exactly zero once gave NaN gradients."""
+    field = SwitchedOff()
+    strategy = LocalERNODE(Reversible("rk4", steps=4))
+    strategy.rng.seed(0)
+    ts = torch.tensor([0.0, 4.0], dtype=F64)
+    while True:  # sample until the regularised time falls where the field is off
+        solution = strategy.solve(field, torch.ones(2, 3, dtype=F64), ts)
+        if float(solution.extras["ernode"]["t"]) > 1.0:
+            break
+    reg = strategy.regularisation(solution)
+    assert float(reg) == 0.0
+    reg.backward()
+    assert all(torch.isfinite(p.grad).all() and not p.grad.any() for p in field.parameters())
+
+
 def test_regulariser_is_non_negative_and_differentiable():
     field = MLP().double()
     strategy = LocalERNODE(Direct("dopri5", rtol=1e-4, atol=1e-6))

@@ -98,8 +98,15 @@ class Stepping:
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """Root mean square over every element (torchdiffeq's default norm)."""
-    return x.pow(2).mean().sqrt()
+    """Root mean square over every element (torchdiffeq's default norm).
+
+    Its gradient at ``x = 0`` is 0, not ``sqrt``'s NaN: regularisers differentiate this norm
+    of an error estimate (ERNODE), and a field that vanishes on an interval (a CDE's control
+    held constant past the end of a short series) gives an error of exactly zero there.
+    """
+    mean_square = x.pow(2).mean()
+    positive = mean_square > 0
+    return torch.where(positive, mean_square, 1.0).sqrt() * positive  # same value; safe gradient
 
 
 def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float) -> Tensor:

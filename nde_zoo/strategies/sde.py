@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from nde_zoo.solvers import SolveStats, check_finite_outputs, check_inputs
+from nde_zoo.solvers.stepping import rms_norm
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
 from nde_zoo.strategies.base import SavedBytes, Solution, field_parameters
 
@@ -284,7 +285,7 @@ def sde_local_error(
     half = midpoint_step(sde, t, y, 0.5 * h, dw1)
     two = midpoint_step(sde, t + 0.5 * h, half, 0.5 * h, dw2)
     scale = atol + rtol * torch.maximum(y.abs(), two.abs())
-    return ((one - two) / scale).pow(2).mean().sqrt()
+    return rms_norm((one - two) / scale)  # zero-safe gradient
 
 
 # -- LocalERNODE on SDEs ---------------------------------------------------------------------------
