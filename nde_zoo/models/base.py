@@ -9,6 +9,7 @@ downstream project overrides one hook and inherits the rest.
 from __future__ import annotations
 
 import abc
+import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -59,6 +60,8 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
     Args:
         strategy: how gradients through the solve are computed.
         lr / weight_decay: AdamW settings.
+        lr_final_factor: the learning rate follows a cosine over all training steps from ``lr``
+            down to ``lr * lr_final_factor`` (1: constant).
     """
 
     #: what the model solves: "ode" or "sde" (checked against ``strategy.kinds``).
@@ -68,12 +71,16 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
     #: raise on a NaN/inf gradient before the optimiser step (see ``on_before_optimizer_step``).
     check_finite_gradients: ClassVar[bool] = True
 
-    def __init__(self, strategy: GradientStrategy, lr: float = 1e-3, weight_decay: float = 0.0) -> None:
+    def __init__(self, strategy: GradientStrategy, lr: float = 1e-3, weight_decay: float = 0.0,
+                 lr_final_factor: float = 1.0) -> None:
         super().__init__()
         check_strategy_supports(self.config_name or type(self).__name__, self.kind, strategy)
+        if not 0 < lr_final_factor <= 1:
+            raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
         self.strategy = strategy
         self.lr = lr
         self.weight_decay = weight_decay
+        self.lr_final_factor = lr_final_factor
 
     # -- hooks a downstream project may override ---------------------------------------------
     @abc.abstractmethod
@@ -118,8 +125,15 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
             f"`python -m nde_zoo gradcheck` compares this strategy's gradient with backprop on one batch"
         )
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+    def configure_optimizers(self) -> Any:
+        """AdamW; with ``lr_final_factor < 1`` a per-step cosine from ``lr`` to ``lr * lr_final_factor``."""
+        optimizer = torch.optim.AdamW(self.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
+        if self.lr_final_factor == 1 or not math.isfinite(total) or total <= 0:
+            return optimizer
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total),
+                                                              eta_min=self.lr * self.lr_final_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def output_dir(self) -> Path | None:
         """Where pictures go at the end of ``fit``: the logger's directory, if any."""

@@ -22,7 +22,6 @@ interpolation, not offered here).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -122,14 +121,11 @@ class NeuralCDE(NeuralDE):
         weight_decay: float = 0.5,
         lr_final_factor: float = 0.01,
     ) -> None:
-        super().__init__(strategy, lr=lr, weight_decay=weight_decay)
+        super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
         if interpolation not in INTERPOLATIONS:
             raise ValueError(
                 f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}"
             )
-        if not 0 < lr_final_factor <= 1:
-            raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
-        self.lr_final_factor = lr_final_factor
         if depth < 1:
             raise ValueError(f"depth must be at least 1 hidden layer, got {depth}")
         self.in_channels, self.num_classes, self.interpolation = in_channels, num_classes, interpolation
@@ -177,15 +173,6 @@ class NeuralCDE(NeuralDE):
                 raise ValueError(
                     f"the data has {attr}={theirs} but model.{key}={mine}; pass model.{key}={theirs}"
                 )
-
-    def configure_optimizers(self) -> Any:
-        optimizer = super().configure_optimizers()
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        if self.lr_final_factor == 1 or not math.isfinite(total) or total <= 0:
-            return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(total),
-                                                              eta_min=self.lr * self.lr_final_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

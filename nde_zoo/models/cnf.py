@@ -93,15 +93,15 @@ class CNF(NeuralDE):
         t1: the flow runs on ``[0, t1]``.
         exact_trace_max_dim: exact trace up to this dimension, Hutchinson's estimator above.
         noise: ``"rademacher"`` or ``"gaussian"`` Hutchinson noise.
-        lr / weight_decay: AdamW.
+        lr / weight_decay / lr_final_factor: AdamW, and its cosine decay (see :class:`NeuralDE`).
     """
 
     config_name = "cnf"
 
     def __init__(self, strategy: GradientStrategy, dim: int = 2, width: int = 64, depth: int = 2,
                  t1: float = 1.0, exact_trace_max_dim: int = 8, noise: str = "rademacher",
-                 lr: float = 1e-2, weight_decay: float = 0.0) -> None:
-        super().__init__(strategy, lr=lr, weight_decay=weight_decay)
+                 lr: float = 1e-2, weight_decay: float = 0.0, lr_final_factor: float = 1.0) -> None:
+        super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
         self.dim = dim
         self.field = CNFField(dim, width, depth, exact_trace_max_dim, noise)
         self.register_buffer("ts", torch.tensor([0.0, t1]), persistent=False)

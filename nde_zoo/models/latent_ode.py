@@ -210,12 +210,9 @@ class LatentODE(NeuralDE):
         weight_decay: float = 0.0,
         lr_final_factor: float = 0.1,
     ) -> None:
-        super().__init__(strategy, lr=lr, weight_decay=weight_decay)
+        super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
         if obs_std <= 0:
             raise ValueError(f"obs_std must be positive, got {obs_std}")
-        if not 0 < lr_final_factor <= 1:
-            raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
-        self.lr_final_factor = lr_final_factor
         self.data_dim, self.latent_dim, self.obs_std = data_dim, latent_dim, obs_std
         self.kl_warmup_steps = kl_warmup_steps
         self.encoder = ODERNNEncoder(
@@ -290,16 +287,6 @@ class LatentODE(NeuralDE):
                 f"the data has {features} channels but model.data_dim={self.data_dim}; "
                 f"pass model.data_dim={features}"
             )
-
-    def configure_optimizers(self) -> Any:
-        optimizer = super().configure_optimizers()
-        total = self.trainer.estimated_stepping_batches if self._trainer is not None else float("inf")
-        if self.lr_final_factor == 1 or not math.isfinite(total) or total <= 0:
-            return optimizer
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, int(total), self.lr * self.lr_final_factor
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def _kl_weight(self, stage: str) -> float:
         if stage != "train" or self.kl_warmup_steps <= 0:
