@@ -194,8 +194,8 @@ def test_seminorm_drops_the_time_channel_unless_ts_needs_a_gradient():
     """torchdiffeq's ``norm="seminorm"`` keeps ``|a_t|``; on a field with kinks in t it sets the steps.
 
     The paper's seminorm (ours) drops it when ``ts`` needs no gradient: fewer backward steps,
-    the same parameter gradient to the tolerance. With ``ts.requires_grad`` it keeps ``a_t``
-    and ``d loss / d ts`` matches backprop.
+    the same parameter gradient to the tolerance. So does the paper's own baseline, torchdiffeq's
+    2020 default. With ``ts.requires_grad`` it keeps ``a_t`` and ``d loss / d ts`` matches backprop.
     """
     torch.manual_seed(0)
     field = _KinkedForcing(dim=3).double()
@@ -203,12 +203,13 @@ def test_seminorm_drops_the_time_channel_unless_ts_needs_a_gradient():
     ts = torch.tensor([0.0, 2.0], dtype=F64)
     ref, _ = flat_grad(Direct("dopri5", rtol=1e-10, atol=1e-12), field, y0, ts)
     nfe, grads = {}, {}
-    for norm in ("seminorm", "torchdiffeq_seminorm"):
+    for norm in ("seminorm", "torchdiffeq_seminorm", "torchdiffeq_2020"):
         grads[norm], sol = flat_grad(Adjoint("dopri5", rtol=1e-5, atol=1e-7, adjoint_norm=norm), field, y0, ts)
         nfe[norm] = sol.stats.nfe_backward
-    assert nfe["seminorm"] < 0.8 * nfe["torchdiffeq_seminorm"], nfe
-    # measured: 830 vs 2828 steps, both 1.1e-3 from the tight reference (the kinks limit the forward solve)
-    assert rel(grads["seminorm"], ref) < 1.5 * rel(grads["torchdiffeq_seminorm"], ref) < 1e-2
+    # measured: 830 vs 2828 vs 3086 steps, all 1.1e-3 from the tight reference (the kinks limit the forward solve)
+    for baseline in ("torchdiffeq_seminorm", "torchdiffeq_2020"):
+        assert nfe["seminorm"] < 0.6 * nfe[baseline], nfe
+        assert rel(grads["seminorm"], ref) < 1.5 * rel(grads[baseline], ref) < 1e-2
     # with a gradient wanted for ts, the time channel is part of the test again
     ts_grad = ts.clone().requires_grad_()
     ts_ref = ts.clone().requires_grad_()
@@ -227,21 +228,6 @@ def test_torchdiffeq_2020_norm_groups_all_parameters_and_keeps_the_time_channel(
     assert float(_torchdiffeq_2020_norm((a_t, z, a_z, p1, p2))) == pytest.approx(8 ** 0.5)  # not max_p rms = 4
     assert float(_torchdiffeq_2020_norm((torch.tensor([3.0]), z, a_z, p1, p2))) == pytest.approx(3.0)  # |a_t|
     assert float(_torchdiffeq_2020_norm((a_t, z, a_z))) == pytest.approx(1.0)  # no parameters
-
-
-def test_seminorm_against_the_papers_baseline_on_a_field_with_kinks_in_t():
-    """With ``|a_t|`` in the norm (torchdiffeq in 2020) the kinks in ``t`` set the backward steps."""
-    torch.manual_seed(0)
-    field = _KinkedForcing(dim=3).double()
-    y0 = torch.randn(8, 3, dtype=F64, requires_grad=True)
-    ts = torch.tensor([0.0, 2.0], dtype=F64)
-    ref, _ = flat_grad(Direct("dopri5", rtol=1e-10, atol=1e-12), field, y0, ts)
-    nfe, grads = {}, {}
-    for norm in ("seminorm", "torchdiffeq_2020"):
-        grads[norm], sol = flat_grad(Adjoint("dopri5", rtol=1e-5, atol=1e-7, adjoint_norm=norm), field, y0, ts)
-        nfe[norm] = sol.stats.nfe_backward
-    assert nfe["seminorm"] < 0.6 * nfe["torchdiffeq_2020"], nfe  # measured: 830 vs 3086
-    assert rel(grads["seminorm"], ref) < 1.5 * rel(grads["torchdiffeq_2020"], ref) < 1e-2
 
 
 def test_adjoint_rejects_solvers_torchdiffeq_lacks():
