@@ -210,7 +210,10 @@ class Seminorm(Adjoint):
     """The continuous adjoint with the seminorm on the backward solve (Kidger et al., 2021).
 
     Same gradient quality and memory as :class:`Adjoint`; fewer backward steps on adaptive
-    solves, most when the field has many parameters relative to its state.
+    solves, most on fields with explicit time dependence (Neural CDEs: 0.24-0.34x the backward
+    NFE of the paper's own baseline, torchdiffeq's 2020 default) and when a few small parameter
+    tensors would set the steps. A plain RMS over every channel is more lenient still on a
+    trained model at loose tolerances (docs/seminorm.md).
     """
 
     name = "seminorm"
