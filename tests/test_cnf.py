@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning
 import pytest
 import torch
+from torch import Tensor, nn
 
 from nde_zoo.datamodules import Toy2DDataModule
 from nde_zoo.datamodules.toy2d import TOY2D, sample_toy2d
@@ -104,3 +105,36 @@ def test_cli_fit_writes_the_picture(cli, tmp_path):
               "model.width=8", cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert next((tmp_path / "outputs").glob("fit/cnf/*/csv/version_*/cnf_samples.png")).is_file()
+
+
+class _LinearFlow(CNFField):
+    """``dz/dt = W z``: the log-density is known in closed form."""
+
+    def __init__(self, weight: Tensor) -> None:
+        super().__init__(dim=2, width=1, depth=1, exact_trace_max_dim=8, noise="rademacher")
+        self.weight = nn.Parameter(weight)
+
+    def velocity(self, t, z):
+        return z @ self.weight.T
+
+
+class _LinearCNF(CNF):
+    """A downstream CNF: only the ``vector_field`` hook changes; likelihood, sampling, training are inherited."""
+
+    def __init__(self, strategy, weight: Tensor) -> None:
+        super().__init__(strategy, dim=2)
+        self.linear = _LinearFlow(weight)
+
+    def vector_field(self) -> CNFField:
+        return self.linear
+
+
+def test_a_subclass_overrides_only_the_vector_field():
+    weight = torch.tensor([[0.3, -0.5], [0.2, -0.1]], dtype=F64)
+    model = _LinearCNF(Direct("dopri5", rtol=1e-10, atol=1e-12), weight).double()
+    x = torch.randn(16, 2, dtype=F64)
+    z = x @ torch.linalg.matrix_exp(weight).T  # flow to t1 = 1
+    expected = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(dim=1) + torch.trace(weight)
+    torch.testing.assert_close(model(x), expected, rtol=1e-8, atol=1e-8)
+    model.training_step(x, 0).backward()
+    assert model.linear.weight.grad is not None and model.field.net[0].weight.grad is None
