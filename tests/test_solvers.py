@@ -295,3 +295,17 @@ def test_tsit5_matches_torchdiffeq_solution_at_tight_tolerance():
         ours, _, _ = odeint(field, y0, ts, get_tableau("tsit5"), Stepping.of(rtol=1e-11, atol=1e-11))
         ref = torchdiffeq.odeint(field, y0, ts, method="dopri5", rtol=1e-11, atol=1e-11)
     assert (ours - ref).abs().max().item() < 1e-9
+
+
+@pytest.mark.parametrize("value, norm", [(0.0, 0.0), (2.0, 2.0), (float("inf"), float("inf")),
+                                         (float("nan"), float("nan"))])
+def test_rms_norm_keeps_nan_and_inf_and_has_a_zero_gradient_at_zero(value, norm):
+    """A NaN error must stay NaN (the step is rejected, never accepted as 0); at 0 the gradient is 0."""
+    from nde_zoo.solvers.stepping import rms_norm
+
+    x = torch.full((3,), value, dtype=F64, requires_grad=True)
+    result = rms_norm(x)
+    assert (math.isnan(float(result)) and math.isnan(norm)) or float(result) == norm
+    if value == 0.0:
+        result.backward()
+        assert torch.equal(x.grad, torch.zeros_like(x))

@@ -105,8 +105,8 @@ def rms_norm(x: Tensor) -> Tensor:
     held constant past the end of a short series) gives an error of exactly zero there.
     """
     mean_square = x.pow(2).mean()
-    positive = mean_square > 0
-    return torch.where(positive, mean_square, 1.0).sqrt() * positive  # same value; safe gradient
+    nonzero = mean_square != 0  # True for NaN too: a NaN error must stay NaN (and be rejected)
+    return torch.where(nonzero, mean_square, 1.0).sqrt() * nonzero  # same value; safe gradient
 
 
 def error_ratio(error: Tensor, y0: Tensor, y1: Tensor, rtol: float, atol: float) -> Tensor:
