@@ -293,7 +293,14 @@ def test_ranks_agree_under_lightnings_ddp_spawn_launcher(tmp_path):
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, callbacks=[GatherGrad(str(path))],
     )
-    trainer.fit(model, datamodule)
+    try:
+        trainer.fit(model, datamodule)
+    except torch.multiprocessing.ProcessExitedException as exc:
+        # Seen once in CI under load: a spawned rank aborts at interpreter exit, after fit ended
+        # ("terminate called without an active exception", a thread gloo leaves behind). The
+        # gradients this test checks were gathered and written before that; anything else fails.
+        if exc.signal_name != "SIGABRT" or not path.is_file():
+            raise
     grads = torch.load(path)
     assert grads.shape[0] == WORLD and grads.abs().max() > 0
     assert (grads[0] - grads[1]).abs().max().item() == 0.0

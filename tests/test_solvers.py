@@ -309,3 +309,5 @@ def test_rms_norm_keeps_nan_and_inf_and_has_a_zero_gradient_at_zero(value, norm)
     if value == 0.0:
         result.backward()
         assert torch.equal(x.grad, torch.zeros_like(x))
+    if value == 2.0:
+        assert torch.autograd.gradcheck(rms_norm, (torch.randn(5, dtype=F64, requires_grad=True),))

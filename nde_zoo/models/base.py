@@ -68,7 +68,8 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
     kind: ClassVar[str] = "ode"
     #: config name of the model, for messages.
     config_name: ClassVar[str] = ""
-    #: raise on a NaN/inf gradient before the optimiser step (see ``on_before_optimizer_step``).
+    #: raise on a NaN/inf gradient before the optimiser step (see ``on_before_optimizer_step``);
+    #: a subclass that handles them itself sets this to False.
     check_finite_gradients: ClassVar[bool] = True
 
     def __init__(self, strategy: GradientStrategy, lr: float = 1e-3, weight_decay: float = 0.0,
@@ -109,19 +110,25 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
         Without this a NaN gradient is written into every parameter by the optimiser and
         surfaces one step later as a "non-finite state" at ``t=0``, far from its cause.
-        Mixed fp16 precision is exempt: its GradScaler skips such steps by design.
+        Lightning calls this after accumulation and DDP's all-reduce (every rank raises
+        together) and before gradient clipping. Exempt: fp16 mixed precision, whose GradScaler
+        skips such steps by design.
         """
-        if not self.check_finite_gradients or "16-mixed" in str(getattr(self.trainer, "precision", "")):
+        if not self.check_finite_gradients or getattr(self.trainer, "scaler", None) is not None:
             return
-        grads = [(name, p.grad) for name, p in self.named_parameters() if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for _, g in grads]).all()):
+        names = {id(p): name for name, p in self.named_parameters()}
+        grads = [(names.get(id(p), "<unnamed>"), p.grad) for group in optimizer.param_groups
+                 for p in group["params"] if p.grad is not None]
+        finite = [bool(torch.isfinite(g.coalesce().values() if g.is_sparse else g).all()) for _, g in grads]
+        if all(finite):
             return
-        bad = [name for name, g in grads if not bool(torch.isfinite(g).all())]
+        bad = [name for (name, _), ok in zip(grads, finite, strict=True) if not ok]
         raise FloatingPointError(
             f"non-finite gradient at training step {self.trainer.global_step} in {len(bad)} parameter "
             f"tensor(s): {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}. The weights were not updated. "
             f"Check the loss for NaN/inf (log-densities of far-out points, divisions by zero), lower the "
-            f"learning rate, clip gradients (trainer.gradient_clip_val=1.0) or tighten the solver tolerances; "
+            f"learning rate or tighten the solver tolerances, and clip gradients to keep them from blowing "
+            f"up (trainer.gradient_clip_val=1.0; clipping runs after this check, so it cannot repair a NaN); "
             f"`python -m nde_zoo gradcheck` compares this strategy's gradient with backprop on one batch"
         )
 
