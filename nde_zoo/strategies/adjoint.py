@@ -28,7 +28,7 @@ from nde_zoo.solvers import (
     check_finite_outputs,
     check_inputs,
 )
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS, rms_norm
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 from nde_zoo.strategies.sde import solve_sde
 
@@ -48,8 +48,8 @@ ADJOINT_NORMS = ("default", "rms", "seminorm", "torchdiffeq_seminorm", "torchdif
 
 def _rms_over_everything(tensor_tuple: Any) -> Tensor:
     """A plain RMS over the whole augmented adjoint state: the seminorm paper's baseline."""
-    flat = torch.cat([t.reshape(-1) for t in tensor_tuple]) if isinstance(tensor_tuple, tuple) else tensor_tuple
-    return flat.pow(2).mean().sqrt()
+    return rms_norm(torch.cat([t.reshape(-1) for t in tensor_tuple]) if isinstance(tensor_tuple, tuple)
+                    else tensor_tuple)
 
 
 def _torchdiffeq_2020_norm(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
@@ -60,10 +60,10 @@ def _torchdiffeq_2020_norm(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
     the "Default norm" of the paper's tables. Today's default splits ``a_theta`` per tensor.
     """
     a_t, state, adjoint_state, *param_adjoints = tensor_tuple
-    rms = [state.pow(2).mean().sqrt(), adjoint_state.pow(2).mean().sqrt(), a_t.abs().max()]
+    parts = [rms_norm(state), rms_norm(adjoint_state), a_t.abs().max()]
     if param_adjoints:
-        rms.append(torch.cat([p.reshape(-1) for p in param_adjoints]).pow(2).mean().sqrt())
-    return torch.stack(rms).max()
+        parts.append(rms_norm(torch.cat([p.reshape(-1) for p in param_adjoints])))
+    return torch.stack(parts).max()
 
 
 def _seminorm_without_time(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
@@ -72,7 +72,7 @@ def _seminorm_without_time(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
     torchdiffeq hands a custom norm ``(a_t, z, a_z, *a_theta)`` for a tensor state.
     """
     _, state, adjoint_state, *_ = tensor_tuple
-    return torch.maximum(state.pow(2).mean().sqrt(), adjoint_state.pow(2).mean().sqrt())
+    return torch.maximum(rms_norm(state), rms_norm(adjoint_state))
 
 
 class _CountingField(nn.Module):

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from nde_zoo.solvers import SolveStats, check_finite_outputs, check_inputs
-from nde_zoo.solvers.stepping import rms_norm
+from nde_zoo.solvers.stepping import error_ratio
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
 from nde_zoo.strategies.base import SavedBytes, Solution, field_parameters
 
@@ -284,8 +284,7 @@ def sde_local_error(
     one = midpoint_step(sde, t, y, h, dw1 + dw2)
     half = midpoint_step(sde, t, y, 0.5 * h, dw1)
     two = midpoint_step(sde, t + 0.5 * h, half, 0.5 * h, dw2)
-    scale = atol + rtol * torch.maximum(y.abs(), two.abs())
-    return rms_norm((one - two) / scale)  # zero-safe gradient
+    return error_ratio(one - two, y, two, rtol, atol)  # the ODE solvers' ratio; zero-safe gradient
 
 
 # -- LocalERNODE on SDEs ---------------------------------------------------------------------------
