@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from nde_zoo.datamodules.tabular import ArrayDataModule
-from nde_zoo.models import ODEClassifier
+from nde_zoo.models import CNF, ODEClassifier
 from nde_zoo.solvers import NonFiniteStateError
 from nde_zoo.strategies import Direct
 
@@ -104,3 +104,9 @@ def test_a_nan_gradient_is_refused_before_it_reaches_the_weights(tmp_path):
                                                  r"tensor\(s\): \S*weight\. The weights were not updated"):
         trainer.fit(model, DigitsDataModule(batch_size=32))
     assert all(torch.equal(before[name], p) for name, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("factor", [0.0, 1.5])
+def test_lr_final_factor_out_of_range(factor):
+    with pytest.raises(ValueError, match=rf"lr_final_factor must be in \(0, 1\], got {factor}"):
+        CNF(Direct("rk4", steps=2), width=8, lr_final_factor=factor)

@@ -138,3 +138,17 @@ def test_a_subclass_overrides_only_the_vector_field():
     torch.testing.assert_close(model(x), expected, rtol=1e-8, atol=1e-8)
     model.training_step(x, 0).backward()
     assert model.linear.weight.grad is not None and model.field.net[0].weight.grad is None
+
+
+def test_learning_rate_follows_the_cosine_down_to_its_final_factor(tmp_path):
+    """NeuralDE's schedule (shared by the CNF, the CDE and the latent ODE): lr -> lr * lr_final_factor."""
+    lightning.seed_everything(0)
+    model = CNF(Direct("rk4", steps=2), width=8, lr=1e-2, lr_final_factor=0.1)
+    data = Toy2DDataModule(n_train=256, n_val=64, n_test=64, batch_size=64)
+    trainer = lightning.Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_checkpointing=False,
+                                enable_progress_bar=False, enable_model_summary=False, inference_mode=False,
+                                limit_val_batches=0, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(model, data)
+    assert trainer.global_step == 8
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
+    assert CNF(Direct("rk4", steps=2), width=8).configure_optimizers().__class__.__name__ == "AdamW"

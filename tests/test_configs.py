@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from nde_zoo.configs_path import config_dir
+from nde_zoo.strategies.adjoint import ADJOINT_NORMS
 
 CONFIGS = config_dir()
 GROUP_FILES = sorted(p for p in CONFIGS.glob("*/*.yaml"))
@@ -117,3 +119,12 @@ def test_launcher_configs_compose_when_the_plugin_is_installed():
     for launcher, tasks, nodes in (("slurm", 4, 2), ("local", 1, 1)):
         cfg = _compose([f"hydra/launcher={launcher}", "trainer.devices=4", "trainer.num_nodes=2"])
         assert (cfg.hydra.launcher.tasks_per_node, cfg.hydra.launcher.nodes) == (tasks, nodes), launcher
+
+
+@pytest.mark.parametrize("norm", ADJOINT_NORMS)
+def test_every_adjoint_norm_is_documented_in_its_config_and_instantiates(norm):
+    line = next(li for li in (CONFIGS / "strategy" / "adjoint.yaml").read_text().splitlines()
+                if li.startswith("adjoint_norm:"))
+    assert re.search(rf"[#|] {norm} ", line + " "), f"configs/strategy/adjoint.yaml does not list {norm}"
+    cfg = _compose(["strategy=adjoint", f"strategy.adjoint_norm={norm}"])
+    assert instantiate(cfg.strategy).adjoint_norm == norm
