@@ -84,8 +84,7 @@ def sde_step_size(strategy: Any, times: list[float], dt: float | None) -> float:
     if dt is None or not dt > 0:
         raise ValueError(
             f"strategy {strategy.name!r} is adaptive (rtol/atol), which SDE solves do not use: pass the "
-            "model's step dt > 0, or give the strategy fixed steps (strategy.steps=N strategy.rtol=null "
-            "strategy.atol=null)"
+            "model's step dt > 0, or give the strategy fixed steps (strategy.steps=N or strategy.step_size=h)"
         )
     return float(dt)
 
