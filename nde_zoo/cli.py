@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -81,8 +82,76 @@ def main(argv: list[str] | None = None) -> Any:
         return None
     else:
         sub, rest = args[0], args[1:]
+    if sub in ("validate", "test", "predict"):
+        rest = [*saved_overrides(rest), *rest]
+        argv = [prog, sub, *rest]
     sys.argv = [prog, *rest]  # Hydra parses sys.argv[1:]
     return _hydra_app(sub, argv)
+
+
+#: the config keys a checkpoint's run decides (and validate/test/predict repeat from it).
+RUN_KEYS = ("model", "data", "strategy")
+
+
+def _override_key(override: str) -> str:
+    """``model.width`` of ``model.width=8``, ``strategy/inner@strategy.inner`` of ``+strategy/...=x``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _run_overrides(ckpt_path: Path) -> list[str] | None:
+    """The fit's command-line overrides: saved in the checkpoint, else in the run's ``.hydra/``."""
+    import torch
+
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # train.py reports an unreadable checkpoint with its own message
+        return None
+    saved = checkpoint.get("nde_zoo") if isinstance(checkpoint, dict) else None
+    if isinstance(saved, dict) and saved.get("overrides") is not None:
+        return [str(o) for o in saved["overrides"]]
+    for parent in list(ckpt_path.resolve().parents)[:3]:  # <run>/checkpoints/x.ckpt (older checkpoints)
+        file = parent / ".hydra" / "overrides.yaml"
+        if file.is_file():
+            from omegaconf import OmegaConf
+
+            return [str(o) for o in OmegaConf.load(file)]
+    return None
+
+
+def saved_overrides(args: list[str]) -> list[str]:
+    """The overrides of the run that wrote ``ckpt_path=`` which decide model, data and strategy.
+
+    ``validate``/``test``/``predict ckpt_path=...`` put them before the user's own, so the
+    checkpoint is evaluated with the model, data and strategy it was trained with and the user
+    repeats nothing; an override the user gives still applies (a group the user chooses again,
+    e.g. ``data=...``, drops the run's settings inside that group).
+    """
+    given = [a.split("=", 1)[1] for a in args if a.startswith("ckpt_path=")]
+    if not given or not given[-1]:
+        return []
+    path = Path(given[-1]).expanduser()
+    if not path.is_file():
+        return []
+    overrides = _run_overrides(path)
+    if not overrides:
+        return []
+    user_keys = {_override_key(a) for a in args if "=" in a and not a.startswith("-")}
+    user_groups = {k for k in user_keys if "." not in k}
+    if "model" in user_groups:  # another model brings its own default data
+        user_groups.add("data")
+
+    def kept(override: str) -> bool:
+        key = _override_key(override)
+        if key in user_keys or not key.split(".")[0].split("/")[0].split("@")[0] in RUN_KEYS:
+            return False
+        top = key.split("@")[-1].split(".")[0].split("/")[0]
+        return not any(top == g or key.startswith(g + ".") or key.startswith(g + "/") for g in user_groups)
+
+    chosen = [o for o in overrides if kept(o)]
+    if chosen:
+        print(f"nde_zoo: the checkpoint's run was configured with: {' '.join(chosen)} "
+              f"(later overrides on this command line win)", file=sys.stderr)
+    return chosen
 
 
 def _hydra_app(sub: str, argv: list[str]) -> Any:

@@ -55,6 +55,20 @@ def _check_ckpt_path(sub: str, cfg: DictConfig) -> str | None:
     return str(path)
 
 
+def _check_checkpoint_model(ckpt_path: str, model: Any) -> None:
+    """A checkpoint of another model family: say which, before Lightning's state-dict error."""
+    import torch
+
+    from nde_zoo.models.base import NeuralDE
+
+    if isinstance(model, NeuralDE):
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            NeuralDE.check_checkpoint_model(checkpoint, type(model), f"ckpt_path={ckpt_path}")
+        except ValueError as exc:
+            raise SystemExit(f"error: {exc}") from None
+
+
 def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
     """Instantiate ``(datamodule, model, strategy)`` from a composed config."""
     datamodule = hydra.utils.instantiate(cfg.data)
@@ -83,6 +97,8 @@ def run(sub: str, cfg: DictConfig) -> Any:
         torch.set_num_threads(int(cfg.cpu_threads))
     lightning.seed_everything(cfg.seed, workers=True)
     datamodule, model, strategy = build(cfg)
+    if ckpt_path is not None:
+        _check_checkpoint_model(ckpt_path, model)
     if sub == "gradcheck":
         return _gradcheck(cfg, datamodule, strategy)
     run_dir = _run_dir()

@@ -9,15 +9,20 @@ downstream project overrides one hook and inherits the rest.
 from __future__ import annotations
 
 import abc
+import inspect
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning
 import torch
-from torch import Tensor
+from lightning.pytorch.utilities.parsing import collect_init_args
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 
 from nde_zoo.strategies.base import GradientStrategy, Solution
+from nde_zoo.strategies.config import strategy_config, strategy_from_config
 
 __all__ = ["NeuralDE", "strategies_supporting", "check_strategy_supports"]
 
@@ -72,16 +77,99 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
     #: a subclass that handles them itself sets this to False.
     check_finite_gradients: ClassVar[bool] = True
 
-    def __init__(self, strategy: GradientStrategy, lr: float = 1e-3, weight_decay: float = 0.0,
+    def __init__(self, strategy: GradientStrategy | Mapping[str, Any], lr: float = 1e-3, weight_decay: float = 0.0,
                  lr_final_factor: float = 1.0) -> None:
         super().__init__()
+        if isinstance(strategy, (Mapping, DictConfig)):  # a config (``_target_`` + arguments)
+            strategy = strategy_from_config(strategy)
         check_strategy_supports(self.config_name or type(self).__name__, self.kind, strategy)
+        self._save_init_hyperparameters(inspect.currentframe().f_back, strategy)
         if not 0 < lr_final_factor <= 1:
             raise ValueError(f"lr_final_factor must be in (0, 1], got {lr_final_factor}")
         self.strategy = strategy
         self.lr = lr
         self.weight_decay = weight_decay
         self.lr_final_factor = lr_final_factor
+
+    # -- self-describing checkpoints ----------------------------------------------------------
+    def _save_init_hyperparameters(self, frame: Any, strategy: GradientStrategy) -> None:
+        """Save every constructor argument of the whole class chain as hyperparameters.
+
+        The strategy is saved as its config (``_target_`` + arguments, see
+        :func:`~nde_zoo.strategies.config.strategy_config`), so ``Model.load_from_checkpoint(path)``
+        rebuilds the same model with no arguments; a field given as a config stays a config, a
+        field given as a module is pickled into the checkpoint as it is.
+        """
+        hparams: dict[str, Any] = {}
+        # From NeuralDE.__init__ outwards: each subclass's arguments (the most derived win).
+        for local in collect_init_args(frame, [], classes=(NeuralDE,)):
+            hparams.update(local)
+        hparams.pop("frame", None)
+        hparams["strategy"] = strategy_config(strategy)
+        for key, value in list(hparams.items()):
+            if isinstance(value, DictConfig):
+                hparams[key] = OmegaConf.to_container(value, resolve=True)
+        self.save_hyperparameters(hparams, logger=True)
+
+    @classmethod
+    def _identity(cls) -> dict[str, str]:
+        return {"model": f"{cls.__module__}.{cls.__qualname__}", "config_name": cls.config_name or cls.__name__}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Name the model class (and, under the CLI, the run's config overrides) in the checkpoint."""
+        identity = self._identity()
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            if HydraConfig.initialized():
+                identity["overrides"] = list(HydraConfig.get().overrides.task)
+        except (ImportError, ValueError):  # pragma: no cover
+            pass
+        checkpoint["nde_zoo"] = identity
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.check_checkpoint_model(checkpoint, type(self), "this checkpoint")
+
+    @staticmethod
+    def check_checkpoint_model(checkpoint: dict[str, Any], cls: type, where: str) -> None:
+        """Refuse a checkpoint written by another model class, naming both."""
+        saved = checkpoint.get("nde_zoo") if isinstance(checkpoint, dict) else None
+        if not saved or saved.get("model") == f"{cls.__module__}.{cls.__qualname__}":
+            return
+        module, _, name = str(saved["model"]).rpartition(".")
+        try:
+            import importlib
+
+            saved_cls = getattr(importlib.import_module(module), name)
+            if issubclass(cls, saved_cls) or issubclass(saved_cls, cls):
+                return  # a subclass loading its base's checkpoint (or the reverse) is the user's call
+        except (ImportError, AttributeError, ValueError):
+            pass
+        wanted = getattr(cls, "config_name", "") or cls.__name__
+        raise ValueError(
+            f"{where} was written by model {saved['model']} (model={saved.get('config_name')}), but it is "
+            f"being loaded into {cls.__module__}.{cls.__qualname__} (model={wanted}); load it with "
+            f"{name}.load_from_checkpoint(...), or on the command line drop model= (the checkpoint's own "
+            f"config is used) or pass model={saved.get('config_name')}"
+        )
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, weights_only: bool | None = False, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, checking first that the checkpoint is this model's.
+
+        No arguments are needed: the checkpoint holds every constructor argument, the strategy
+        as a config. Keyword arguments override saved ones (``strategy=Symplectic()``).
+        ``weights_only`` defaults to False because a field given as a module is pickled in the
+        hyperparameters: load only checkpoints you trust.
+        """
+        from lightning.fabric.utilities.cloud_io import _load
+
+        if isinstance(checkpoint_path, (str, Path)):
+            checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+            NeuralDE.check_checkpoint_model(checkpoint, cls, f"checkpoint {checkpoint_path}")
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
+                                            strict=strict, weights_only=weights_only, **kwargs)
 
     # -- hooks a downstream project may override ---------------------------------------------
     @abc.abstractmethod

@@ -90,6 +90,15 @@ class GradientStrategy(lightning.Callback, abc.ABC):
     #: config name, e.g. ``"reversible"`` (used in error messages and the capability matrix).
     name: ClassVar[str] = ""
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> GradientStrategy:
+        # Record the constructor's arguments, so the strategy can be saved as a config
+        # (nde_zoo.strategies.config.strategy_config; models keep it in their hyperparameters).
+        from nde_zoo.strategies.config import init_arguments
+
+        self = super().__new__(cls)
+        self._init_arguments = init_arguments(cls, args, kwargs)
+        return self
+
     def __init__(self) -> None:
         super().__init__()
         self._solutions: list[Solution] = []

@@ -1,0 +1,122 @@
+"""A strategy as a config: what it was built with, and building it back.
+
+Every :class:`~nde_zoo.strategies.GradientStrategy` records the arguments of its constructor
+(defaults filled in) when it is created, so :func:`strategy_config` can describe it as the
+same mapping a ``configs/strategy/<name>.yaml`` holds (``_target_`` plus the arguments) and
+:func:`strategy_from_config` can build an equal one from it. Models save this mapping in
+their hyperparameters, so a checkpoint names its own strategy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["strategy_config", "strategy_from_config", "init_arguments", "instantiate_target"]
+
+
+def init_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The constructor arguments of ``cls(*args, **kwargs)`` by name, defaults filled in.
+
+    Empty when they do not bind (the constructor will raise its own error) or when the object
+    is being unpickled (no arguments are given then; its ``__dict__`` comes back with them).
+    """
+    if not args and not kwargs:
+        try:
+            bound = inspect.signature(cls.__init__).bind(None)
+        except TypeError:
+            return {}
+    else:
+        try:
+            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            return {}
+    bound.apply_defaults()
+    out: dict[str, Any] = {}
+    params = inspect.signature(cls.__init__).parameters
+    for i, (name, value) in enumerate(bound.arguments.items()):
+        if i == 0:  # self
+            continue
+        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        elif params[name].kind is not inspect.Parameter.VAR_POSITIONAL:
+            out[name] = value
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """A config value: strategies become nested configs, OmegaConf containers plain ones."""
+    from nde_zoo.strategies.base import GradientStrategy
+
+    if isinstance(value, GradientStrategy):
+        return strategy_config(value)
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    tableau = getattr(value, "name", None)
+    if type(value).__name__ == "ButcherTableau" and isinstance(tableau, str):
+        from nde_zoo.solvers.tableau import TABLEAUX
+
+        if TABLEAUX.get(tableau) == value:  # a built-in solver: its name says it all
+            return tableau
+    return value
+
+
+def strategy_config(strategy: Any) -> dict[str, Any]:
+    """``{"_target_": "<module>.<Class>", **constructor arguments}`` of a strategy.
+
+    Nested strategies (LocalERNODE's ``inner``) become nested configs; a solver given as a
+    built-in tableau becomes its name. A strategy built without recorded arguments (a
+    subclass whose ``__new__`` was replaced) gives just its ``_target_``.
+    """
+    from nde_zoo.strategies.base import GradientStrategy
+
+    cls = type(strategy)
+    arguments = dict(getattr(strategy, "_init_arguments", None) or {})
+    for name, value in arguments.items():  # an inner strategy given by name: save what it became
+        built = getattr(strategy, name, None)
+        if isinstance(value, str) and isinstance(built, GradientStrategy):
+            arguments[name] = built
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{k: _plain(v) for k, v in arguments.items()}}
+
+
+def instantiate_target(cfg: Any, what: str = "config") -> Any:
+    """Build ``cfg`` (a mapping with ``_target_``; nested ones too) by importing and calling its target.
+
+    Works without Hydra, for the plain dicts saved in checkpoints; values without ``_target_``
+    are passed as they are.
+    """
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if not isinstance(cfg, Mapping) or "_target_" not in cfg:
+        return cfg
+    path = str(cfg["_target_"])
+    module, _, attr = path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ValueError(f"the {what}'s _target_ {path!r} cannot be imported ({exc})") from None
+    kwargs = {k: instantiate_target(v, what) for k, v in cfg.items() if not (k.startswith("_") and k.endswith("_"))}
+    return target(**kwargs)
+
+
+def strategy_from_config(cfg: Any) -> Any:
+    """A strategy from what :func:`strategy_config` gave (or a ``configs/strategy`` mapping)."""
+    from nde_zoo.strategies.base import GradientStrategy
+
+    strategy = instantiate_target(cfg, "strategy")
+    if not isinstance(strategy, GradientStrategy):
+        raise TypeError(f"the strategy config {dict(cfg)!r} did not build a GradientStrategy")
+    return strategy
