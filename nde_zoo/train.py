@@ -79,6 +79,10 @@ def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
 
 def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    if not cfg.trainer.get("enable_progress_bar", True):  # Lightning refuses a bar it was told not to show
+        from lightning.pytorch.callbacks import ProgressBar
+
+        callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
     return hydra.utils.instantiate(
         cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
@@ -89,8 +93,9 @@ def run(sub: str, cfg: DictConfig) -> Any:
     """Run ``fit``/``validate``/``test``/``predict``/``gradcheck`` on the composed config."""
     ckpt_path = _check_ckpt_path(sub, cfg) if sub != "gradcheck" else None
     if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
-        for name in ("lightning.pytorch", "lightning.fabric"):
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # `lightning` has its own too
             logging.getLogger(name).handlers.clear()
+            logging.getLogger(name).propagate = True
     if cfg.get("cpu_threads"):
         import torch
 
@@ -102,6 +107,7 @@ def run(sub: str, cfg: DictConfig) -> Any:
     if sub == "gradcheck":
         return _gradcheck(cfg, datamodule, strategy)
     run_dir = _run_dir()
+    model.picture_dir = run_dir  # pictures next to checkpoints and logs, as the README says
     trainer = _trainer(cfg, run_dir)
     log.info("model %s with gradient strategy %r; outputs in %s", type(model).__name__, strategy, run_dir)
     if sub == "fit":

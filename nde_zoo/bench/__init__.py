@@ -7,10 +7,10 @@ Ratios are measured side by side in one run; figures go to ``docs/benchmarks.md`
 BENCHMARKS: dict[str, str] = {
     "gradients": "gradient error of each ODE strategy x solver vs float64 backprop (exact ones at round-off)",
     "solver_overhead": "our fixed-step RK4 vs torchdiffeq's, forward and forward+backward",
-    "white_dwarf": "seed 000: reversible vs binomial checkpointing vs backprop on the white dwarf equation",
-    "ernode": "seed 004: local ERNODE regularisation lowers test NFE of the ODE classifier on digits",
-    "symplectic": "symplectic adjoint vs adjoint, backprop, ACA on a KdV Neural ODE: loss, memory, time, gradient error",
-    "cnf_memory": "seed 000: reversible vs backprop (+ symplectic, adjoint) FFJORD on two moons, midpoint/rk4/dopri5: NLL and memory",
-    "seminorm": "seed 002: RMS vs torchdiffeq's mixed default vs seminorm adjoint norms on a Neural CDE and a Neural ODE",
-    "cde_memory": "seed 000: reversible vs backprop Neural CDE with midpoint/rk4/dopri5: accuracy and memory",
+    "white_dwarf": "McCallum & Foster 2024: reversible vs binomial checkpointing vs backprop on the white dwarf equation",
+    "ernode": "Pal et al. 2023: local ERNODE regularisation lowers test NFE of the ODE classifier on digits",
+    "symplectic": "Matsubara et al. 2021: symplectic adjoint vs adjoint, backprop, ACA on a KdV Neural ODE: loss, memory, time, gradient error",
+    "cnf_memory": "McCallum & Foster 2024: reversible vs backprop (+ symplectic, adjoint) FFJORD on two moons, midpoint/rk4/dopri5: NLL and memory",
+    "seminorm": "Kidger et al. 2021: RMS vs torchdiffeq's mixed default vs seminorm adjoint norms on a Neural CDE and a Neural ODE",
+    "cde_memory": "McCallum & Foster 2024: reversible vs backprop Neural CDE with midpoint/rk4/dopri5: accuracy and memory",
 }

@@ -230,8 +230,14 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
                                                               eta_min=self.lr * self.lr_final_factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    #: where pictures go at the end of ``fit``; the command line sets it to the run directory
+    #: (``outputs/fit/<model>/<time>/``). None: the logger's directory, if any.
+    picture_dir: Path | None = None
+
     def output_dir(self) -> Path | None:
-        """Where pictures go at the end of ``fit``: the logger's directory, if any."""
+        """Where pictures go at the end of ``fit``: :attr:`picture_dir`, else the logger's directory."""
+        if self.picture_dir is not None:
+            return Path(self.picture_dir)
         trainer = getattr(self, "_trainer", None)
         if trainer is None or trainer.logger is None or trainer.log_dir is None:
             return None
