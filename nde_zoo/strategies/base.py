@@ -9,6 +9,7 @@ from ``configure_callbacks()``, and it logs its own figures (NFE, memory) per tr
 from __future__ import annotations
 
 import abc
+import warnings
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any, ClassVar
 
@@ -20,6 +21,12 @@ from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, get_tabl
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 
 __all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "field_parameters"]
+
+#: At most this many solves are recorded per training step (their figures are summed at its end).
+MAX_RECORDS_PER_STEP = 10_000
+#: ``GradientStrategy.history`` keeps at most this many entries: beyond it, every other one goes
+#: and only every ``2**k``-th training step is kept from then on, so the NFE plot stays even.
+MAX_HISTORY = 10_000
 
 
 @dataclass
@@ -56,7 +63,10 @@ class SavedBytes:
     def _pack(self, tensor: Tensor) -> Tensor:
         storage = tensor.untyped_storage()
         self._storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
+        # Detached (same storage; autograd restores the graph edge on unpack): returning the tensor
+        # itself would make a saved *output* hold its own grad_fn, a reference cycle that Python's
+        # collector cannot see, so a solve whose backward never ran kept its whole graph.
+        return tensor.detach()
 
     @property
     def nbytes(self) -> int:
@@ -75,6 +85,19 @@ def field_parameters(field: Any) -> list[nn.Parameter]:
     if isinstance(field, nn.Module):
         return [p for p in field.parameters() if p.requires_grad]
     return []
+
+
+@dataclass(frozen=True)
+class _Record:
+    """What a training step's figures need from one solve: never its tensors or its graph.
+
+    ``stats`` and ``extras`` are the solution's own objects, because its backward pass fills
+    them in later (``nfe_backward``, the reversible reconstruction error).
+    """
+
+    stats: SolveStats
+    saved_bytes: int
+    extras: dict[str, Any]
 
 
 class GradientStrategy(lightning.Callback, abc.ABC):
@@ -101,10 +124,13 @@ class GradientStrategy(lightning.Callback, abc.ABC):
 
     def __init__(self) -> None:
         super().__init__()
-        self._solutions: list[Solution] = []
+        #: the solves of the training step under way (lightweight records, see :meth:`_record`).
+        self._solutions: list[_Record] = []
+        self._recording = False
         #: the figures logged at each training step (``{"step": ..., "nfe/forward": ...}``),
-        #: kept for plots at the end of ``fit``.
+        #: kept for plots at the end of ``fit``; thinned beyond ``MAX_HISTORY`` entries.
         self.history: list[dict[str, float]] = []
+        self._history_stride = 1
 
     @abc.abstractmethod
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
@@ -115,9 +141,29 @@ class GradientStrategy(lightning.Callback, abc.ABC):
         return solution.ys.new_zeros(())
 
     def _record(self, solution: Solution) -> Solution:
-        """Keep a solution of this training step so its figures can be logged."""
-        self._solutions.append(solution)
+        """Note a solve's cost for the figures of the training step under way; return ``solution``.
+
+        Bounded whatever the caller does: only between Lightning's ``on_train_batch_start`` and
+        ``on_train_batch_end`` (so plain-PyTorch loops, ``validate``, ``test`` and ``predict``
+        keep nothing), only a :class:`_Record` (stats, saved bytes, extras; never ``ys`` or its
+        graph), and at most ``MAX_RECORDS_PER_STEP`` per step (with a warning beyond).
+        """
+        if not getattr(self, "_recording", False):
+            return solution
+        if len(self._solutions) < MAX_RECORDS_PER_STEP:
+            self._solutions.append(_Record(solution.stats, solution.saved_bytes, solution.extras))
+        elif len(self._solutions) == MAX_RECORDS_PER_STEP:
+            self._solutions.append(_Record(SolveStats(), 0, {}))  # a marker: warn once per step
+            warnings.warn(
+                f"{type(self).__name__}: more than {MAX_RECORDS_PER_STEP} solves in one training step; the "
+                f"nfe/memory figures logged for this step count only the first {MAX_RECORDS_PER_STEP}",
+                stacklevel=2,
+            )
         return solution
+
+    def _stop_recording(self) -> None:
+        self._solutions.clear()
+        self._recording = False
 
     # -- Lightning callback hooks ------------------------------------------------------------
     @property
@@ -126,23 +172,46 @@ class GradientStrategy(lightning.Callback, abc.ABC):
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         self._solutions.clear()
+        self._recording = True
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if not self._solutions:
+        records, self._solutions = self._solutions, []
+        self._recording = False
+        if not records:
             return
         figures = {
-            "nfe/forward": float(sum(s.stats.nfe_forward for s in self._solutions)),
-            "nfe/backward": float(sum(s.stats.nfe_backward for s in self._solutions)),
+            "nfe/forward": float(sum(s.stats.nfe_forward for s in records)),
+            "nfe/backward": float(sum(s.stats.nfe_backward for s in records)),
         }
         if pl_module.device.type == "cuda":
             figures["memory/cuda_peak_bytes"] = float(torch.cuda.max_memory_allocated(pl_module.device))
         else:
-            figures["memory/saved_bytes"] = float(sum(s.saved_bytes for s in self._solutions))
+            figures["memory/saved_bytes"] = float(sum(s.saved_bytes for s in records))
         pl_module.log_dict(figures, on_step=True, on_epoch=False, batch_size=1)
-        self.history.append({"step": float(trainer.global_step), **figures})
-        self._solutions.clear()
+        self._append_history({"step": float(trainer.global_step), **figures})
+
+    def _append_history(self, entry: dict[str, float]) -> None:
+        """Keep ``entry`` if its step is on the current stride; halve the history beyond ``MAX_HISTORY``."""
+        stride = getattr(self, "_history_stride", 1)
+        if int(entry["step"]) % stride:
+            return
+        self.history.append(entry)
+        if len(self.history) > MAX_HISTORY:
+            self._history_stride = stride = 2 * stride
+            self.history[:] = [h for h in self.history if int(h["step"]) % stride == 0]
+
+    # A training step that never reaches on_train_batch_end (an exception, a hook returning -1)
+    # must not leave recording on for what follows.
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        self._stop_recording()
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._stop_recording()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self._stop_recording()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

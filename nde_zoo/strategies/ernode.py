@@ -115,7 +115,7 @@ class LocalERNODE(GradientStrategy):
         # A plain Python generator: picklable for ddp_spawn (a torch.Generator is not) and cheap.
         self.rng = random.Random(self.seed)
         self._previous_times: list[float] = []
-        self._last_values: list[float] = []
+        self._reg_sum: float | None = None  # this training step's regularisation, summed (bounded)
 
     # -- the schedule ---------------------------------------------------------------------
     @property
@@ -186,8 +186,12 @@ class LocalERNODE(GradientStrategy):
         assert result.error is not None
         err = error_ratio(result.error, y, result.y, rtol, atol)
         value = self.coef * err * abs(h)
-        self._last_values.append(float(value.detach()))
+        self._note_value(value)
         return value
+
+    def _note_value(self, value: Tensor) -> None:
+        """Add a regularisation term to this step's logged ``reg/value`` (a running sum: bounded)."""
+        self._reg_sum = (self._reg_sum or 0.0) + float(value.detach())
 
     # -- Lightning: delegate to the inner strategy, log the schedule ---------------------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -196,16 +200,21 @@ class LocalERNODE(GradientStrategy):
         self.inner.setup(trainer, pl_module, stage)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        self._last_values.clear()
+        self._reg_sum = None
         self.inner.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._last_values:
-            pl_module.log("reg/value", sum(self._last_values), on_step=True, on_epoch=False, batch_size=1)
+        if self._reg_sum is not None:
+            pl_module.log("reg/value", self._reg_sum, on_step=True, on_epoch=False, batch_size=1)
+            self._reg_sum = None
         pl_module.log("reg/coef", self.coef, on_step=True, on_epoch=False, batch_size=1)
         self.inner.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         self.history = self.inner.history
         self.step += 1
+
+    def _stop_recording(self) -> None:
+        super()._stop_recording()
+        self.inner._stop_recording()  # the inner strategy is not a registered callback itself
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -332,5 +332,5 @@ def ernode_sde_regularisation(ernode: Any, solution: Solution) -> Tensor:
     rtol, atol = ernode._tolerances()
     err = sde_local_error(sample["sde"], sample["t"], sample["y"], sample["h"], sample["bm"], rtol, atol)
     value = ernode.coef * err * sample["h"]
-    ernode._last_values.append(float(value.detach()))
+    ernode._note_value(value)
     return value
