@@ -132,6 +132,13 @@ def check_inputs(y0: Tensor, ts: Tensor) -> list[float]:
         raise TypeError(f"y0 must be a floating-point tensor, got {y0.dtype}")
     if y0.dim() < 1:
         raise ValueError("y0 must have shape (batch, *state); got a 0-d tensor")
+    if y0.numel() == 0:
+        what = "the batch is empty (0 samples)" if y0.shape[0] == 0 else "the state has no entries"
+        raise ValueError(
+            f"y0 has shape {tuple(y0.shape)}: {what}, so there is nothing to solve. An empty batch comes from a "
+            f"DataLoader (a filter or mask that dropped every sample, a last partial batch of a sharded set): "
+            f"skip it before the solve, or use drop_last=True"
+        )
     if ts.dim() != 1 or ts.numel() < 1:
         raise ValueError(f"ts must be a non-empty 1-D tensor of times, got shape {tuple(ts.shape)}")
     if ts.dtype != y0.dtype:

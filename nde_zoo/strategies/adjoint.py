@@ -14,6 +14,7 @@ seminorm (docs/seminorm.md).
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -23,12 +24,13 @@ from torch import Tensor, nn
 from nde_zoo.solvers import (
     ButcherTableau,
     MaxStepsExceeded,
+    NonFiniteStateError,
     SolveStats,
     StepSizeUnderflow,
     check_finite_outputs,
     check_inputs,
 )
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS, rms_norm
+from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS, fixed_grid, rms_norm
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 from nde_zoo.strategies.sde import solve_sde
 
@@ -43,6 +45,11 @@ TORCHDIFFEQ_METHODS = {
     "bosh3": "bosh3",
     "dopri5": "dopri5",
 }
+#: with ``steps``/``step_size``: torchdiffeq's fixed-grid method for each of ours. heun, bosh3 and
+#: dopri5 are adaptive there (its ``adaptive_heun`` reuses the predictor's slope, not Heun's method);
+#: ``heun2`` *is* Heun's method on a grid. bosh3 and dopri5 have no fixed-grid form: they run
+#: pinned to the grid (see :func:`_pinned_to_grid`).
+FIXED_GRID_METHODS = {"euler": "euler", "midpoint": "midpoint", "rk38": "rk4", "heun": "heun2"}
 ADJOINT_NORMS = ("default", "rms", "seminorm", "torchdiffeq_seminorm", "torchdiffeq_2020")
 
 
@@ -73,6 +80,36 @@ def _seminorm_without_time(tensor_tuple: tuple[Tensor, ...]) -> Tensor:
     """
     _, state, adjoint_state, *_ = tensor_tuple
     return torch.maximum(rms_norm(state), rms_norm(adjoint_state))
+
+
+class _OnGrid:
+    """A torchdiffeq ``grid_constructor``: the fixed grid's points between the requested times.
+
+    torchdiffeq calls it once for the forward solve (``t`` = every output time) and, in the
+    adjoint's backward pass, once per interval between two output times (``t`` decreasing);
+    each gets the points of the same grid, so both passes step on exactly the forward's grid.
+    """
+
+    def __init__(self, grid: list[float]) -> None:
+        self.grid = grid  # every step boundary, output times included (solvers.stepping.fixed_grid)
+
+    def __call__(self, func: Any, y0: Tensor, t: Tensor) -> Tensor:
+        a, b = float(t[0]), float(t[-1])
+        lo, hi = min(a, b), max(a, b)
+        points = sorted({g for g in self.grid if lo < g < hi} | {a, b}, reverse=a > b)
+        return torch.unique_consecutive(torch.tensor(points, dtype=t.dtype, device=t.device))
+
+
+def _pinned_to_grid(grid: list[float]) -> dict[str, Any]:
+    """torchdiffeq options that make an adaptive RK solver (bosh3, dopri5) take exactly ``grid``'s steps.
+
+    With ``atol=inf`` (and ``rtol=0``) every step is accepted; a first and maximal step of twice
+    the span is cut by ``step_t`` at the next grid point, every time, so the solver steps from
+    grid point to grid point: ``1 + (s - 1) N`` evaluations for an FSAL pair of ``s`` stages.
+    The backward solve gets the same options, so it steps on the same grid backwards.
+    """
+    span = abs(grid[-1] - grid[0])
+    return dict(step_t=torch.tensor(grid, dtype=torch.float64), first_step=2 * span, max_step=2 * span)
 
 
 class _CountingField(nn.Module):
@@ -107,7 +144,11 @@ class Adjoint(ODEStrategy):
     Args:
         solver: one of torchdiffeq's methods under our names: euler, midpoint, rk38 (its
             ``rk4``), heun (``adaptive_heun``), bosh3, dopri5.
-        steps / step_size / rtol / atol / max_steps: as :class:`ODEStrategy`.
+        steps / step_size / rtol / atol / max_steps: as :class:`ODEStrategy`. Fixed steps are the
+            zoo's grid (uniform over ``[ts[0], ts[-1]]``, every output time landed on) for the
+            forward *and* the backward solve, with every solver: heun runs torchdiffeq's ``heun2``
+            (Heun's method), bosh3 and dopri5 their adaptive solver pinned to the grid (every step
+            accepted), so ``steps=4`` costs 4 s evaluations (``1 + 4 (s - 1)`` for an FSAL pair).
         adjoint_rtol / adjoint_atol: tolerances of the backward solve (default: the forward ones).
         adjoint_norm: ``"default"`` (torchdiffeq's own mixed norm ``max(|a_t|, rms(z), rms(a_z),
             max_p rms(a_p))``), ``"rms"`` (plain RMS over the whole augmented adjoint state),
@@ -144,26 +185,41 @@ class Adjoint(ODEStrategy):
         if adjoint_norm not in ADJOINT_NORMS:
             raise ValueError(f"adjoint_norm must be one of {', '.join(ADJOINT_NORMS)}, got {adjoint_norm!r}")
         self.method = TORCHDIFFEQ_METHODS[self.tableau.name]
+        if not self.stepping.adaptive:  # steps= / step_size= mean fixed steps here too
+            self.method = FIXED_GRID_METHODS.get(self.tableau.name, self.method)
         self.adjoint_rtol = adjoint_rtol
         self.adjoint_atol = adjoint_atol
         self.adjoint_norm = adjoint_norm
 
-    def _options(self, times: list[float]) -> dict[str, Any]:
+    def _options(self, times: list[float], backward: bool = False) -> dict[str, Any]:
+        """torchdiffeq's options: fixed steps on our grid (``fixed_grid``, output times landed on), or adaptive.
+
+        ``backward``: the adjoint's options. For decreasing ``ts``, ``odeint_adjoint`` runs the
+        backward pass in negated time without flipping ``adjoint_options``, so the grid is negated there.
+        """
         st = self.stepping
-        if st.steps is not None:
-            return dict(step_size=abs(times[-1] - times[0]) / st.steps)
-        if st.step_size is not None:
-            return dict(step_size=st.step_size)
-        return dict(max_num_steps=st.max_steps)
+        if st.adaptive:
+            return dict(max_num_steps=st.max_steps)
+        if len(times) < 2:
+            return {}
+        grid = fixed_grid(times, st)
+        if backward and times[-1] < times[0]:
+            grid = [-t for t in grid]
+        if self.method in FIXED_GRID_METHODS.values():
+            return dict(grid_constructor=_OnGrid(grid))
+        return dict(_pinned_to_grid(grid), max_num_steps=st.max_steps)
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         times = check_inputs(y0, ts)
+        _check_finite_y0(y0, times[0], self.name)
         stats = SolveStats()
         wrapped = _CountingField(field, stats)
         options = self._options(times)
         adaptive = self.stepping.adaptive
         kwargs: dict[str, Any] = dict(method=self.method, options=options)
-        adjoint_options: dict[str, Any] = dict(options)
+        adjoint_options: dict[str, Any] = self._options(times, backward=True)
+        if "step_t" in options:  # an adaptive pair pinned to the fixed grid: accept every step
+            kwargs.update(rtol=0.0, atol=math.inf, adjoint_rtol=0.0, adjoint_atol=math.inf)
         if adaptive:
             kwargs.update(rtol=self.stepping.rtol, atol=self.stepping.atol)
             kwargs.update(adjoint_rtol=self.adjoint_rtol or self.stepping.rtol,
@@ -181,7 +237,7 @@ class Adjoint(ODEStrategy):
             with SavedBytes() as saved:
                 ys = torchdiffeq.odeint_adjoint(wrapped, y0, ts, **kwargs)
         except AssertionError as exc:
-            raise _translate(exc, self) from exc
+            raise _translate(exc, self, field, y0, ts) from exc
         wrapped.forward_done = True
         check_finite_outputs(ys, times)
         return self._record(Solution(ys, ts, stats, None, saved_bytes=saved.nbytes))
@@ -191,19 +247,46 @@ class Adjoint(ODEStrategy):
         return solve_sde(self, sde, y0, ts, bm, route="adjoint", dt=dt)
 
 
-def _translate(exc: AssertionError, strategy: Adjoint) -> Exception:
+def _check_finite_y0(y0: Tensor, t0: float, name: str) -> None:
+    """A NaN/inf initial state makes torchdiffeq's step size underflow ("stiff"): name the real cause."""
+    finite = torch.isfinite(y0.detach().reshape(len(y0), -1)).all(dim=1)
+    if bool(finite.all()):
+        return
+    bad = (~finite).nonzero().flatten().tolist()
+    raise NonFiniteStateError(
+        f"the initial state y0 of the {name} solve is NaN or infinite at t={t0} in {len(bad)} of {len(y0)} "
+        f"batch entries (first: index {bad[0]}): the input data (or the encoder that produced y0) has NaN/inf; "
+        f"clean or impute the data, e.g. torch.nan_to_num, or mask the missing values"
+    )
+
+
+def _translate(exc: AssertionError, strategy: Adjoint, field: Any, y0: Tensor, ts: Tensor) -> Exception:
     message = str(exc)
     if "max_num_steps" in message:
         return MaxStepsExceeded(
             f"torchdiffeq used up max_steps={strategy.stepping.max_steps} ({message}); raise max_steps, "
             f"loosen rtol/atol, or check that the dynamics are not stiff or blowing up"
         )
-    if "underflow" in message:
-        return StepSizeUnderflow(
-            f"torchdiffeq's step size underflowed ({message}); the dynamics are stiff or singular: "
-            f"loosen rtol/atol, use float64, or regularise the model"
+    if "underflow" not in message and "non-finite" not in message:
+        return exc
+    with torch.no_grad():
+        f0 = field(ts[0], y0)
+    if not bool(torch.isfinite(f0).all()):
+        return NonFiniteStateError(
+            f"the vector field returned NaN or infinity at t={float(ts[0])} for a finite initial state "
+            f"({message}): its parameters or its inputs hold NaN/inf (a diverged training step?); check "
+            f"the field's weights and any tensors it reads, e.g. a CDE's interpolated data"
         )
-    return exc
+    if not strategy.stepping.adaptive or "non-finite" in message:
+        return NonFiniteStateError(
+            f"the {strategy.name} solve became NaN or infinite on its fixed grid ({message}): the dynamics "
+            f"blew up or the step is too large; reduce the step size or use an adaptive solver"
+        )
+    return StepSizeUnderflow(
+        f"torchdiffeq's step size underflowed ({message}): the dynamics are stiff or singular, or the field "
+        f"returned NaN/inf part-way through the solve (torchdiffeq rejects such steps until the step "
+        f"underflows): loosen rtol/atol, use float64, regularise the model, or check the field for NaN/inf"
+    )
 
 
 class Seminorm(Adjoint):
