@@ -9,8 +9,10 @@ downstream project overrides one hook and inherits the rest.
 from __future__ import annotations
 
 import abc
+import contextlib
 import inspect
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
@@ -57,6 +59,21 @@ def check_strategy_supports(model: str, kind: str, strategy: GradientStrategy) -
             f"{', '.join(strategies_supporting(kind))} (choose one with strategy=<name>; this is our "
             f"gradient strategy, not Lightning's trainer.strategy)"
         )
+
+
+@contextlib.contextmanager
+def float32_solve(y0: Tensor, ts: Tensor) -> Any:
+    """Under autocast: yield ``y0``/``ts`` in float32 (when lower) with autocast off; else as they are."""
+    device = y0.device.type
+    if not (device in ("cpu", "cuda", "xpu", "mps") and torch.is_autocast_enabled(device)):
+        yield y0, ts
+        return
+    if y0.is_floating_point() and torch.finfo(y0.dtype).bits < 32:
+        y0 = y0.float()
+    if ts.is_floating_point() and torch.finfo(ts.dtype).bits < 32:
+        ts = ts.float()
+    with torch.autocast(device, enabled=False):
+        yield y0, ts
 
 
 class NeuralDE(lightning.LightningModule, abc.ABC):
@@ -109,7 +126,9 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         for key, value in list(hparams.items()):
             if isinstance(value, DictConfig):
                 hparams[key] = OmegaConf.to_container(value, resolve=True)
-        self.save_hyperparameters(hparams, logger=True)
+        with warnings.catch_warnings():  # a field module is kept on purpose: load_from_checkpoint needs no args
+            warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module` and is already saved")
+            self.save_hyperparameters(hparams, logger=True)
 
     @classmethod
     def _identity(cls) -> dict[str, str]:
@@ -171,14 +190,45 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
 
+    # -- the vector field --------------------------------------------------------------------
+    @staticmethod
+    def build_field(field: nn.Module | Mapping[str, Any] | None, default: Any, what: str = "field") -> nn.Module:
+        """The model's vector field: ``field`` when given, else ``default()``.
+
+        ``field`` is an ``nn.Module`` or a config with ``_target_`` (from the command line:
+        ``'model.field={_target_: my_project.MyField, width: 64}'``); the default is built only
+        when none is given, so a user's field trains, checkpoints and gradchecks alone.
+        Conditioning a field on context: docs/extending.md ("Your own vector field").
+        """
+        if field is None:
+            return default()
+        if isinstance(field, (Mapping, DictConfig)):
+            from nde_zoo.strategies.config import instantiate_target
+
+            field = instantiate_target(field, what)
+        if not isinstance(field, nn.Module):
+            raise TypeError(
+                f"{what} must be an nn.Module, a config with _target_, or None (the default field), got "
+                f"{type(field).__name__}; see docs/extending.md ('Your own vector field')"
+            )
+        return field
+
     # -- hooks a downstream project may override ---------------------------------------------
     @abc.abstractmethod
     def _common_step(self, batch: Any, stage: str) -> Tensor:
         """Compute and log ``{stage}/loss`` (and metrics); return the loss."""
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
-        """Solve with the owned strategy (a hook for subclasses that wrap it)."""
-        return self.strategy.solve(field, y0, ts)
+        """Solve with the owned strategy (a hook for subclasses that wrap it).
+
+        Under mixed precision (``trainer.precision=bf16-mixed`` / ``16-mixed``, i.e. autocast) the
+        solve runs in float32, state and field: a strategy with its own backward replays the field
+        outside autocast, and the reversible inverse needs a float32 state. The rest of the model
+        (encoders, heads) keeps the lower precision. A state made half precision explicitly,
+        outside autocast, still reaches the strategy (and the reversible one refuses it).
+        """
+        with float32_solve(y0, ts) as (y0, ts):
+            return self.strategy.solve(field, y0, ts)
 
     # -- Lightning ---------------------------------------------------------------------------
     def configure_callbacks(self) -> list[lightning.Callback]:
@@ -192,6 +242,22 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
     def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self._common_step(batch, "test")
+
+    def backward(self, loss: Tensor, *args: Any, **kwargs: Any) -> None:
+        """Lightning's backward; PyTorch's "backward through the graph a second time" explained."""
+        try:
+            super().backward(loss, *args, **kwargs)
+        except RuntimeError as exc:
+            if "backward through the graph a second time" not in str(exc):
+                raise
+            raise RuntimeError(
+                f"the vector field uses a tensor computed before the solve with its autograd history (e.g. "
+                f"a context computed from the batch by a submodule of the field, then used inside "
+                f"forward); strategy {self.strategy!r} re-evaluates the field in its own backward pass, "
+                f"so that history would be walked many times. Pass the context through the state "
+                f"(concatenate it to y0 and return zeros for its channels), or, when it needs no gradient, "
+                f"set it on the field per batch detached: docs/extending.md ('Your own vector field')"
+            ) from exc
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Refuse a non-finite gradient before it reaches the weights (never a silent NaN).

@@ -101,6 +101,8 @@ class NeuralCDE(NeuralDE):
         hidden_dim: size of the CDE state ``z``.
         width / depth: hidden layers of ``g_theta``.
         interpolation: ``hermite`` (default), ``cubic`` or ``linear``.
+        field: ``g_theta``: ``z (batch, hidden_dim)`` -> ``(batch, hidden_dim, in_channels)`` (an ``nn.Module``
+            or a config with ``_target_``); None builds :class:`CDEFunc`.
         lr / weight_decay: AdamW.
         lr_final_factor: the learning rate follows a cosine from ``lr`` down to ``lr * lr_final_factor``
             over the run (1: constant).
@@ -120,6 +122,7 @@ class NeuralCDE(NeuralDE):
         lr: float = 1e-2,
         weight_decay: float = 0.5,
         lr_final_factor: float = 0.01,
+        field: nn.Module | dict | None = None,
     ) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
         if interpolation not in INTERPOLATIONS:
@@ -130,7 +133,7 @@ class NeuralCDE(NeuralDE):
             raise ValueError(f"depth must be at least 1 hidden layer, got {depth}")
         self.in_channels, self.num_classes, self.interpolation = in_channels, num_classes, interpolation
         self.initial = nn.Linear(in_channels, hidden_dim)
-        self.func = CDEFunc(in_channels, hidden_dim, width, depth)
+        self.func = self.build_field(field, lambda: CDEFunc(in_channels, hidden_dim, width, depth))
         self.head = nn.Linear(hidden_dim, num_classes)
         self.metrics = nn.ModuleDict(
             {

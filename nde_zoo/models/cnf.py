@@ -23,25 +23,41 @@ from torch import Tensor, nn
 from nde_zoo.models.base import NeuralDE
 from nde_zoo.strategies.base import GradientStrategy, Solution
 
-__all__ = ["CNF", "CNFField"]
+__all__ = ["CNF", "CNFField", "MLPVelocity"]
 
 
-class CNFField(nn.Module):
-    """``[f(t, z), -tr(df/dz)]`` for a time-conditioned MLP ``f``.
+class MLPVelocity(nn.Module):
+    """``f(t, z)``: an MLP on ``[z, t]`` with softplus activations.
 
-    Shapes: ``state`` is ``(batch, dim + 1)``; returns the same shape.
+    Shapes: ``t`` 0-d, ``z`` ``(batch, dim)`` -> ``(batch, dim)``.
     """
 
-    def __init__(self, dim: int, width: int, depth: int, exact_trace_max_dim: int, noise: str) -> None:
+    def __init__(self, dim: int, width: int = 64, depth: int = 2) -> None:
         super().__init__()
-        if noise not in ("rademacher", "gaussian"):
-            raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
         layers: list[nn.Module] = []
         sizes = [dim + 1] + [width] * depth
         for a, b in zip(sizes[:-1], sizes[1:]):
             layers += [nn.Linear(a, b), nn.Softplus()]
         layers.append(nn.Linear(sizes[-1], dim))
         self.net = nn.Sequential(*layers)
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        return self.net(torch.cat([z, t.to(z).expand(z.shape[0], 1)], dim=-1))
+
+
+class CNFField(nn.Module):
+    """``[f(t, z), -tr(df/dz)]`` for a velocity field ``f`` (by default :class:`MLPVelocity`).
+
+    Shapes: ``state`` is ``(batch, dim + 1)``; returns the same shape. ``velocity``: any module
+    ``f(t, z) -> dz/dt`` on ``(batch, dim)``; None builds ``MLPVelocity(dim, width, depth)``.
+    """
+
+    def __init__(self, dim: int, width: int = 64, depth: int = 2, exact_trace_max_dim: int = 8,
+                 noise: str = "rademacher", velocity: nn.Module | None = None) -> None:
+        super().__init__()
+        if noise not in ("rademacher", "gaussian"):
+            raise ValueError(f"noise must be 'rademacher' or 'gaussian', got {noise!r}")
+        self.net = velocity if velocity is not None else MLPVelocity(dim, width, depth)
         self.dim = dim
         self.exact = dim <= exact_trace_max_dim
         self.noise_kind = noise
@@ -57,7 +73,7 @@ class CNFField(nn.Module):
         self.probe = e.sign() if self.noise_kind == "rademacher" else e
 
     def velocity(self, t: Tensor, z: Tensor) -> Tensor:
-        return self.net(torch.cat([z, t.to(z).expand(z.shape[0], 1)], dim=-1))
+        return self.net(t, z)
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
         if torch.is_inference_mode_enabled():
@@ -94,16 +110,22 @@ class CNF(NeuralDE):
         exact_trace_max_dim: exact trace up to this dimension, Hutchinson's estimator above.
         noise: ``"rademacher"`` or ``"gaussian"`` Hutchinson noise.
         lr / weight_decay / lr_final_factor: AdamW, and its cosine decay (see :class:`NeuralDE`).
+        field: the velocity ``f(t, z) -> dz/dt`` on ``(batch, dim)`` (the trace is taken for it), or a
+            whole :class:`CNFField`; an ``nn.Module`` or a config with ``_target_``. None builds
+            ``MLPVelocity(dim, width, depth)``.
     """
 
     config_name = "cnf"
 
     def __init__(self, strategy: GradientStrategy, dim: int = 2, width: int = 64, depth: int = 2,
                  t1: float = 1.0, exact_trace_max_dim: int = 8, noise: str = "rademacher",
-                 lr: float = 1e-2, weight_decay: float = 0.0, lr_final_factor: float = 1.0) -> None:
+                 lr: float = 1e-2, weight_decay: float = 0.0, lr_final_factor: float = 1.0,
+                 field: nn.Module | dict | None = None) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
         self.dim = dim
-        self.field = CNFField(dim, width, depth, exact_trace_max_dim, noise)
+        velocity = self.build_field(field, lambda: MLPVelocity(dim, width, depth))
+        self.field = velocity if isinstance(velocity, CNFField) else CNFField(
+            dim, width, depth, exact_trace_max_dim, noise, velocity=velocity)
         self.register_buffer("ts", torch.tensor([0.0, t1]), persistent=False)
 
     def vector_field(self) -> CNFField:

@@ -178,6 +178,8 @@ class LatentODE(NeuralDE):
         latent_dim: size of ``z0``.
         hidden_dim: GRU state size of the encoder.
         field_width: hidden width of the latent field ``f`` (two hidden layers).
+        field: the latent field ``f(t, z) -> dz/dt`` on ``(batch, latent_dim)`` (an ``nn.Module`` or a
+            config with ``_target_``); None builds :class:`LatentField` ``(latent_dim, field_width)``.
         decoder_width: hidden width of the readout ``z -> x`` (one hidden layer).
         encoder: ``"odernn"`` (Rubanova et al.) or ``"gru"`` (time gaps as inputs).
         encoder_width: hidden width of the ODE-RNN's field.
@@ -209,6 +211,7 @@ class LatentODE(NeuralDE):
         lr: float = 1e-2,
         weight_decay: float = 0.0,
         lr_final_factor: float = 0.1,
+        field: nn.Module | dict | None = None,
     ) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
         if obs_std <= 0:
@@ -218,7 +221,7 @@ class LatentODE(NeuralDE):
         self.encoder = ODERNNEncoder(
             data_dim, hidden_dim, latent_dim, encoder, encoder_width, encoder_solver, encoder_step_size
         )
-        self.field = LatentField(latent_dim, field_width)
+        self.field = self.build_field(field, lambda: LatentField(latent_dim, field_width))
         self.readout = nn.Sequential(
             nn.Linear(latent_dim, decoder_width), nn.ReLU(), nn.Linear(decoder_width, data_dim)
         )

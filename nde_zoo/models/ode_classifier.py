@@ -41,6 +41,8 @@ class ODEClassifier(NeuralDE):
 
     Args:
         strategy: the gradient strategy of the ODE block.
+        field: the vector field ``f(t, z) -> dz/dt`` on ``(batch, state_dim)`` (an ``nn.Module`` or a
+            config with ``_target_``); None builds :class:`MLPField` ``(state_dim, width)``.
         in_features: input size (64 for 8x8 digits, 784 for MNIST).
         num_classes: output classes.
         state_dim: width of the ODE state.
@@ -61,11 +63,12 @@ class ODEClassifier(NeuralDE):
         t1: float = 1.0,
         lr: float = 1e-2,
         weight_decay: float = 5e-2,
+        field: nn.Module | dict | None = None,
     ) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay)
         self.in_features = in_features
         self.embed = nn.Linear(in_features, state_dim)
-        self.field = MLPField(state_dim, width)
+        self.field = self.build_field(field, lambda: MLPField(state_dim, width))
         self.head = nn.Linear(state_dim, num_classes)
         self.register_buffer("ts", torch.tensor([0.0, t1]), persistent=False)
         self.metrics = nn.ModuleDict(

@@ -22,7 +22,7 @@ import torch
 import torchmetrics
 from torch import Tensor, nn
 
-from nde_zoo.models.base import NeuralDE
+from nde_zoo.models.base import NeuralDE, float32_solve
 from nde_zoo.strategies.base import GradientStrategy, Solution
 from nde_zoo.strategies.sde import brownian
 
@@ -70,9 +70,10 @@ class NeuralSDEModel(NeuralDE):
 
     def solve_sde(self, sde: nn.Module, y0: Tensor, ts: Tensor) -> Solution:
         """Solve ``sde`` from ``y0`` with outputs at ``ts`` on a fresh seeded Brownian sample."""
-        t0, t1 = float(ts[0]), float(ts[-1])
-        bm = brownian(t0, t1, y0, self.noise_entropy(), dt=self.dt)
-        return self.strategy.solve_sde(sde, y0, ts, bm, dt=self.dt)
+        with float32_solve(y0, ts) as (y0, ts):  # mixed precision: the SDE solve stays float32
+            t0, t1 = float(ts[0]), float(ts[-1])
+            bm = brownian(t0, t1, y0, self.noise_entropy(), dt=self.dt)
+            return self.strategy.solve_sde(sde, y0, ts, bm, dt=self.dt)
 
     # -- Lightning ---------------------------------------------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -129,6 +130,8 @@ class SDEClassifier(NeuralSDEModel):
         t1: the SDE is solved on ``[0, t1]``.
         dt: fixed SDE step (``t1 / dt`` steps) unless the strategy has fixed steps.
         noise_seed / lr / weight_decay: see :class:`NeuralSDEModel`.
+        field: the SDE (``f(t, z)``, ``g(t, z)``, ``noise_type``, ``sde_type`` as torchsde's; an
+            ``nn.Module`` or a config with ``_target_``); None builds :class:`ClassifierSDE`.
 
     One Brownian sample per example and solve (validation and test too: their accuracy is
     that of one sampled path, reproducible through the seed).
@@ -149,11 +152,12 @@ class SDEClassifier(NeuralSDEModel):
         noise_seed: int = 0,
         lr: float = 1e-2,
         weight_decay: float = 5e-2,
+        field: nn.Module | dict | None = None,
     ) -> None:
         super().__init__(strategy, dt=dt, noise_seed=noise_seed, lr=lr, weight_decay=weight_decay)
         self.in_features = in_features
         self.embed = nn.Linear(in_features, state_dim)
-        self.sde = ClassifierSDE(state_dim, width, noise_scale)
+        self.sde = self.build_field(field, lambda: ClassifierSDE(state_dim, width, noise_scale))
         self.head = nn.Linear(state_dim, num_classes)
         self.register_buffer("ts", torch.tensor([0.0, t1]), persistent=False)
         self.metrics = nn.ModuleDict(
@@ -294,6 +298,8 @@ class LatentSDE(NeuralSDEModel):
         dt: the SDE step (made a power-of-two fraction of the observation spacing, so the
             observation times lie on the step grid, as reversible Heun needs).
         noise_seed / lr / weight_decay: see :class:`NeuralSDEModel`.
+        field: the posterior SDE, with :class:`LatentPosteriorSDE`'s interface (an ``nn.Module`` or a
+            config with ``_target_``); None builds one.
     """
 
     config_name = "latent_sde"
@@ -312,12 +318,13 @@ class LatentSDE(NeuralSDEModel):
         noise_seed: int = 0,
         lr: float = 1e-2,
         weight_decay: float = 0.0,
+        field: nn.Module | dict | None = None,
     ) -> None:
         super().__init__(strategy, dt=dt, noise_seed=noise_seed, lr=lr, weight_decay=weight_decay)
         self.obs_dim, self.latent_dim, self.obs_std = obs_dim, latent_dim, obs_std
         self.encoder = nn.GRU(obs_dim + 1, encoder_hidden, batch_first=True)
         self.to_q = nn.Linear(encoder_hidden, 2 * latent_dim + context_dim)
-        self.sde = LatentPosteriorSDE(latent_dim, context_dim, width, noise_scale)
+        self.sde = self.build_field(field, lambda: LatentPosteriorSDE(latent_dim, context_dim, width, noise_scale))
         self.decoder = nn.Linear(latent_dim, obs_dim)
         self._requested_dt = self.dt
 

@@ -38,7 +38,8 @@ def check_no_hidden_inputs(output: Tensor, allowed: Sequence[Tensor], strategy: 
                 f"the vector field depends on a tensor of shape {tuple(variable.shape)} that requires "
                 f"grad but is neither the state nor one of the field's parameters; strategy "
                 f"{strategy!r} computes its own backward pass and would drop that gradient. Register "
-                f"it as an nn.Parameter (or a submodule) of the field, or pass it through the state"
+                f"it as an nn.Parameter (or a submodule) of the field, or pass it through the state "
+                f"(docs/extending.md, 'Your own vector field', shows both)"
             )
         stack.extend(next_fn for next_fn, _ in node.next_functions)
 
