@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from nde_zoo.solvers import (
     ButcherTableau,
+    CountedField,
     MaxStepsExceeded,
     NonFiniteStateError,
     SolveStats,
@@ -123,13 +124,18 @@ class _CountingField(nn.Module):
         self.field = field  # registered as a submodule when it is an nn.Module
         self.stats = stats
         self.forward_done = False
+        self.checked = False
 
     def forward(self, t: Tensor, y: Tensor) -> Tensor:
         if self.forward_done:
             self.stats.nfe_backward += 1
         else:
             self.stats.nfe_forward += 1
-        return self.field(t, y)
+        out = self.field(t, y)
+        if not self.checked:  # the same explanation of a wrong output shape as every other strategy
+            CountedField._check(y, out)
+            self.checked = True
+        return out
 
 
 class Adjoint(ODEStrategy):
