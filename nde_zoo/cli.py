@@ -82,11 +82,28 @@ def main(argv: list[str] | None = None) -> Any:
         return None
     else:
         sub, rest = args[0], args[1:]
+    rest = [_inner_strategy_override(a) for a in rest]
     if sub in ("validate", "test", "predict"):
         rest = [*saved_overrides(rest), *rest]
-        argv = [prog, sub, *rest]
+    argv = [prog, sub, *rest]
     sys.argv = [prog, *rest]  # Hydra parses sys.argv[1:]
     return _hydra_app(sub, argv)
+
+
+def _inner_strategy_override(arg: str) -> str:
+    """``strategy.inner=reversible`` -> ``strategy@strategy.inner=reversible``: choose ERNODE's inner
+    strategy config (configs/strategy/ernode.yaml's defaults), so ``strategy.inner.steps=10`` etc. apply
+    to it. Hydra's own spelling, ``strategy@strategy.inner=<name>``, works as well.
+    """
+    key, sep, value = arg.partition("=")
+    if not sep or key.lstrip("+") != "strategy.inner":
+        return arg
+    from nde_zoo.configs_path import config_dir
+
+    names = {p.stem for p in (config_dir() / "strategy").glob("*.yaml")}
+    if value and all(v.strip() in names for v in value.split(",")):
+        return f"strategy@strategy.inner={value}"
+    return arg
 
 
 #: the config keys a checkpoint's run decides (and validate/test/predict repeat from it).
