@@ -14,6 +14,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
+from nde_zoo.checkpoints import CheckpointError, VerifiedCheckpointIO, claim_run_dir, verify_checksum
+
 log = logging.getLogger("nde_zoo")
 
 __all__ = ["run", "build"]
@@ -52,6 +54,10 @@ def _check_ckpt_path(sub: str, cfg: DictConfig) -> str | None:
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} is not a Lightning checkpoint (it has no state_dict)")
+    try:  # flipped bytes load silently otherwise
+        verify_checksum(checkpoint, f"ckpt_path={cfg.ckpt_path} ({path})")
+    except CheckpointError as exc:
+        raise SystemExit(f"error: {exc}") from None
     return str(path)
 
 
@@ -84,8 +90,10 @@ def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
 
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     loggers = [hydra.utils.instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    # Checkpoints written atomically, read back and checksummed; a failed save stops the fit.
+    plugins = None if cfg.trainer.get("plugins") else [VerifiedCheckpointIO()]
     return hydra.utils.instantiate(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir)
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, default_root_dir=str(run_dir), plugins=plugins
     )
 
 
@@ -107,6 +115,8 @@ def run(sub: str, cfg: DictConfig) -> Any:
     if sub == "gradcheck":
         return _gradcheck(cfg, datamodule, strategy)
     run_dir = _run_dir()
+    if sub == "fit" and HydraConfig.initialized():  # never into another run's directory
+        claim_run_dir(run_dir, ckpt_path)
     model.picture_dir = run_dir  # pictures next to checkpoints and logs, as the README says
     trainer = _trainer(cfg, run_dir)
     log.info("model %s with gradient strategy %r; outputs in %s", type(model).__name__, strategy, run_dir)
@@ -115,6 +125,8 @@ def run(sub: str, cfg: DictConfig) -> Any:
             trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         except SIGTERMException:  # Lightning stops after the current step and saves nothing
             raise SystemExit(_stopped_by_sigterm(trainer)) from None
+        except CheckpointError as exc:  # the first save that failed, or a corrupted resume
+            raise SystemExit(f"error: {exc}") from None
         if not cfg.get("test_after_fit", True):
             return trainer.callback_metrics
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

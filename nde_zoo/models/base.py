@@ -145,6 +145,9 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         except (ImportError, ValueError):  # pragma: no cover
             pass
         checkpoint["nde_zoo"] = identity
+        from nde_zoo.checkpoints import add_checksum
+
+        add_checksum(checkpoint, scope="state_dict")  # the weights of every zoo checkpoint verifiable on load
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint_model(checkpoint, type(self), "this checkpoint")
@@ -186,6 +189,9 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
         if isinstance(checkpoint_path, (str, Path)):
             checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+            from nde_zoo.checkpoints import verify_checksum
+
+            verify_checksum(checkpoint, f"checkpoint {checkpoint_path}")  # flipped bytes: CheckpointError
             NeuralDE.check_checkpoint_model(checkpoint, cls, f"checkpoint {checkpoint_path}")
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
                                             strict=strict, weights_only=weights_only, **kwargs)
