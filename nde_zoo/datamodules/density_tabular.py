@@ -30,11 +30,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
+from nde_zoo.datamodules.base import SplitDataModule
 from nde_zoo.datamodules.tabular import split_indices
 
 __all__ = [
@@ -226,7 +225,7 @@ _MAF_FILES = {
 }
 
 
-class DensityTabularDataModule(lightning.LightningDataModule):
+class DensityTabularDataModule(SplitDataModule):
     """A tabular density for the CNF: batches are ``(x,)`` with ``x`` ``(batch, features)``.
 
     Args:
@@ -249,69 +248,45 @@ class DensityTabularDataModule(lightning.LightningDataModule):
         test_fraction: float = 0.15,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         if dataset not in DATASETS:
             raise ValueError(f"unknown tabular dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-        self.dataset, self.root, self.max_rows = dataset, Path(root).expanduser(), max_rows
-        self.batch_size, self.val_fraction, self.test_fraction, self.seed = (
-            batch_size,
-            val_fraction,
-            test_fraction,
-            seed,
-        )
-        self._splits: dict[str, torch.Tensor] = {}
+        self.name, self.root, self.max_rows = dataset, Path(root).expanduser(), max_rows
+        self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
 
     def file(self) -> Path:
         """The MAF file this dataset is read from."""
-        candidates, _ = _MAF_FILES[self.dataset]
+        candidates, _ = _MAF_FILES[self.name]
         for name in candidates:
             if (self.root / name).is_file():
                 return self.root / name
         raise FileNotFoundError(
-            f"{self.dataset.upper()} not found: looked for "
+            f"{self.name.upper()} not found: looked for "
             f"{', '.join(str(self.root / c) for c in candidates)}; "
             f"set data.root to the MAF data folder (zenodo.org/record/1161203, data.tar.gz) or use "
             f"data.dataset=wine (embedded)"
         )
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.dataset in MAF:
-            return _MAF_FILES[self.dataset][1](self.file())
+        if self.name in MAF:
+            return _MAF_FILES[self.name][1](self.file())
         from sklearn.datasets import load_breast_cancer, load_wine
 
-        x = (load_wine() if self.dataset == "wine" else load_breast_cancer()).data.astype(np.float64)
+        x = (load_wine() if self.name == "wine" else load_breast_cancer()).data.astype(np.float64)
         train, val, test = split_indices(len(x), self.val_fraction, self.test_fraction, self.seed)
         return _standardise(x[train], x[val], x[test], x[train])
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+    def make_splits(self) -> dict[str, torch.Tensor]:
         arrays = self._arrays()
-        self._splits = {
+        return {
             name: torch.from_numpy(a[: self.max_rows].astype(np.float32))
             for name, a in zip(("train", "val", "test"), arrays, strict=True)
         }
 
     @property
     def num_features(self) -> int:
-        self.setup()
-        return int(self._splits["train"].shape[1])
+        return int(self.split("train").shape[1])
 
     def split(self, name: str) -> torch.Tensor:
-        self.setup()
-        return self._splits[name]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(TensorDataset(self.split(split)), batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        """The rows of split ``name``, ``(n, features)``."""
+        return self.dataset(name).tensors[0]

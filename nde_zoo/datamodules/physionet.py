@@ -31,11 +31,10 @@ import urllib.request
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
+from nde_zoo.datamodules.base import SplitDataModule
 from nde_zoo.datamodules.irregular import IrregularDataset, IrregularRecord
 from nde_zoo.datamodules.tabular import split_indices
 
@@ -173,7 +172,7 @@ def parse_record(
     return record_id, times, values, count > 0
 
 
-class PhysioNetDataModule(lightning.LightningDataModule):
+class PhysioNetDataModule(SplitDataModule):
     """PhysioNet 2012 set-a as irregular series for the latent ODE (Rubanova et al. 2019).
 
     Args:
@@ -200,7 +199,7 @@ class PhysioNetDataModule(lightning.LightningDataModule):
         test_fraction: float = 0.2,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         unknown = sorted(set(variables or ()) - set(VARIABLES))
         if unknown:
             raise ValueError(f"unknown PhysioNet variables {unknown}; choose from {', '.join(VARIABLES)}")
@@ -219,7 +218,6 @@ class PhysioNetDataModule(lightning.LightningDataModule):
             test_fraction,
             seed,
         )
-        self._splits: dict[str, IrregularDataset] = {}
         self.record_ids: dict[str, list[str]] = {}
         self.mean = self.std = None
 
@@ -282,9 +280,7 @@ class PhysioNetDataModule(lightning.LightningDataModule):
         return out
 
     # -- splits -----------------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+    def make_splits(self) -> dict[str, IrregularDataset]:
         parsed = []
         for name, lines in self.read_files():
             rid, times, values, mask = parse_record(lines, name, self.variables, self.quantization_hours)
@@ -302,6 +298,7 @@ class PhysioNetDataModule(lightning.LightningDataModule):
         var = np.where(count > 1, (((values - mean) * mask) ** 2).sum(0) / np.maximum(count - 1, 1), 1.0)
         std = np.where(var > 1e-12, np.sqrt(var), 1.0)
         self.mean, self.std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
+        splits = {}
         for split, idx in (("train", train), ("val", val), ("test", test)):
             records = []
             for i in idx:
@@ -314,25 +311,6 @@ class PhysioNetDataModule(lightning.LightningDataModule):
                         torch.from_numpy(m),
                     )
                 )
-            self._splits[split] = IrregularDataset(records, self.t_split)
+            splits[split] = IrregularDataset(records, self.t_split)
             self.record_ids[split] = [parsed[i][0] for i in idx]
-
-    def dataset(self, split: str) -> IrregularDataset:
-        self.setup()
-        return self._splits[split]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.dataset(split)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=data.collate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        return splits

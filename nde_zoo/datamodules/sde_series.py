@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import math
 
-import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from nde_zoo.datamodules.base import SplitDataModule
 
 __all__ = ["SDESeriesDataModule", "simulate_oscillator"]
 
@@ -48,7 +49,7 @@ def simulate_oscillator(
     return times, out + obs_noise * rng.normal(size=out.shape)
 
 
-class SDESeriesDataModule(lightning.LightningDataModule):
+class SDESeriesDataModule(SplitDataModule):
     """Noisy damped-oscillator positions for the latent SDE.
 
     Args:
@@ -76,18 +77,16 @@ class SDESeriesDataModule(lightning.LightningDataModule):
         batch_size: int = 64,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         if n_times < 2:
             raise ValueError(f"n_times must be at least 2, got {n_times}")
         self.n = {"train": n_train, "val": n_val, "test": n_test}
         self.n_times, self.t1 = n_times, t1
         self.omega, self.gamma, self.sigma, self.obs_noise = omega, gamma, sigma, obs_noise
-        self.batch_size, self.seed = batch_size, seed
-        self._splits: dict[str, TensorDataset] = {}
+        self.seed = seed
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+    def make_splits(self) -> dict[str, TensorDataset]:
+        splits = {}
         for offset, (split, n) in enumerate(self.n.items()):
             times, x = simulate_oscillator(
                 n,
@@ -100,24 +99,9 @@ class SDESeriesDataModule(lightning.LightningDataModule):
                 seed=self.seed * 1000 + offset,
             )
             t = torch.from_numpy(times.astype(np.float32)).expand(n, -1).contiguous()
-            self._splits[split] = TensorDataset(t, torch.from_numpy(x.astype(np.float32)).unsqueeze(-1))
+            splits[split] = TensorDataset(t, torch.from_numpy(x.astype(np.float32)).unsqueeze(-1))
+        return splits
 
     @property
     def obs_dim(self) -> int:
         return 1
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self._splits[split], batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import math
 
-import lightning
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 
+from nde_zoo.datamodules.base import SplitDataModule
 from nde_zoo.datamodules.irregular import IrregularDataset, IrregularRecord
 
 __all__ = ["SpiralsDataModule", "spiral_points"]
@@ -42,7 +41,7 @@ def spiral_points(u: np.ndarray, clockwise: bool) -> np.ndarray:
     return np.stack([r * np.cos(u) + 5.0, r * np.sin(u)], axis=-1)
 
 
-class SpiralsDataModule(lightning.LightningDataModule):
+class SpiralsDataModule(SplitDataModule):
     """Noisy spirals seen at irregular times, batched on the union of their times (with masks).
 
     Args:
@@ -69,7 +68,7 @@ class SpiralsDataModule(lightning.LightningDataModule):
         batch_size: int = 50,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         if not 1 <= n_obs <= n_grid:
             raise ValueError(f"n_obs={n_obs} must be between 1 and n_grid={n_grid}")
         if not 0 < duration < U_MAX:
@@ -79,8 +78,7 @@ class SpiralsDataModule(lightning.LightningDataModule):
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.n_grid, self.n_obs, self.duration = n_grid, n_obs, duration
         self.observed_fraction, self.noise_std = observed_fraction, noise_std
-        self.batch_size, self.seed = batch_size, seed
-        self._splits: dict[str, IrregularDataset] = {}
+        self.seed = seed
         self._params: dict[str, list[tuple[float, bool]]] = {}  # (u0, clockwise) per series
 
     @property
@@ -116,36 +114,16 @@ class SpiralsDataModule(lightning.LightningDataModule):
             params.append((u0, clockwise))
         return records, params
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+    def make_splits(self) -> dict[str, IrregularDataset]:
+        splits = {}
         for i, (split, n) in enumerate(self.sizes.items()):
             records, params = self._generate(n, self.seed + i)
-            self._splits[split] = IrregularDataset(records, self.t_split)
+            splits[split] = IrregularDataset(records, self.t_split)
             self._params[split] = params
-
-    def dataset(self, split: str) -> IrregularDataset:
-        self.setup()
-        return self._splits[split]
+        return splits
 
     def truth(self, split: str, index: int, times: Tensor) -> Tensor:
         """The noise-free trajectory of series ``index`` of ``split`` at ``times`` -> ``(len(times), 2)``."""
         self.setup()
         u0, clockwise = self._params[split][index]
         return torch.from_numpy(spiral_points(u0 + times.double().cpu().numpy(), clockwise)).float()
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.dataset(split)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=data.collate)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from nde_zoo.datamodules.base import SplitDataModule
 
 __all__ = ["ArrayDataModule", "split_indices"]
 
@@ -22,7 +23,7 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     return perm[n_val + n_test :], perm[:n_val], perm[n_val : n_val + n_test]
 
 
-class ArrayDataModule(lightning.LightningDataModule):
+class ArrayDataModule(SplitDataModule):
     """Serves ``(x, y)`` arrays held in memory; subclasses implement :meth:`load_arrays`.
 
     Features are standardised with the training split's mean and standard deviation.
@@ -31,13 +32,11 @@ class ArrayDataModule(lightning.LightningDataModule):
     def __init__(
         self, batch_size: int, val_fraction: float, test_fraction: float, seed: int, standardise: bool
     ) -> None:
-        super().__init__()
-        self.batch_size = batch_size
+        super().__init__(batch_size)
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.seed = seed
         self.standardise = standardise
-        self._splits: dict[str, TensorDataset] = {}
 
     def load_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """``x`` of shape ``(n, features)`` and integer labels ``y`` of shape ``(n,)``."""
@@ -47,9 +46,7 @@ class ArrayDataModule(lightning.LightningDataModule):
         """Train/val/test indices into the loaded arrays (a fixed random split by default)."""
         return split_indices(n, self.val_fraction, self.test_fraction, self.seed)
 
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+    def make_splits(self) -> dict[str, TensorDataset]:
         x, y = self.load_arrays()
         if len(x) == 0:
             raise ValueError(f"{type(self).__name__} loaded an empty dataset")
@@ -59,27 +56,9 @@ class ArrayDataModule(lightning.LightningDataModule):
             mean, std = x[train].mean(0), x[train].std(0)
             x = (x - mean) / np.where(std > 1e-8, std, 1.0)
         xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.int64))
-        self._splits = {
-            name: TensorDataset(xt[idx], yt[idx]) for name, idx in (("train", train), ("val", val), ("test", test))
-        }
+        splits = (("train", train), ("val", val), ("test", test))
+        return {name: TensorDataset(xt[idx], yt[idx]) for name, idx in splits}
 
     @property
     def num_features(self) -> int:
-        self.setup()
-        return int(self._splits["train"].tensors[0].shape[1])
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self._splits[split], batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
+        return int(self.dataset("train").tensors[0].shape[1])

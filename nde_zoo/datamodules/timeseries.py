@@ -26,10 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import lightning
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
+
+from nde_zoo.datamodules.base import SplitDataModule
 
 __all__ = ["SeriesDataModule", "drop_observations", "fill_missing", "pad_forward", "series_to_knots"]
 
@@ -94,7 +95,7 @@ def series_to_knots(
     return pad_forward(np.concatenate(parts, axis=1), length)
 
 
-class SeriesDataModule(lightning.LightningDataModule):
+class SeriesDataModule(SplitDataModule):
     """Serves labelled series as Neural CDE path knots; subclasses implement :meth:`load`.
 
     Args:
@@ -115,7 +116,7 @@ class SeriesDataModule(lightning.LightningDataModule):
         intensity: bool,
         seed: int,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         if not 0.0 <= missing_rate < 1.0:
             raise ValueError(f"missing_rate must be in [0, 1), got {missing_rate}")
         if not (
@@ -125,14 +126,12 @@ class SeriesDataModule(lightning.LightningDataModule):
                 f"val_fraction={val_fraction} and test_fraction={test_fraction} must be in [0, 1) and sum to "
                 "less than 1"
             )
-        self.batch_size = batch_size
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.missing_rate = missing_rate
         self.intensity = intensity
         self.seed = seed
         self.classes: list[str] = []
-        self._splits: dict[str, TensorDataset] = {}
 
     # -- what a subclass provides ------------------------------------------------------------
     def load(self) -> tuple[list[np.ndarray], Sequence, list[np.ndarray] | None, Sequence | None]:
@@ -149,9 +148,7 @@ class SeriesDataModule(lightning.LightningDataModule):
         return None
 
     # -- preprocessing -----------------------------------------------------------------------
-    def setup(self, stage: str | None = None) -> None:
-        if self._splits:
-            return
+    def make_splits(self) -> dict[str, TensorDataset]:
         train_x, train_y, test_x, test_y = self.load()
         if len(train_x) == 0:
             raise ValueError(f"{type(self).__name__} loaded an empty training split")
@@ -194,7 +191,7 @@ class SeriesDataModule(lightning.LightningDataModule):
         n_val = int(round(self.val_fraction * n_train))
         val_idx, fit_idx = perm[:n_val], perm[n_val:]
         test_idx = np.arange(n_train, len(everything))
-        self._splits = {
+        return {
             "train": TensorDataset(x[fit_idx], yt[fit_idx]),
             "val": TensorDataset(x[val_idx], yt[val_idx]),
             "test": TensorDataset(x[test_idx], yt[test_idx]),
@@ -203,26 +200,9 @@ class SeriesDataModule(lightning.LightningDataModule):
     @property
     def num_channels(self) -> int:
         """Channels of the path knots: time, values, intensities."""
-        self.setup()
-        return int(self._splits["train"].tensors[0].shape[-1])
+        return int(self.dataset("train").tensors[0].shape[-1])
 
     @property
     def num_classes(self) -> int:
         self.setup()
         return len(self.classes)
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        self.setup()
-        return DataLoader(self._splits[split], batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 
-import lightning
 import numpy as np
 import torch
 from sklearn.datasets import make_circles, make_moons
-from torch.utils.data import DataLoader, TensorDataset
+
+from nde_zoo.datamodules.base import SplitDataModule
 
 __all__ = ["Toy2DDataModule", "sample_toy2d", "TOY2D"]
 
@@ -66,7 +66,7 @@ def sample_toy2d(name: str, n: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(TOY2D[name](n, np.random.default_rng(seed)).astype(np.float32))
 
 
-class Toy2DDataModule(lightning.LightningDataModule):
+class Toy2DDataModule(SplitDataModule):
     """A generated 2-D density split into fixed train/val/test sets.
 
     Args:
@@ -78,37 +78,20 @@ class Toy2DDataModule(lightning.LightningDataModule):
 
     def __init__(self, dataset: str = "two_moons", n_train: int = 8000, n_val: int = 1000, n_test: int = 2000,
                  batch_size: int = 512, seed: int = 0) -> None:
-        super().__init__()
+        super().__init__(batch_size)
         if dataset not in TOY2D:
             raise ValueError(f"unknown 2-D dataset {dataset!r}; choose one of {', '.join(sorted(TOY2D))}")
-        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.name, self.seed = dataset, seed
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
-        self._splits: dict[str, torch.Tensor] = {}
 
     @property
     def num_features(self) -> int:
         return 2
 
-    def setup(self, stage: str | None = None) -> None:
-        if not self._splits:
-            self._splits = {split: sample_toy2d(self.dataset, n, self.seed + i)
-                            for i, (split, n) in enumerate(self.sizes.items())}
+    def make_splits(self) -> dict[str, torch.Tensor]:
+        return {split: sample_toy2d(self.name, n, self.seed + i)
+                for i, (split, n) in enumerate(self.sizes.items())}
 
     def split(self, name: str) -> torch.Tensor:
-        self.setup()
-        return self._splits[name]
-
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(TensorDataset(self.split(split)), batch_size=self.batch_size, shuffle=shuffle)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("test", False)
+        """The points of split ``name``, ``(n, 2)``."""
+        return self.dataset(name).tensors[0]

@@ -23,7 +23,50 @@ from torch import Tensor, nn
 from nde_zoo.models.base import NeuralDE
 from nde_zoo.strategies.base import GradientStrategy, Solution
 
-__all__ = ["CNF", "CNFField", "MLPVelocity"]
+__all__ = ["CNF", "CNFField", "MLPVelocity", "ConcatSquashLinear", "ConcatSquashVelocity", "ARCHITECTURES"]
+
+ARCHITECTURES = ("concatsquash", "concat")
+ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
+
+
+class ConcatSquashLinear(nn.Module):
+    """FFJORD's time-conditioned layer: ``(W x + b) * sigmoid(a t + c) + d t``.
+
+    Shapes: ``t`` 0-d, ``x`` ``(batch, dim_in)`` -> ``(batch, dim_out)``. Time gates and shifts every
+    unit, so a small network can make the flow's speed and direction change along the way.
+    """
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+        self.gate = nn.Linear(1, dim_out)
+        self.shift = nn.Linear(1, dim_out, bias=False)
+
+    def forward(self, t: Tensor, x: Tensor) -> Tensor:
+        tt = t.to(x).reshape(1, 1)
+        return self.linear(x) * torch.sigmoid(self.gate(tt)) + self.shift(tt)
+
+
+class ConcatSquashVelocity(nn.Module):
+    """``f(t, z)``: ``depth`` hidden :class:`ConcatSquashLinear` layers of ``width`` units (FFJORD's toy field).
+
+    Shapes: ``t`` 0-d, ``z`` ``(batch, dim)`` -> ``(batch, dim)``.
+    """
+
+    def __init__(self, dim: int, width: int = 64, depth: int = 3, activation: str = "tanh") -> None:
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
+        sizes = [dim] + [width] * depth + [dim]
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.activation = ACTIVATIONS[activation]()
+
+    def forward(self, t: Tensor, z: Tensor) -> Tensor:
+        for i, layer in enumerate(self.layers):
+            z = layer(t, z)
+            if i < len(self.layers) - 1:
+                z = self.activation(z)
+        return z
 
 
 class MLPVelocity(nn.Module):
