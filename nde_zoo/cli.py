@@ -159,7 +159,7 @@ def saved_overrides(args: list[str]) -> list[str]:
 
     def kept(override: str) -> bool:
         key = _override_key(override)
-        if key in user_keys or not key.split(".")[0].split("/")[0].split("@")[0] in RUN_KEYS:
+        if key in user_keys or key.split(".")[0].split("/")[0].split("@")[0] not in RUN_KEYS:
             return False
         top = key.split("@")[-1].split(".")[0].split("/")[0]
         return not any(top == g or key.startswith(g + ".") or key.startswith(g + "/") for g in user_groups)

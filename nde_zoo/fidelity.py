@@ -50,7 +50,10 @@ def reference_strategy(strategy: GradientStrategy) -> GradientStrategy:
     if not isinstance(base, ODEStrategy):
         raise ValueError(
             f"gradcheck compares against backprop through our solver core, which strategy "
-            f"{type(strategy).__name__} does not use"
+            f"{type(strategy).__name__} does not use; compare it yourself with "
+            f"nde_zoo.fidelity.gradient_fidelity(build_model, strategy, batch, reference=<a strategy on the "
+            f"same discretisation, e.g. Direct(solver, steps=N)>): docs/extending.md ('A new gradient "
+            f"strategy') shows it, with examples/extending/new_strategy.py"
         )
     stepping = base.stepping
     kwargs = dict(steps=stepping.steps, step_size=stepping.step_size, rtol=stepping.rtol, atol=stepping.atol,

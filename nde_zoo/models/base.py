@@ -94,8 +94,8 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
     #: a subclass that handles them itself sets this to False.
     check_finite_gradients: ClassVar[bool] = True
 
-    def __init__(self, strategy: GradientStrategy | Mapping[str, Any], lr: float = 1e-3, weight_decay: float = 0.0,
-                 lr_final_factor: float = 1.0) -> None:
+    def __init__(self, strategy: GradientStrategy | Mapping[str, Any], lr: float = 1e-3,
+                 weight_decay: float = 0.0, lr_final_factor: float = 1.0) -> None:
         super().__init__()
         if isinstance(strategy, (Mapping, DictConfig)):  # a config (``_target_`` + arguments)
             strategy = strategy_from_config(strategy)
@@ -126,13 +126,14 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         for key, value in list(hparams.items()):
             if isinstance(value, DictConfig):
                 hparams[key] = OmegaConf.to_container(value, resolve=True)
-        with warnings.catch_warnings():  # a field module is kept on purpose: load_from_checkpoint needs no args
+        with warnings.catch_warnings():  # a field module is kept on purpose: loading needs no arguments
             warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module` and is already saved")
             self.save_hyperparameters(hparams, logger=True)
 
     @classmethod
     def _identity(cls) -> dict[str, str]:
-        return {"model": f"{cls.__module__}.{cls.__qualname__}", "config_name": cls.config_name or cls.__name__}
+        name = cls.config_name or cls.__name__
+        return {"model": f"{cls.__module__}.{cls.__qualname__}", "config_name": name}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Name the model class (and, under the CLI, the run's config overrides) in the checkpoint."""
@@ -177,7 +178,8 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
-                             strict: bool | None = None, weights_only: bool | None = False, **kwargs: Any) -> Any:
+                             strict: bool | None = None, weights_only: bool | None = False,
+                             **kwargs: Any) -> Any:
         """Lightning's ``load_from_checkpoint``, checking first that the checkpoint is this model's.
 
         No arguments are needed: the checkpoint holds every constructor argument, the strategy
@@ -193,12 +195,14 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
             verify_checksum(checkpoint, f"checkpoint {checkpoint_path}")  # flipped bytes: CheckpointError
             NeuralDE.check_checkpoint_model(checkpoint, cls, f"checkpoint {checkpoint_path}")
-        return super().load_from_checkpoint(checkpoint_path, map_location=map_location, hparams_file=hparams_file,
-                                            strict=strict, weights_only=weights_only, **kwargs)
+        return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                            hparams_file=hparams_file, strict=strict,
+                                            weights_only=weights_only, **kwargs)
 
     # -- the vector field --------------------------------------------------------------------
     @staticmethod
-    def build_field(field: nn.Module | Mapping[str, Any] | None, default: Any, what: str = "field") -> nn.Module:
+    def build_field(field: nn.Module | Mapping[str, Any] | None, default: Any,
+                    what: str = "field") -> nn.Module:
         """The model's vector field: ``field`` when given, else ``default()``.
 
         ``field`` is an ``nn.Module`` or a config with ``_target_`` (from the command line:

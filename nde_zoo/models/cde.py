@@ -101,8 +101,8 @@ class NeuralCDE(NeuralDE):
         hidden_dim: size of the CDE state ``z``.
         width / depth: hidden layers of ``g_theta``.
         interpolation: ``hermite`` (default), ``cubic`` or ``linear``.
-        field: ``g_theta``: ``z (batch, hidden_dim)`` -> ``(batch, hidden_dim, in_channels)`` (an ``nn.Module``
-            or a config with ``_target_``); None builds :class:`CDEFunc`.
+        field: ``g_theta``: ``z (batch, hidden_dim)`` -> ``(batch, hidden_dim, in_channels)`` (an
+            ``nn.Module`` or a config with ``_target_``); None builds :class:`CDEFunc`.
         lr / weight_decay: AdamW.
         lr_final_factor: the learning rate follows a cosine from ``lr`` down to ``lr * lr_final_factor``
             over the run (1: constant).

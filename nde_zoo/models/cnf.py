@@ -48,7 +48,7 @@ class ConcatSquashLinear(nn.Module):
 
 
 class ConcatSquashVelocity(nn.Module):
-    """``f(t, z)``: ``depth`` hidden :class:`ConcatSquashLinear` layers of ``width`` units (FFJORD's toy field).
+    """``f(t, z)``: ``depth`` hidden :class:`ConcatSquashLinear` layers of ``width`` units (FFJORD's toy).
 
     Shapes: ``t`` 0-d, ``z`` ``(batch, dim)`` -> ``(batch, dim)``.
     """
@@ -58,7 +58,8 @@ class ConcatSquashVelocity(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
         sizes = [dim] + [width] * depth + [dim]
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        pairs = zip(sizes[:-1], sizes[1:], strict=True)
+        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in pairs)
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
@@ -79,7 +80,7 @@ class MLPVelocity(nn.Module):
         super().__init__()
         layers: list[nn.Module] = []
         sizes = [dim + 1] + [width] * depth
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), nn.Softplus()]
         layers.append(nn.Linear(sizes[-1], dim))
         self.net = nn.Sequential(*layers)
