@@ -118,10 +118,12 @@ def verify_checksum(checkpoint: Any, where: str) -> bool:
     now = tensor_checksum(checkpoint, saved.get("scope", "all"))
     if now["digest"] != saved.get("digest"):
         raise CheckpointError(
-            f"{where} is corrupted: its tensors do not match the checksum written with it ({saved.get('tensors')} "
+            f"{where} is corrupted: its tensors do not match the checksum written with it "
+            f"({saved.get('tensors')} "
             f"tensors saved, {now['tensors']} read; blake2b {saved.get('digest', '')[:12]}... saved, "
             f"{now['digest'][:12]}... read). The file changed after it was written (disk, copy or transfer "
-            f"error); use another checkpoint, e.g. the run's other one (last.ckpt or epochNNN.ckpt), or re-copy it"
+            f"error); use another checkpoint, e.g. the run's other one (last.ckpt or epochNNN.ckpt), "
+            f"or re-copy it"
         )
     return True
 
@@ -131,8 +133,9 @@ def verify_checkpoint_file(path: str | os.PathLike[str], *, weights_only: bool =
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
     except Exception as exc:
+        first_line = str(exc).splitlines()[0][:200] if str(exc) else ""
         raise CheckpointError(
-            f"checkpoint {path} is not readable ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+            f"checkpoint {path} is not readable ({type(exc).__name__}: {first_line}); "
             f"it may be truncated or corrupted: use another one, e.g. checkpoints/last.ckpt of the same run"
         ) from exc
     verify_checksum(checkpoint, f"checkpoint {path}")
@@ -151,7 +154,9 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
     (``s3://`` and other fsspec URLs) are written by Lightning's own writer and then read back.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         add_checksum(checkpoint)
         fs = get_filesystem(path)
         local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
@@ -164,9 +169,9 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             raise
         except Exception as exc:
             raise CheckpointError(
-                f"could not write checkpoint {path}: {type(exc).__name__}: {exc}. Training stops here, at the "
-                f"first save that failed, so no more work is lost: make its folder writable (or free disk space) "
-                f"and resume from the last good checkpoint, or pass a writable hydra.run.dir="
+                f"could not write checkpoint {path}: {type(exc).__name__}: {exc}. Training stops here, "
+                f"at the first save that failed, so no more work is lost: make its folder writable (or "
+                f"free disk space) and resume from the last good checkpoint, or pass a writable hydra.run.dir="
             ) from exc
         try:
             if local:
@@ -180,10 +185,16 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
                 f"last good checkpoint"
             ) from exc
         if not verify_checksum(back, f"checkpoint {path}, just written,"):
-            raise CheckpointError(f"checkpoint {path} was read back without its checksum: the write did not land")
+            raise CheckpointError(
+                f"checkpoint {path} was read back without its checksum: the write did not land"
+            )
 
-    def load_checkpoint(self, path: Any, map_location: Callable | Any = lambda storage, loc: storage,
-                        weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self,
+        path: Any,
+        map_location: Callable | Any = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         verify_checksum(checkpoint, f"checkpoint {path}")
         return checkpoint
@@ -237,18 +248,26 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     ckpt_dir = run_dir / "checkpoints"
     resuming_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == ckpt_dir
     claim = run_dir / CLAIM_FILE
-    record = {"id": uuid.uuid4().hex, "pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S %z"), "resumed_from": ckpt_path}
+    record = {
+        "id": uuid.uuid4().hex,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "resumed_from": ckpt_path,
+    }
     if resuming_here:
         run_dir.mkdir(parents=True, exist_ok=True)
         claim.write_text(json.dumps(record))
         return
     existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
-    fix = (f"start it in a new directory (leave hydra.run.dir at its default, which is unique per run, or "
-           f"pass another one), or resume that run with ckpt_path={ckpt_dir / 'last.ckpt'}")
+    fix = (
+        f"start it in a new directory (leave hydra.run.dir at its default, which is unique per run, or "
+        f"pass another one), or resume that run with ckpt_path={ckpt_dir / 'last.ckpt'}"
+    )
     if existing:
         raise SystemExit(
-            f"error: the run directory {run_dir} already holds another run's checkpoints ({', '.join(existing[:4])}"
+            f"error: the run directory {run_dir} already holds another run's checkpoints "
+            f"({', '.join(existing[:4])}"
             f"{' ...' if len(existing) > 4 else ''}); this fit would overwrite them: {fix}"
         )
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -196,7 +196,11 @@ def _refuse_replayed_ddp(cfg: Any) -> None:
     """In a multirun, Lightning's subprocess DDP would replay the whole sweep: refuse it."""
     from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 
-    strategy = str(cfg.trainer.get("strategy", "auto"))
+    strategy = cfg.trainer.get("strategy", "auto")
+    if not isinstance(strategy, str):  # a strategy object (e.g. DDPStrategy with a timeout: docs/reliability.md)
+        target = str(strategy.get("_target_", "")) if hasattr(strategy, "get") else ""
+        spawn = str(strategy.get("start_method", "popen")) != "popen" if hasattr(strategy, "get") else False
+        strategy = "ddp_spawn" if spawn else "ddp" if target.endswith("DDPStrategy") else target
     if strategy.startswith("ddp") and not strategy.startswith("ddp_spawn"):
         if not (SLURMEnvironment.detect() or TorchElasticEnvironment.detect()):
             raise SystemExit(

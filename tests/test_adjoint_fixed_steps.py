@@ -19,8 +19,14 @@ from nde_zoo.strategies import Adjoint, Direct, Seminorm
 
 #: (stages, FSAL) of each torchdiffeq-backed solver. Fixed-grid methods cost ``s`` per step;
 #: the FSAL pairs (pinned to the grid) cost one first evaluation per solve and ``s - 1`` per step.
-SOLVERS = {"euler": (1, False), "midpoint": (2, False), "rk38": (4, False), "heun": (2, False),
-           "bosh3": (4, True), "dopri5": (7, True)}
+SOLVERS = {
+    "euler": (1, False),
+    "midpoint": (2, False),
+    "rk38": (4, False),
+    "heun": (2, False),
+    "bosh3": (4, True),
+    "dopri5": (7, True),
+}
 
 
 class Field(nn.Module):

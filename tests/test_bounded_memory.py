@@ -132,13 +132,22 @@ def test_plain_python_sde_solves_keep_nothing(make):
 
 
 def _trainer(**kwargs):
-    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False)
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     return lightning.Trainer(**{**defaults, **kwargs})
 
 
-@pytest.mark.parametrize(("make", "nfe"), [(lambda: Direct("rk4", steps=4), 16.0),
-                                           (lambda: Reversible("rk4", steps=4), 32.0)], ids=["direct", "reversible"])
+@pytest.mark.parametrize(
+    ("make", "nfe"),
+    [(lambda: Direct("rk4", steps=4), 16.0), (lambda: Reversible("rk4", steps=4), 32.0)],
+    ids=["direct", "reversible"],
+)
 def test_training_figures_unchanged_and_test_predict_keep_nothing(make, nfe):
     """The per-step figures are still logged in training; ``test``/``predict`` keep no solutions."""
     lightning.seed_everything(0)
@@ -196,7 +205,7 @@ def test_history_is_thinned_beyond_its_limit(monkeypatch):
         strategy.on_train_batch_end(SimpleNamespace(global_step=step), module, None, None, step)
     steps = [int(h["step"]) for h in strategy.history]
     assert len(steps) <= 16
-    assert len({b - a for a, b in zip(steps, steps[1:])}) == 1 and steps[-1] > 180
+    assert len({b - a for a, b in zip(steps, steps[1:], strict=False)}) == 1 and steps[-1] > 180
 
 
 def test_too_many_solves_in_one_step_warn():

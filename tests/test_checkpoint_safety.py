@@ -31,25 +31,52 @@ from nde_zoo.checkpoints import (
 from nde_zoo.models import ODEClassifier
 from tests.conftest import REPO
 
-TINY = ["model=ode_classifier", "trainer.accelerator=cpu", "trainer.max_epochs=2", "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-        "trainer.enable_progress_bar=false", "~callbacks.progress_bar", "strategy.solver=rk4", "strategy.steps=2",
-        "model.state_dim=8", "model.width=16"]
-ENV = {"PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "PYTHONWARNINGS": "ignore"}
+TINY = [
+    "model=ode_classifier",
+    "trainer.accelerator=cpu",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_progress_bar=false",
+    "~callbacks.progress_bar",
+    "strategy.solver=rk4",
+    "strategy.steps=2",
+    "model.state_dim=8",
+    "model.width=16",
+]
+ENV = {
+    "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    "PYTHONWARNINGS": "ignore",
+}
 
 
-def _fit(*args: str, cwd: Path, prefix: tuple[str, ...] = (), timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, sys.executable, "-m", "nde_zoo", "fit", *TINY, *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout, env={**os.environ, **ENV})
+def _fit(
+    *args: str, cwd: Path, prefix: tuple[str, ...] = (), timeout: int = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "nde_zoo", "fit", *TINY, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **ENV},
+    )
 
 
 def _flip_tensor_bytes(path: Path, n: int = 400) -> None:
-    """Flip ``n`` bytes inside the largest tensor record of a ``torch.save`` zip (its pickle stays readable)."""
+    """Flip ``n`` bytes in the largest tensor record of a ``torch.save`` zip (its pickle stays readable)."""
     with zipfile.ZipFile(path) as archive:
         record = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
     data = bytearray(path.read_bytes())
     off = record.header_offset
-    start = off + 30 + int.from_bytes(data[off + 26:off + 28], "little") + int.from_bytes(data[off + 28:off + 30], "little")
+    start = (
+        off
+        + 30
+        + int.from_bytes(data[off + 26 : off + 28], "little")
+        + int.from_bytes(data[off + 28 : off + 30], "little")
+    )
     for k in range(n):
         data[start + (7 * k) % record.file_size] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -57,9 +84,13 @@ def _flip_tensor_bytes(path: Path, n: int = 400) -> None:
 
 # -- checksums ---------------------------------------------------------------------------------------
 def test_checksum_survives_a_round_trip_and_catches_flipped_bytes(tmp_path):
-    checkpoint = {"state_dict": {"w": torch.randn(64, 64), "b": torch.randn(64).bfloat16(), "n": torch.tensor(3)},
-                  "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(64, 64)}}}], "epoch": 2,
-                  "hyper_parameters": {"lr": 1e-3, "strategy": {"_target_": "x"}}, "odd": {1, 2}}
+    checkpoint = {
+        "state_dict": {"w": torch.randn(64, 64), "b": torch.randn(64).bfloat16(), "n": torch.tensor(3)},
+        "optimizer_states": [{"state": {0: {"exp_avg": torch.randn(64, 64)}}}],
+        "epoch": 2,
+        "hyper_parameters": {"lr": 1e-3, "strategy": {"_target_": "x"}},
+        "odd": {1, 2},
+    }
     add_checksum(checkpoint)
     path = tmp_path / "a.ckpt"
     torch.save(checkpoint, path)
@@ -120,7 +151,9 @@ def test_unwritable_checkpoint_folder_fails_the_fit_at_the_first_save(tmp_path):
         (run / "checkpoints").chmod(0o755)
     text = out.stdout + out.stderr
     assert out.returncode != 0, "fit exited 0 without writing a checkpoint:\n" + text[-3000:]
-    assert f"could not write checkpoint {run / 'checkpoints'}" in text and "PermissionError" in text, text[-3000:]
+    assert f"could not write checkpoint {run / 'checkpoints'}" in text and "PermissionError" in text, text[
+        -3000:
+    ]
     assert "Epoch 1" not in text and "test with" not in text  # stopped at the first save, epoch 0
     assert not list((run / "checkpoints").iterdir())
 
@@ -149,26 +182,48 @@ def test_corrupted_checkpoint_is_refused_naming_the_file(trained, tmp_path):
     shutil.copy(trained / "checkpoints" / "last.ckpt", bad)
     _flip_tensor_bytes(bad)
     for sub in ("test", "fit"):  # evaluating it, and resuming a fit from it
-        out = subprocess.run([sys.executable, "-m", "nde_zoo", sub, *TINY, f"ckpt_path={bad}",
-                              f"hydra.run.dir={tmp_path / sub}"], cwd=tmp_path, capture_output=True, text=True,
-                             timeout=300, env={**os.environ, **ENV})
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "nde_zoo",
+                sub,
+                *TINY,
+                f"ckpt_path={bad}",
+                f"hydra.run.dir={tmp_path / sub}",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, **ENV},
+        )
         assert out.returncode != 0, out.stdout[-2000:]
         assert f"ckpt_path={bad} ({bad}) is corrupted" in out.stderr, out.stderr[-2000:]
     with pytest.raises(CheckpointError, match=f"checkpoint {bad} is corrupted"):
         ODEClassifier.load_from_checkpoint(bad)
-    assert isinstance(ODEClassifier.load_from_checkpoint(trained / "checkpoints" / "last.ckpt"), ODEClassifier)
+    assert isinstance(
+        ODEClassifier.load_from_checkpoint(trained / "checkpoints" / "last.ckpt"), ODEClassifier
+    )
 
 
 def test_weights_checksum_of_a_plain_lightning_trainer(tmp_path):
-    """Without the plugin (a plain ``lightning.Trainer``), the model's own hook still checksums the weights."""
+    """Without the plugin (a plain ``lightning.Trainer``) the model's own hook still checksums the weights."""
     import lightning
 
     from nde_zoo.datamodules import DigitsDataModule
     from nde_zoo.strategies import Direct
 
     model = ODEClassifier(Direct("rk4", steps=2), state_dim=8, width=16)
-    trainer = lightning.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
-                                enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(model, DigitsDataModule(batch_size=32))
     path = tmp_path / "plain.ckpt"
     trainer.save_checkpoint(path)
@@ -182,14 +237,29 @@ def test_weights_checksum_of_a_plain_lightning_trainer(tmp_path):
 def test_two_fits_started_together_get_their_own_run_directories(tmp_path):
     """Default run directories (no hydra.run.dir): two fits started at the same moment do not share one."""
     command = [sys.executable, "-m", "nde_zoo", "fit", *TINY, "test_after_fit=false", "trainer.max_epochs=1"]
-    procs = [subprocess.Popen([*command, f"seed={seed}"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, env={**os.environ, **ENV}) for seed in (1, 2)]
+    procs = [
+        subprocess.Popen(
+            [*command, f"seed={seed}"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **ENV},
+        )
+        for seed in (1, 2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
     runs = sorted((tmp_path / "outputs" / "fit" / "ode_classifier").iterdir())
     assert len(runs) == 2, runs
-    seeds = sorted(next(line for line in (r / ".hydra" / "config.yaml").read_text().splitlines()
-                        if line.startswith("seed:")) for r in runs)
+    seeds = sorted(
+        next(
+            line
+            for line in (r / ".hydra" / "config.yaml").read_text().splitlines()
+            if line.startswith("seed:")
+        )
+        for r in runs
+    )
     assert seeds == ["seed: 1", "seed: 2"]
     assert all((r / "checkpoints" / "last.ckpt").is_file() for r in runs)
 
@@ -200,12 +270,19 @@ def test_a_fit_never_writes_into_another_runs_directory(trained, tmp_path):
     before = (run / "checkpoints" / "last.ckpt").read_bytes()
     out = _fit(f"hydra.run.dir={run}", "test_after_fit=false", cwd=tmp_path)
     assert out.returncode != 0
-    assert f"the run directory {run.resolve()} already holds another run's checkpoints" in out.stderr, out.stderr[-2000:]
+    assert f"the run directory {run.resolve()} already holds another run's checkpoints" in out.stderr, (
+        out.stderr[-2000:]
+    )
     assert f"ckpt_path={run.resolve() / 'checkpoints' / 'last.ckpt'}" in out.stderr
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == before
     # resuming that very run, in place, is allowed
-    out = _fit(f"hydra.run.dir={run}", "test_after_fit=false", "trainer.max_epochs=3",
-               f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    out = _fit(
+        f"hydra.run.dir={run}",
+        "test_after_fit=false",
+        "trainer.max_epochs=3",
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
 
@@ -213,9 +290,20 @@ def test_a_fit_never_writes_into_another_runs_directory(trained, tmp_path):
 def test_two_fits_pinned_to_one_directory_at_once_one_is_refused(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "nde_zoo", "fit", *TINY, "test_after_fit=false", f"hydra.run.dir={run}"]
-    procs = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env={**os.environ, **ENV}) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **ENV},
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert sorted(p.returncode for p in procs) == [0, 1], outs[0][-2000:] + outs[1][-2000:]
     refused = outs[[p.returncode for p in procs].index(1)]
-    assert "belongs to another fit" in refused or "already holds another run's checkpoints" in refused, refused[-2000:]
+    assert "belongs to another fit" in refused or "already holds another run's checkpoints" in refused, (
+        refused[-2000:]
+    )

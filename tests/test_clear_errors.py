@@ -60,11 +60,16 @@ def test_empty_batch_of_an_sde_is_named(make):
 
     y0 = torch.randn(0, 2)
     with pytest.raises(ValueError, match="the batch is empty"):
-        make(steps=4).solve_sde(ToySDE(), y0, torch.tensor([0.0, 1.0]), brownian(0.0, 1.0, torch.randn(1, 2), 0))
+        make(steps=4).solve_sde(
+            ToySDE(), y0, torch.tensor([0.0, 1.0]), brownian(0.0, 1.0, torch.randn(1, 2), 0)
+        )
 
 
-@pytest.mark.parametrize("make", [lambda: Adjoint("dopri5"), lambda: Seminorm("dopri5"),
-                                  lambda: Adjoint("bosh3", steps=4)], ids=["adjoint", "seminorm", "adjoint_fixed"])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: Adjoint("dopri5"), lambda: Seminorm("dopri5"), lambda: Adjoint("bosh3", steps=4)],
+    ids=["adjoint", "seminorm", "adjoint_fixed"],
+)
 def test_nan_data_under_the_adjoints_names_the_data(make):
     y0 = torch.randn(8, 4)
     y0[3, 1] = float("nan")
@@ -72,7 +77,9 @@ def test_nan_data_under_the_adjoints_names_the_data(make):
         make().solve(_f(_field()), y0, torch.tensor([0.0, 1.0]))
 
 
-@pytest.mark.parametrize("make", [lambda: Adjoint("dopri5"), lambda: Seminorm("dopri5")], ids=["adjoint", "seminorm"])
+@pytest.mark.parametrize(
+    "make", [lambda: Adjoint("dopri5"), lambda: Seminorm("dopri5")], ids=["adjoint", "seminorm"]
+)
 def test_nan_field_under_the_adjoints_names_the_field(make):
     net = _field()
     with torch.no_grad():
@@ -84,4 +91,6 @@ def test_nan_field_under_the_adjoints_names_the_field(make):
 def test_blow_up_on_a_fixed_grid_is_not_called_stiff():
     """dopri5 pinned to a fixed grid: a state overflowing is named as such, not as a stiff step underflow."""
     with pytest.raises(NonFiniteStateError, match="NaN or infinite on its fixed grid"):
-        Adjoint("dopri5", steps=4).solve(lambda t, y: 1e3 * y**3, torch.full((2, 2), 10.0), torch.tensor([0.0, 1.0]))
+        Adjoint("dopri5", steps=4).solve(
+            lambda t, y: 1e3 * y**3, torch.full((2, 2), 10.0), torch.tensor([0.0, 1.0])
+        )

@@ -19,8 +19,10 @@ import pytest
 from nde_zoo.checkpoints import verify_checkpoint_file
 from tests.conftest import REPO
 
-TIMEOUT_OVERRIDE = ("trainer.strategy={_target_:lightning.pytorch.strategies.DDPStrategy,"
-                    "timeout:{_target_:datetime.timedelta,seconds:120}}")
+TIMEOUT_OVERRIDE = (
+    "trainer.strategy={_target_:lightning.pytorch.strategies.DDPStrategy,"
+    "timeout:{_target_:datetime.timedelta,seconds:120}}"
+)
 
 
 class KillRankAt(lightning.Callback):
@@ -44,18 +46,42 @@ class KillRankAt(lightning.Callback):
 @pytest.mark.standalone
 def test_a_dead_rank_fails_the_fit_within_seconds_and_last_ckpt_stays_loadable(tmp_path):
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "nde_zoo", "fit", "trainer=ddp", "trainer.devices=2", "trainer.accelerator=cpu",
-               TIMEOUT_OVERRIDE, "model=ode_classifier", "trainer.max_epochs=3", "trainer.limit_train_batches=3",
-               "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-               "~callbacks.progress_bar", "strategy.solver=rk4", "strategy.steps=2", "model.state_dim=8",
-               "model.width=16", "test_after_fit=false", f"hydra.run.dir={run}",
-               f"+callbacks.kill._target_={__name__}.KillRankAt", "+callbacks.kill.rank=1",
-               "+callbacks.kill.epoch=1", "+callbacks.kill.batch=1"]
+    command = [
+        sys.executable,
+        "-m",
+        "nde_zoo",
+        "fit",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "trainer.accelerator=cpu",
+        TIMEOUT_OVERRIDE,
+        "model=ode_classifier",
+        "trainer.max_epochs=3",
+        "trainer.limit_train_batches=3",
+        "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0",
+        "trainer.enable_progress_bar=false",
+        "~callbacks.progress_bar",
+        "strategy.solver=rk4",
+        "strategy.steps=2",
+        "model.state_dim=8",
+        "model.width=16",
+        "test_after_fit=false",
+        f"hydra.run.dir={run}",
+        f"+callbacks.kill._target_={__name__}.KillRankAt",
+        "+callbacks.kill.rank=1",
+        "+callbacks.kill.epoch=1",
+        "+callbacks.kill.batch=1",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
-    env.update(PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    env.update(
+        PYTHONWARNINGS="ignore",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    )
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     lines, killed_at = [], None
     try:
         for line in proc.stdout:  # type: ignore[union-attr]

@@ -146,6 +146,11 @@ def test_multirun_refusal_applies_only_outside_slurm_and_torchrun(monkeypatch):
     with pytest.raises(SystemExit, match="re-launch the whole sweep"):
         nde_cli._refuse_replayed_ddp(_ddp_cfg())
     nde_cli._refuse_replayed_ddp(OmegaConf.create({"trainer": {"strategy": "ddp_spawn"}}))
+    ddp_object = {"_target_": "lightning.pytorch.strategies.DDPStrategy",  # with a timeout (docs/reliability.md)
+                  "timeout": {"_target_": "datetime.timedelta", "minutes": 5}}
+    with pytest.raises(SystemExit, match="re-launch the whole sweep"):
+        nde_cli._refuse_replayed_ddp(OmegaConf.create({"trainer": {"strategy": ddp_object}}))
+    nde_cli._refuse_replayed_ddp(OmegaConf.create({"trainer": {"strategy": {**ddp_object, "start_method": "spawn"}}}))
     with monkeypatch.context() as m:  # a SLURM task (srun, or hydra/launcher=slurm)
         for key, value in dict(SLURM_NTASKS="2", SLURM_JOB_NAME="nde_zoo").items():
             m.setenv(key, value)
