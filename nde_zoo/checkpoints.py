@@ -171,7 +171,7 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
             raise CheckpointError(
                 f"could not write checkpoint {path}: {type(exc).__name__}: {exc}. Training stops here, "
                 f"at the first save that failed, so no more work is lost: make its folder writable (or "
-                f"free disk space) and resume from the last good checkpoint, or pass a writable hydra.run.dir="
+                f"free disk space) and resume from the last good checkpoint, or use a writable hydra.run.dir="
             ) from exc
         try:
             if local:
