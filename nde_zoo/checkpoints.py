@@ -238,15 +238,19 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
 
     Refused: a directory whose ``checkpoints/`` holds ``*.ckpt`` files, or that another fit has
     claimed, unless this fit resumes from a checkpoint inside that very ``checkpoints/`` folder
-    (resuming a run in place). The claim is a file created atomically (``O_EXCL``), so two fits
-    started into one directory at the same moment cannot both get it. Only global rank 0 claims:
-    the other ranks of a distributed fit share rank 0's directory by design.
+    (resuming a run in place; also a SLURM job requeued by Lightning, which resumes from the
+    ``hpc_ckpt_*.ckpt`` it left in the directory). The claim is a file created atomically
+    (``O_EXCL``), so two fits started into one directory at the same moment cannot both get it;
+    the claim of a fit that died on this host before writing any checkpoint is taken over. Only
+    global rank 0 claims: the other ranks of a distributed fit share rank 0's directory by design.
     """
     if _process_rank() != 0:
         return
     run_dir = Path(run_dir).resolve()
     ckpt_dir = run_dir / "checkpoints"
-    resuming_here = ckpt_path is not None and Path(ckpt_path).resolve().parent == ckpt_dir
+    resuming_here = (ckpt_path is not None and Path(ckpt_path).resolve().parent == ckpt_dir) or (
+        ckpt_path is None and any(run_dir.glob("hpc_ckpt_*.ckpt"))  # Lightning's SLURM requeue resumes these
+    )
     claim = run_dir / CLAIM_FILE
     record = {
         "id": uuid.uuid4().hex,
@@ -271,17 +275,56 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
             f"{' ...' if len(existing) > 4 else ''}); this fit would overwrite them: {fix}"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    for attempt in range(2):
         try:
-            owner = json.loads(claim.read_text())
-            who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
-        except (OSError, ValueError):
-            who = "unknown"
-        raise SystemExit(
-            f"error: the run directory {run_dir} belongs to another fit ({who}); two fits must not share a "
-            f"directory (their last.ckpt and .hydra/config.yaml would overwrite each other): {fix}"
-        ) from None
+            fd = os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = json.loads(claim.read_text())
+                who = f"pid {owner.get('pid')} on {owner.get('host')}, started {owner.get('started')}"
+            except (OSError, ValueError):
+                owner, who = {}, "unknown"
+            if attempt == 0 and _dead_here(owner) and _take_over(claim, owner):
+                continue
+            raise SystemExit(
+                f"error: the run directory {run_dir} belongs to another fit ({who}); two fits must not share "
+                f"a directory (their last.ckpt and .hydra/config.yaml would overwrite each other): {fix}"
+            ) from None
     with os.fdopen(fd, "w") as fh:
         json.dump(record, fh)
+
+
+def _take_over(claim: Path, owner: dict[str, Any]) -> bool:
+    """Move a dead fit's claim aside; False (claim untouched) if another fit got there first."""
+    aside = claim.with_name(f"{CLAIM_FILE}.dead-{owner.get('pid')}-{os.getpid()}")
+    try:
+        claim.rename(aside)  # atomic: of two fits taking over at once, one moves the dead claim
+    except FileNotFoundError:
+        return False
+    try:
+        moved = json.loads(aside.read_text())
+    except (OSError, ValueError):
+        moved = {}
+    if moved.get("id") == owner.get("id"):
+        return True
+    try:  # we moved a live fit's fresh claim: put it back (link fails if yet another claim exists)
+        os.link(aside, claim)
+    except OSError:
+        pass
+    aside.unlink(missing_ok=True)
+    return False
+
+
+def _dead_here(owner: dict[str, Any]) -> bool:
+    """Whether the claim's fit ran on this host and its process no longer exists."""
+    pid = owner.get("pid")
+    if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False

@@ -307,3 +307,39 @@ def test_two_fits_pinned_to_one_directory_at_once_one_is_refused(tmp_path):
     assert "belongs to another fit" in refused or "already holds another run's checkpoints" in refused, (
         refused[-2000:]
     )
+
+
+def test_claim_run_dir_rules(tmp_path, monkeypatch):
+    """The claim, directly: refused twice, a dead fit's claim taken over, SLURM requeue, other ranks."""
+    import json
+    import socket
+
+    from nde_zoo.checkpoints import CLAIM_FILE, claim_run_dir
+
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    run = tmp_path / "run"
+    claim_run_dir(run, None)
+    assert json.loads((run / CLAIM_FILE).read_text())["pid"] == os.getpid()
+    with pytest.raises(SystemExit, match="belongs to another fit"):
+        claim_run_dir(run, None)  # a live fit (this process) owns it
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / CLAIM_FILE).write_text(json.dumps({"id": "x", "pid": int(dead.stdout), "host": socket.gethostname()}))
+    claim_run_dir(run, None)  # its fit died before writing a checkpoint: taken over
+    assert json.loads((run / CLAIM_FILE).read_text())["pid"] == os.getpid()
+    assert list(run.glob(f"{CLAIM_FILE}.dead-*"))
+
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="already holds another run's checkpoints"):
+        claim_run_dir(run, None)
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"")  # Lightning's SLURM requeue resumes from this by itself
+    claim_run_dir(run, None)
+    claim_run_dir(run, str(run / "checkpoints" / "last.ckpt"))  # resuming in place
+
+    for key in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "NODE_RANK"):  # other ranks share rank 0's directory
+        with monkeypatch.context() as m:
+            m.setenv(key, "1")
+            claim_run_dir(tmp_path / "other", None)
+            assert not (tmp_path / "other").exists()
