@@ -22,3 +22,23 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def bench_quick(tmp_path_factory):
+    """``bench_quick(name)``: run ``python -m nde_zoo bench NAME --quick`` once per session, through
+    the CLI as a user would; returns ``(report, markdown)``, the JSON it wrote (summary, tables,
+    notes, verdicts, data) and its markdown section."""
+    import json
+
+    done: dict[str, tuple[dict, str]] = {}
+
+    def run(name: str) -> tuple[dict, str]:
+        if name not in done:
+            out = tmp_path_factory.mktemp(f"bench_{name}")
+            proc = run_cli("bench", name, "--quick", "--out", str(out), timeout=600)
+            assert proc.returncode == 0, proc.stderr[-4000:]
+            done[name] = (json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text())
+        return done[name]
+
+    return run

@@ -1,7 +1,7 @@
 """``python -m nde_zoo bench NAME [--quick] [--out DIR] [--docs]``.
 
 Runs ``nde_zoo.bench.<NAME>.run(quick)``, prints its markdown, writes
-``<out>/<name>.json``, ``<out>/<name>.md`` and one PNG per figure, and (full runs, or
+``<out>/<name>.json`` (summary, tables, notes, verdicts and raw data), ``<out>/<name>.md`` and one PNG per figure, and (full runs, or
 ``--docs``) puts the section ``## <name>`` in ``docs/benchmarks.md`` with the command that
 produced it, replacing an earlier section of the same name.
 """
@@ -65,7 +65,7 @@ def _update_docs(path: Path, name: str, section: str) -> None:
 
 def write_report(report: BenchReport, out: Path, command: str, docs: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{report.name}.json").write_text(json.dumps(report.data, indent=2, default=str))
+    (out / f"{report.name}.json").write_text(json.dumps(report.as_dict(), indent=2, default=str))
     (out / f"{report.name}.md").write_text(_section(report, command))
     for stem, figure in report.figures.items():
         target = out / f"{report.name}_{stem}.png"
