@@ -12,8 +12,8 @@ KWARGS = dict(seeds=[0], tolerances=TOLERANCES[:1], epochs=1, batch_sizes=[4], s
 
 
 def test_missing_speech_commands_is_skipped_with_how_to_get_it(tmp_path):
-    results, tables, notes = _part_speech_commands(str(tmp_path / "nowhere"), KWARGS)
-    assert results is None and tables == []
+    results, tables, notes, verdicts = _part_speech_commands(str(tmp_path / "nowhere"), KWARGS)
+    assert results is None and tables == [] and verdicts == []
     assert notes == [f"Speech Commands (the paper's set) skipped: its word folders are not under "
                      f"{tmp_path / 'nowhere'} (`data=speech_commands data.download=true` fetches 2.3 GB "
                      f"when online)."]
@@ -23,7 +23,7 @@ def test_unreadable_speech_commands_is_a_note_naming_the_file(tmp_path):
     for word in SpeechCommandsDataModule().words:
         (tmp_path / word).mkdir()
     (tmp_path / "yes" / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
-    results, tables, notes = _part_speech_commands(str(tmp_path), KWARGS)
-    assert results is None and tables == []
+    results, tables, notes, verdicts = _part_speech_commands(str(tmp_path), KWARGS)
+    assert results is None and tables == [] and verdicts == []
     assert len(notes) == 1 and notes[0].startswith(f"Speech Commands under {tmp_path} could not be read, skipped:")
     assert "broken.wav" in notes[0]

@@ -21,15 +21,21 @@ from pathlib import Path
 import lightning
 import torch
 
-from nde_zoo.bench.report import BenchReport, Table
+from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 from nde_zoo.bench.rss import training_step_rss_growth
 from nde_zoo.datamodules import UEADataModule
 from nde_zoo.models import NeuralCDE
 from nde_zoo.strategies import Direct, GradientStrategy, Reversible
 
-__all__ = ["run", "SOLVERS", "classification_loss"]
+__all__ = ["run", "SOLVERS", "classification_loss", "GOALS"]
 
 SOLVERS = ("midpoint", "rk4", "dopri5")
+RSS_BAR, ACC_BAR = 2.5, -1.0
+#: goal id -> what it asks (seed 000: "similar accuracy, 2.5-6x less GPU memory"); a verdict per solver
+GOALS = {
+    "memory": f"reversible's peak RSS growth of a training step >= {RSS_BAR}x lower than backprop's",
+    "accuracy": f"reversible's test accuracy at most {-ACC_BAR:g} point below backprop's",
+}
 
 
 def make_strategy(kind: str, solver: str, knots: int) -> GradientStrategy:
@@ -69,7 +75,8 @@ def _mean_std(values: list[float], fmt: str) -> str:
     return f"{statistics.mean(values):{fmt}} +- {std:{fmt}}"
 
 
-def _table(name: str, datamodule: UEADataModule, seeds: list[int], epochs: int) -> tuple[Table, dict, list[str]]:
+def _table(name: str, datamodule: UEADataModule, seeds: list[int], epochs: int, index: int
+           ) -> tuple[Table, dict, list[str], list[Verdict]]:
     datamodule.setup()
     knots = datamodule._splits["train"].tensors[0].shape[1]
     results: dict[str, list[dict]] = {}
@@ -77,12 +84,12 @@ def _table(name: str, datamodule: UEADataModule, seeds: list[int], epochs: int) 
         for kind in ("reversible", "direct"):
             results[f"{solver}/{kind}"] = [_fit(datamodule, make_strategy(kind, solver, knots), seed, epochs)
                                            for seed in seeds]
-    rows, notes = [], []
+    rows, notes, verdicts = [], [], []
     for solver in SOLVERS:
         rev, direct = results[f"{solver}/reversible"], results[f"{solver}/direct"]
         rows.append([solver, _mean_std([r["acc"] for r in rev], ".1f"), _mean_std([r["acc"] for r in direct], ".1f"),
-                     f"{statistics.mean(r['saved_mb'] for r in rev):.2f}",
-                     f"{statistics.mean(r['saved_mb'] for r in direct):.2f}",
+                     f"{statistics.mean(r['saved_mb'] for r in rev):.4g}",
+                     f"{statistics.mean(r['saved_mb'] for r in direct):.4g}",
                      f"{statistics.mean(r['rss_mb'] for r in rev):.1f}",
                      f"{statistics.mean(r['rss_mb'] for r in direct):.1f}",
                      f"{statistics.mean(r['train_seconds'] for r in rev):.0f}",
@@ -90,6 +97,15 @@ def _table(name: str, datamodule: UEADataModule, seeds: list[int], epochs: int) 
         kept = statistics.mean(r["saved_mb"] for r in direct) / statistics.mean(r["saved_mb"] for r in rev)
         rss = statistics.mean(r["rss_mb"] for r in direct) / statistics.mean(r["rss_mb"] for r in rev)
         gap = statistics.mean(r["acc"] for r in rev) - statistics.mean(r["acc"] for r in direct)
+        rss_cols = ("peak RSS growth MB backprop (batch 256)", "peak RSS growth MB reversible (batch 256)")
+        verdicts += [
+            Verdict("memory", f"{name}, {solver}", (Check(
+                "backprop / reversible peak RSS growth", rss, ">=", RSS_BAR,
+                Source(index, (solver,), rss_cols, "ratio"), fmt=".1f", unit="x"),)),
+            Verdict("accuracy", f"{name}, {solver}", (Check(
+                "reversible - backprop test accuracy (points)", gap, ">=", ACC_BAR,
+                Source(index, (solver,), ("acc % reversible", "acc % backprop"), "diff"), fmt="+.1f"),)),
+        ]
         notes.append(f"{name}, {solver}: reversible keeps {kept:.0f}x less for the backward pass and one training "
                      f"step's peak RSS growth is {rss:.1f}x lower than backprop's; test accuracy {gap:+.1f} points "
                      f"vs backprop (seed 000: similar accuracy, 2.5-6x less GPU memory).")
@@ -99,23 +115,26 @@ def _table(name: str, datamodule: UEADataModule, seeds: list[int], epochs: int) 
         ["solver", "acc % reversible", "acc % backprop", "kept MB reversible", "kept MB backprop",
          "peak RSS growth MB reversible (batch 256)", "peak RSS growth MB backprop (batch 256)",
          "train s reversible", "train s backprop"], rows)
-    return table, results, notes
+    return table, results, notes, verdicts
 
 
 def run(quick: bool = False) -> BenchReport:
     torch.set_num_threads(1)
     seeds = [0] if quick else [0, 1]
     epochs = 2 if quick else 15
-    tables, data, notes = [], {}, []
-    table, data["JapaneseVowels"], n = _table("JapaneseVowels", UEADataModule(batch_size=64), seeds, epochs)
+    tables, data, notes, verdicts = [], {}, [], []
+    table, data["JapaneseVowels"], n, v = _table("JapaneseVowels", UEADataModule(batch_size=64), seeds, epochs,
+                                                 len(tables))
     tables.append(table)
     notes += n
+    verdicts += v
     character = Path("data/uea/CharacterTrajectories/CharacterTrajectories_TRAIN.ts")
     if not quick and character.is_file():
         dm = UEADataModule(name="CharacterTrajectories", root="data/uea", batch_size=64)
-        table, data["CharacterTrajectories"], n = _table("CharacterTrajectories", dm, seeds, epochs)
+        table, data["CharacterTrajectories"], n, v = _table("CharacterTrajectories", dm, seeds, epochs, len(tables))
         tables.append(table)
         notes += n
+        verdicts += v
     else:
         notes.append("CharacterTrajectories (seed 000's set) skipped: its .ts files are not under data/uea "
                      "(`data=character_trajectories data.download=true` fetches them when online).")
@@ -123,5 +142,6 @@ def run(quick: bool = False) -> BenchReport:
         name="cde_memory",
         summary=("Seed 000's Neural CDE table at CPU scale: midpoint, RK4 (one step per knot) and adaptive dopri5, "
                  "each through the reversible solver (McCallum & Foster) and through plain backprop (`Direct`); "
-                 "test accuracy (mean +- std over seeds), memory kept for the backward pass and training time."),
-        tables=tables, data=data, notes=notes)
+                 "test accuracy (mean +- std over seeds), memory kept for the backward pass and training time. "
+                 f"Goals, for each solver: {GOALS['memory']}; {GOALS['accuracy']}."),
+        tables=tables, data=data, notes=notes, verdicts=verdicts)

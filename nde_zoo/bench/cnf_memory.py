@@ -35,10 +35,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nde_zoo.bench.report import BenchReport, Table
+from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 from nde_zoo.bench.rss import training_step_rss_growth
 
-__all__ = ["run", "nll_loss", "SOLVERS", "ROWS"]
+__all__ = ["run", "nll_loss", "SOLVERS", "ROWS", "GOALS", "goal_verdicts"]
 
 #: base solver -> its stepping (fixed steps for the explicit ones, FFJORD's tolerances for dopri5)
 SOLVERS: dict[str, dict[str, Any]] = {
@@ -49,6 +49,12 @@ SOLVERS: dict[str, dict[str, Any]] = {
 ROWS = ("Direct", "Reversible", "Symplectic", "Adjoint")
 GOAL_RATIO = {"midpoint": 6.0, "rk4": 10.0, "dopri5": 15.0}
 GOAL_NLL = 0.02
+#: goal id -> what it asks; every run prints a verdict for each, per base solver
+GOALS = {
+    "memory": "Reversible keeps for backward, and grows peak RSS, >= 6x / 10x / 15x less than Direct "
+              "(midpoint / rk4 / dopri5; the bar of another solver is 1x)",
+    "nll": f"Reversible's test NLL within {GOAL_NLL} nats of Direct's",
+}
 TORCHDIFFEQ_SOLVERS = {"midpoint", "dopri5"}
 
 
@@ -164,7 +170,7 @@ def _memory(
 
 
 def _mb(n: float | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.2f}"
+    return "n/a" if n is None else f"{n / 2**20:.4g}"
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -208,11 +214,9 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
 
     data = {"config": cfg, "solvers": solvers, "results": results}
     tables = [_main_table(results)]
-    notes = [
-        _goal_note(solver, res)
-        for solver, res in results.items()
-        if {"Direct", "Reversible"} <= set(res["kept"])
-    ]
+    notes = []
+    verdicts = [v for solver, res in results.items() if {"Direct", "Reversible"} <= set(res["kept"])
+                for v in goal_verdicts(solver, res)]
     sweep = results.get("dopri5", {}).get("sweep")
     if sweep:
         tables.append(_sweep_table(results["dopri5"], sweep))
@@ -238,12 +242,12 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
         f"Direct weights of each solver, on one batch of {cfg['probe_batch']}: the bytes autograd keeps for "
         "backward after the forward pass (Solution.saved_bytes) and the peak RSS growth of one training step "
         "(forward + backward) in a fresh subprocess per row. The talk: NLL 0.888-0.891 for all six; memory "
-        "Reversible / Backprop 0.56 / 3.9, 0.65 / 7.5, 0.70 / 12.8 GB (GPU). Goals: Reversible's "
-        "memory >= 6x / "
-        f"10x / 15x lower than Direct (midpoint / rk4 / dopri5), test NLL within {GOAL_NLL} nats of Direct. "
+        f"Reversible / Backprop 0.56 / 3.9, 0.65 / 7.5, 0.70 / 12.8 GB (GPU). Goals: {GOALS['memory']}; "
+        f"{GOALS['nll']}. "
         "The fixed step counts set the memory ratio (about N / 2, see the notes); 20 steps is our choice."
     )
-    return BenchReport(name="cnf_memory", summary=summary, tables=tables, data=data, notes=notes)
+    return BenchReport(name="cnf_memory", summary=summary, tables=tables, data=data, notes=notes,
+                       verdicts=verdicts)
 
 
 def _main_table(results: dict[str, Any]) -> Table:
@@ -279,9 +283,9 @@ def _main_table(results: dict[str, Any]) -> Table:
             "test NLL",
             "vs Direct",
             "kept for backward MB",
-            "Direct / this",
+            "kept: Direct / this",
             "peak RSS growth MB",
-            "Direct / this",
+            "RSS: Direct / this",
             "NFE fwd (memory probe)",
             "NFE fwd / bwd (training mean)",
             "s / step",
@@ -322,17 +326,24 @@ def _sweep_table(res: dict[str, Any], sweep: dict[float, dict[str, Any]]) -> Tab
     )
 
 
-def _goal_note(solver: str, res: dict[str, Any]) -> str:
+def goal_verdicts(solver: str, res: dict[str, Any], table: int = 0) -> list[Verdict]:
+    """The memory and NLL goals on one base solver, from ``res`` (``_run_solver``'s result) and
+    the rows ``(solver, Direct)``, ``(solver, Reversible)`` of ``tables[table]``.
+
+    A missing RSS reading (no ``/proc``, or a probe that was off) makes the memory goal "not
+    measured", never met.
+    """
     goal = GOAL_RATIO.get(solver, 1.0)
-    kr = _ratio(res["kept"]["Direct"], res["kept"]["Reversible"]) or 0.0
-    rr = _ratio(res["rss"]["Direct"], res["rss"]["Reversible"])
-    dn = abs(res["test_nll"]["Reversible"] - res["test_nll"]["Direct"])
-    met = kr >= goal and (rr is None or rr >= goal)
-    rss = f"{rr:.1f}x" if rr else "n/a"
-    return (
-        f"{solver}: Reversible keeps {kr:.0f}x less for backward, and one training step's peak RSS "
-        f"growth is {rss} "
-        f"lower than Direct's (goal >= {goal:g}x: {'met' if met else 'missed'}); test NLL "
-        f"{res['test_nll']['Reversible']:.3f} vs Direct's {res['test_nll']['Direct']:.3f} (|diff| {dn:.3f}, "
-        f"goal <= {GOAL_NLL}: {'met' if dn <= GOAL_NLL else 'missed'})"
-    )
+    rows = ((solver, "Reversible"), (solver, "Direct"))
+    nll = res["test_nll"]
+    return [
+        Verdict("memory", solver, (
+            Check("Direct / Reversible kept for backward", _ratio(res["kept"]["Direct"], res["kept"]["Reversible"]),
+                  ">=", goal, Source(table, rows[::-1], ("kept for backward MB",), "ratio"), fmt=".1f", unit="x"),
+            Check("Direct / Reversible peak RSS growth", _ratio(res["rss"]["Direct"], res["rss"]["Reversible"]),
+                  ">=", goal, Source(table, rows[::-1], ("peak RSS growth MB",), "ratio"), fmt=".1f", unit="x"),
+        )),
+        Verdict("nll", solver, (Check(
+            "|Reversible - Direct| test NLL", abs(nll["Reversible"] - nll["Direct"]), "<=", GOAL_NLL,
+            Source(table, rows, ("test NLL",), "absdiff"), fmt=".3f"),)),
+    ]

@@ -47,17 +47,23 @@ import lightning
 import torch
 from torch import Tensor, nn
 
-from nde_zoo.bench.report import BenchReport, Table
+from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 from nde_zoo.datamodules import SpeechCommandsDataModule, UEADataModule
 from nde_zoo.datamodules.timeseries import SeriesDataModule
 from nde_zoo.models import NeuralCDE
 from nde_zoo.strategies import Adjoint, Direct, GradientStrategy, Seminorm
 
-__all__ = ["run", "NORMS", "TOLERANCES"]
+__all__ = ["run", "NORMS", "TOLERANCES", "GOALS"]
 
 TOLERANCES = [(1e-6, 1e-3), (1e-7, 1e-4), (1e-8, 1e-5)]  # (atol, rtol), as in the paper
 NORMS = ("rms", "torchdiffeq_2020", "default", "torchdiffeq_seminorm", "seminorm")
 REFERENCE = dict(rtol=1e-8, atol=1e-10)
+NFE_BAR = 0.6
+#: goal id -> what it asks; every run prints a verdict for each, per data set and tolerance
+GOALS = {
+    "nfe_2020": f"seminorm backward NFE <= {NFE_BAR}x the paper's baseline (torchdiffeq_2020)",
+    "nfe_rms": f"seminorm backward NFE <= {NFE_BAR}x a plain RMS",
+}
 
 
 def make_strategy(norm: str, atol: float, rtol: float) -> GradientStrategy:
@@ -117,10 +123,13 @@ def _batches(test: tuple[Tensor, Tensor], size: int, limit: int | None = None) -
 
 
 def _part_cde(datamodule: SeriesDataModule, data_name: str, seeds: list[int], tolerances: list[tuple[float, float]],
-              epochs: int, batch_sizes: list[int], sweep_series: int) -> tuple[dict, list[Table]]:
+              epochs: int, batch_sizes: list[int], sweep_series: int, test_series: int | None = None
+              ) -> tuple[dict, list[Table]]:
+    """The CDE part; ``test_series`` limits the solved test set to its first series (``--quick``)."""
     datamodule.setup()
     test = datamodule._splits["test"].tensors
-    batches = _batches(test, 128)
+    batches = _batches(test, 128, test_series)
+    which = "test set" if test_series is None else f"first {test_series} test series"
     results: dict[str, Any] = {"cells": [], "batch_sweep": []}
     for seed in seeds:
         model = _train_cde(seed, epochs, datamodule)
@@ -150,7 +159,7 @@ def _part_cde(datamodule: SeriesDataModule, data_name: str, seeds: list[int], to
                          _mean_std([c["seconds"] for c in cells], ".2f"),
                          _mean_std([c["grad_error"] for c in cells], ".1e")])
         tables.append(Table(
-            f"Neural CDE on {data_name} (test set, batches of 128), dopri5 adjoint, atol={atol:g}, "
+            f"Neural CDE on {data_name} ({which}, batches of 128), dopri5 adjoint, atol={atol:g}, "
             f"rtol={rtol:g}, seeds {seeds}",
             ["adjoint norm", "test acc %", "backward NFE / batch", "forward NFE / batch", "fwd+bwd s / batch",
              "grad rel. error"], rows))
@@ -268,48 +277,63 @@ def _part_ode(seeds: list[int], tolerances: list[tuple[float, float]], widths: l
 
 
 # -- the report ---------------------------------------------------------------------------------
-def _cde_notes(results: dict, tolerances: list[tuple[float, float]], data_name: str) -> list[str]:
-    notes = []
-    for atol, rtol in tolerances:
+def _cde_notes(results: dict, tolerances: list[tuple[float, float]], data_name: str, first_table: int
+               ) -> tuple[list[str], list[Verdict]]:
+    """Notes and verdicts on the CDE part, whose per-tolerance tables start at ``tables[first_table]``.
+
+    No accuracy goal: the norm acts on the backward solve alone, so the forward solve, and with
+    it the test accuracy, is the same for every norm by construction (the note checks it).
+    """
+    notes, verdicts = [], []
+    for i, (atol, rtol) in enumerate(tolerances):
         figures = {}
         for norm in NORMS:
             cells = [c for c in results["cells"] if (c["atol"], c["rtol"], c["norm"]) == (atol, rtol, norm)]
             figures[norm] = {k: statistics.mean(c[k] for c in cells) for k in ("nfe_backward", "acc", "grad_error",
                                                                               "seconds")}
-        ratio = figures["seminorm"]["nfe_backward"] / figures["rms"]["nfe_backward"]
-        ratio_default = figures["seminorm"]["nfe_backward"] / figures["default"]["nfe_backward"]
-        ratio_2020 = figures["seminorm"]["nfe_backward"] / figures["torchdiffeq_2020"]["nfe_backward"]
-        gap_2020 = abs(figures["seminorm"]["acc"] - figures["torchdiffeq_2020"]["acc"])
-        ratio_tdq = figures["seminorm"]["nfe_backward"] / figures["torchdiffeq_seminorm"]["nfe_backward"]
-        gap = abs(figures["seminorm"]["acc"] - figures["rms"]["acc"])
-        met = "met" if ratio <= 0.6 and gap <= 1.0 else "missed"
-        met_2020 = "met" if ratio_2020 <= 0.6 and gap_2020 <= 1.0 else "missed"
+        semi = figures["seminorm"]
+
+        def ratio(norm: str, key: str) -> float:
+            return semi[key] / figures[norm][key]
+
+        case = f"CDE on {data_name}, atol={atol:g} rtol={rtol:g}"
+        verdicts += [Verdict(goal, case, (Check(
+            f"seminorm / {norm} backward NFE", ratio(norm, "nfe_backward"), "<=", NFE_BAR,
+            Source(first_table + i, ("seminorm", norm), ("backward NFE / batch",), "ratio"), unit="x"),))
+            for goal, norm in (("nfe_2020", "torchdiffeq_2020"), ("nfe_rms", "rms"))]
+        accuracies = sorted({round(f["acc"], 9) for f in figures.values()})
+        same = (f"the same for every norm ({accuracies[0]:.1f}%), as it must be: the norm changes only the "
+                "backward solve" if len(accuracies) == 1 else
+                "NOT the same for every norm (" + ", ".join(f"{n} {figures[n]['acc']:.2f}%" for n in NORMS) +
+                "), although the norm changes only the backward solve")
         notes.append(
-            f"CDE on {data_name}, atol={atol:g} rtol={rtol:g}: seminorm backward NFE {ratio:.2f}x the RMS baseline and "
-            f"{ratio_default:.2f}x torchdiffeq's mixed default, {ratio_tdq:.2f}x torchdiffeq's seminorm (which "
-            f"keeps |a_t|); fwd+bwd time "
-            f"{figures['seminorm']['seconds'] / figures['rms']['seconds']:.2f}x RMS; test accuracy "
-            f"{figures['seminorm']['acc']:.1f}% vs {figures['rms']['acc']:.1f}%; gradient error "
-            f"{figures['seminorm']['grad_error']:.1e} (seminorm) vs {figures['rms']['grad_error']:.1e} (RMS) vs "
-            f"{figures['default']['grad_error']:.1e} (default). Goal seminorm <= 0.6x at equal accuracy: against the "
-            f"plain RMS {met}; against the paper's own baseline (torchdiffeq 2020) {ratio_2020:.2f}x, {met_2020}.")
-    return notes
+            f"{case}: seminorm backward NFE {ratio('rms', 'nfe_backward'):.2f}x the RMS baseline, "
+            f"{ratio('torchdiffeq_2020', 'nfe_backward'):.2f}x the paper's (torchdiffeq 2020), "
+            f"{ratio('default', 'nfe_backward'):.2f}x torchdiffeq's mixed default, "
+            f"{ratio('torchdiffeq_seminorm', 'nfe_backward'):.2f}x torchdiffeq's seminorm (which keeps |a_t|); "
+            f"fwd+bwd time {ratio('rms', 'seconds'):.2f}x RMS, {ratio('torchdiffeq_2020', 'seconds'):.2f}x the 2020 "
+            f"norm; gradient error {semi['grad_error']:.1e}, {ratio('torchdiffeq_2020', 'grad_error'):.2f}x the "
+            f"2020 norm's and {ratio('rms', 'grad_error'):.2f}x RMS's. Test accuracy is {same}.")
+    return notes, verdicts
 
 
-def _part_speech_commands(root: str, cde_kwargs: dict[str, Any]) -> tuple[dict | None, list[Table], list[str]]:
-    """Part 1 on Speech Commands (the paper's own set) when its word folders are under ``root``.
+def _part_speech_commands(root: str, cde_kwargs: dict[str, Any], first_table: int = 0
+                          ) -> tuple[dict | None, list[Table], list[str], list[Verdict]]:
+    """Part 1 on Speech Commands (the paper's own set) when its word folders are under ``root``;
+    its tables will start at ``tables[first_table]``.
 
     Missing or unreadable data is a note, not a crash: the JapaneseVowels part already ran.
     """
     speech = SpeechCommandsDataModule(root=root, batch_size=64)
     if not all((Path(root) / word).is_dir() for word in speech.words):
         return None, [], [f"Speech Commands (the paper's set) skipped: its word folders are not under {root} "
-                          f"(`data=speech_commands data.download=true` fetches 2.3 GB when online)."]
+                          f"(`data=speech_commands data.download=true` fetches 2.3 GB when online)."], []
     try:
         results, tables = _part_cde(speech, "Speech Commands", **cde_kwargs)
     except (ValueError, OSError) as exc:
-        return None, [], [f"Speech Commands under {root} could not be read, skipped: {exc}"]
-    return results, tables, _cde_notes(results, cde_kwargs["tolerances"], "Speech Commands")
+        return None, [], [f"Speech Commands under {root} could not be read, skipped: {exc}"], []
+    notes, verdicts = _cde_notes(results, cde_kwargs["tolerances"], "Speech Commands", first_table)
+    return results, tables, notes, verdicts
 
 
 def run(quick: bool = False, speech_commands_root: str = "data/speech_commands") -> BenchReport:
@@ -317,14 +341,17 @@ def run(quick: bool = False, speech_commands_root: str = "data/speech_commands")
     seeds = [0] if quick else [0, 1, 2]
     tolerances = TOLERANCES[:1] if quick else TOLERANCES
     cde_kwargs = dict(seeds=seeds, tolerances=tolerances, epochs=2 if quick else 25,
-                      batch_sizes=[1, 16] if quick else [1, 16, 128], sweep_series=16 if quick else 128)
+                      batch_sizes=[8] if quick else [1, 16, 128], sweep_series=8 if quick else 128,
+                      test_series=8 if quick else None)
     cde, cde_tables = _part_cde(UEADataModule(batch_size=64), "JapaneseVowels", **cde_kwargs)
-    notes = _cde_notes(cde, tolerances, "JapaneseVowels")
-    speech_results, speech_tables, speech_notes = _part_speech_commands(speech_commands_root, cde_kwargs)
+    notes, verdicts = _cde_notes(cde, tolerances, "JapaneseVowels", 0)
+    speech_results, speech_tables, speech_notes, speech_verdicts = _part_speech_commands(
+        speech_commands_root, cde_kwargs, len(cde_tables))
     cde_tables += speech_tables
     notes += speech_notes
+    verdicts += speech_verdicts
     ode, ode_tables = _part_ode(seeds[:1] if quick else seeds[:2], tolerances, widths=[16] if quick else [16, 256],
-                                outputs=[2, 50] if quick else [2, 100], iterations=20 if quick else 150)
+                                outputs=[2, 20] if quick else [2, 100], iterations=10 if quick else 150)
     ratios = [(c_semi["nfe_backward"] / c_rms["nfe_backward"], c_semi["nfe_backward"] / c_def["nfe_backward"])
               for c_rms, _, c_def, _, c_semi in zip(*(([c for c in ode["cells"] if c["norm"] == n]) for n in NORMS),
                                                     strict=True)]
@@ -347,6 +374,10 @@ def run(quick: bool = False, speech_commands_root: str = "data/speech_commands")
                  "paper's seminorm (parameter and time channels dropped; `strategy=seminorm`). Neural CDE of `model=cde` on JapaneseVowels, "
                  "trained per seed with fixed-step RK4 backprop, then solved forwards and backwards over the test set "
                  "at each tolerance (mean +- std over seeds); gradient error is relative to backprop through dopri5 "
-                 "at rtol 1e-8. Then a plain Neural ODE with many output times."),
+                 "at rtol 1e-8. Then a plain Neural ODE with many output times. Goals, per tolerance: "
+                 f"{GOALS['nfe_2020']}; {GOALS['nfe_rms']}. The paper's 'at equal accuracy' is no goal here: "
+                 "the norm acts on the backward solve alone, so every norm's forward solve, and its test "
+                 "accuracy, is the same by construction; the gradient's error is what can differ, and is "
+                 "reported."),
         tables=cde_tables + ode_tables, data={"cde": cde, "speech_commands": speech_results, "ode": ode},
-        notes=notes)
+        notes=notes, verdicts=verdicts)

@@ -50,13 +50,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nde_zoo.bench.autograd_memory import LiveSaved
 from nde_zoo.bench.kdv import kdv_dataset
-from nde_zoo.bench.report import BenchReport, Table
+from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 
-__all__ = ["run", "KdVField"]
+__all__ = ["run", "KdVField", "GOALS"]
 
 ROWS = ("Adjoint", "Direct", "Checkpoint", "Symplectic")
 EXACT = ("Direct", "Checkpoint", "Symplectic")
+TIME_BAR, ROUND_OFF, ADJOINT_FACTOR = 1.8, 1e-10, 10.0
+#: goal id -> what it asks; every run prints a verdict for each, per task
+GOALS = {
+    "memory": "Symplectic has the lowest peak autograd memory of the exact methods",
+    "time": f"Symplectic costs <= {TIME_BAR}x Direct's time per training step",
+    "gradient": f"Symplectic's gradient error at round-off (<= {ROUND_OFF:.0e}) and the adjoint's at its "
+                f"tolerance (<= {ADJOINT_FACTOR:g} x rtol)",
+}
 
 
 class KdVField(nn.Module):
@@ -242,57 +251,19 @@ def _rss_growth(task: Task, module: nn.Module, batch: Tensor, ts: Tensor | None,
     return out
 
 
-class _LiveSaved:
-    """Peak bytes of storages autograd holds for backward *at once*, each storage counted once.
-
-    The parameters' storages (``ignore``) are left out: they exist whether or not a graph does.
-    """
-
-    def __init__(self, ignore: list[Tensor]) -> None:
-        self.refs: dict[int, list[int]] = {}  # storage pointer -> [references held, bytes]
-        self.live = 0
-        self.peak = 0
-        ignored = {t.untyped_storage().data_ptr() for t in ignore}
-        outer = self
-
-        class Held:
-            def __init__(self, tensor: Tensor) -> None:
-                # A detached alias: same storage, but no strong reference back to an output's
-                # grad_fn (that cycle would keep the graph alive and inflate the count).
-                self.tensor = tensor.detach()
-                storage = tensor.untyped_storage()
-                self.ptr = None if storage.data_ptr() in ignored else storage.data_ptr()
-                if self.ptr is not None:
-                    entry = outer.refs.setdefault(self.ptr, [0, storage.nbytes()])
-                    if entry[0] == 0:
-                        outer.live += entry[1]
-                        outer.peak = max(outer.peak, outer.live)
-                    entry[0] += 1
-
-            def __del__(self) -> None:
-                if self.ptr is not None:
-                    entry = outer.refs[self.ptr]
-                    entry[0] -= 1
-                    if entry[0] == 0:
-                        outer.live -= entry[1]
-                        del outer.refs[self.ptr]
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
-
-
 def _memory(task: Task, row: str, module: nn.Module, batch: Tensor, ts: Tensor | None) -> tuple[int, int]:
     """``(kept after the forward pass, peak = kept + the most held at once during backward)``."""
     module = copy.deepcopy(module)
     loss, sol = _loss(task, _strategy(row, task.rtol, task.atol), module, batch, ts, seed=0)
     kept = sol.saved_bytes
-    live = _LiveSaved(list(module.parameters()))
+    live = LiveSaved(list(module.parameters()))
     with live.hooks:
         loss.backward()
     return kept, kept + live.peak
 
 
 def _mb(n: float) -> str:
-    return f"{n / 2**20:.2f}"
+    return f"{n / 2**20:.4g}"
 
 
 def _run_task(task: Task, data: dict[str, Any], rows: tuple[str, ...]) -> dict[str, Any]:
@@ -421,8 +392,16 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
              f"[0, 1]; a dt/2 re-solve differs by {self_check:.1e} relative (the data's own error is ~16x "
              f"below that). Wine: scikit-learn's 178 x 13 set, standardised, 142 train / 36 test points. "
              f"Two moons: the CNF's generated 2-D set (nde_zoo.datamodules.toy2d)."]
-    for name, res in results.items():
-        notes += _goals(name, res, rows)
+    verdicts = []
+    for index, (name, res) in enumerate(results.items()):
+        verdicts += _verdicts(name, index, res, rows)
+        if {"Symplectic", "Direct"} <= set(rows):
+            paired = sorted(a / b for a, b in zip(res["hist"]["Symplectic"]["seconds"][1:],
+                                                  res["hist"]["Direct"]["seconds"][1:]))
+            if len(paired) >= 2:
+                q = statistics.quantiles(paired, n=4)
+                notes.append(f"{name}: Symplectic time / Direct per training step, paired: median {q[1]:.2f}, "
+                             f"quartiles {q[0]:.2f}-{q[2]:.2f}.")
     notes.append(
         "Gradient errors: float64 copies of the trained Direct weights, a fixed training batch (16 KdV "
         "trajectories, 64 CNF points in the full run; one fixed Hutchinson probe); 'same solve' compares with backprop "
@@ -446,15 +425,13 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
         "[0, 2 pi)) from pseudo-spectral data, in an overhead-bound and a memory-bound size. Density "
         "estimation: the FFJORD CNF (nde_zoo.models.CNF) on two moons and on scikit-learn's wine "
         "(13-d). All rows use dopri5 with the same tolerances and train in lockstep from the same "
-        "initial weights and batches. Goals: Symplectic has the lowest memory of the exact methods, "
-        "costs <= 1.8x Direct's time, and its gradient error is at round-off while the adjoint's is "
-        "at its tolerance."
+        f"initial weights and batches. Goals: {GOALS['memory']}; {GOALS['time']}; {GOALS['gradient']}."
     )
     figures = {"loss": _loss_figure(results, rows)}
     data_out: dict[str, Any] = {name: dict(res) for name, res in results.items()}
     data_out["kdv_self_check"] = self_check
     return BenchReport(name="symplectic", summary=summary, tables=tables, data=data_out, figures=figures,
-                       notes=notes)
+                       notes=notes, verdicts=verdicts)
 
 
 def _loss_figure(results: dict[str, Any], rows: tuple[str, ...]) -> Any:
@@ -478,33 +455,28 @@ def _loss_figure(results: dict[str, Any], rows: tuple[str, ...]) -> Any:
     return fig
 
 
-def _goals(name: str, res: dict[str, Any], rows: tuple[str, ...]) -> list[str]:
-    notes = []
-    exact = [r for r in rows if r in EXACT]
+def _verdicts(name: str, table: int, res: dict[str, Any], rows: tuple[str, ...]) -> list[Verdict]:
+    """The goals on one task, whose table is ``tables[table]`` (only those its rows allow)."""
     if "Symplectic" not in rows:
-        return notes
+        return []
+    out = []
     mem = res["peak_autograd_bytes"]
-    lowest = min(exact, key=lambda r: mem[r])
-    notes.append(
-        f"{name}: lowest peak autograd memory of the exact methods: {lowest} ({_mb(mem[lowest])} MB; "
-        + ", ".join(f"{r} {_mb(mem[r])}" for r in exact) + ") - goal "
-        + ("met" if lowest == "Symplectic" else "NOT met")
-    )
+    others = [r for r in rows if r in EXACT and r != "Symplectic"]
+    if others:
+        out.append(Verdict("memory", name, (Check(
+            "Symplectic peak autograd MB / the lowest other exact method's",
+            mem["Symplectic"] / min(mem[r] for r in others), "<=", 1.0,
+            Source(table, ("Symplectic", *others), ("peak autograd MB",), "ratio_to_min"), unit="x"),)))
     if "Direct" in rows:
-        ratio = res["seconds"]["Symplectic"] / res["seconds"]["Direct"]
-        paired = sorted(a / b for a, b in zip(res["hist"]["Symplectic"]["seconds"][1:],
-                                              res["hist"]["Direct"]["seconds"][1:]))
-        q = statistics.quantiles(paired, n=4) if len(paired) >= 2 else [ratio, ratio, ratio]
-        notes.append(
-            f"{name}: Symplectic time / Direct = {ratio:.2f} (ratio of medians; per training step, paired: "
-            f"median {q[1]:.2f}, quartiles {q[0]:.2f}-{q[2]:.2f}) - goal <= 1.8 "
-            f"{'met' if ratio <= 1.8 else 'NOT met'}"
-        )
-    e = res["err_same"]
-    line = f"{name}: gradient error vs backprop of the same solve (float64): Symplectic {e['Symplectic']:.1e}"
+        out.append(Verdict("time", name, (Check(
+            "Symplectic s / step / Direct's", res["seconds"]["Symplectic"] / res["seconds"]["Direct"], "<=",
+            TIME_BAR, Source(table, ("Symplectic", "Direct"), ("s / step",), "ratio"), unit="x"),)))
+    column = "grad err vs Direct (same solve, f64)"
+    checks = [Check("Symplectic gradient error", res["err_same"]["Symplectic"], "<=", ROUND_OFF,
+                    Source(table, ("Symplectic",), (column,)), fmt=".1e")]
     if "Adjoint" in rows:
-        line += f", Adjoint {e['Adjoint']:.1e} (rtol {res['task']['rtol']:g})"
-        met = e["Symplectic"] < 1e-10 and e["Adjoint"] > 100 * e["Symplectic"]
-        line += f" - goal {'met' if met else 'NOT met'}"
-    notes.append(line)
-    return notes
+        checks.append(Check("Adjoint gradient error", res["err_same"]["Adjoint"], "<=",
+                            ADJOINT_FACTOR * res["task"]["rtol"], Source(table, ("Adjoint",), (column,)),
+                            fmt=".1e"))
+    out.append(Verdict("gradient", name, tuple(checks)))
+    return out
