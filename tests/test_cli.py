@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 
 import pytest
 
@@ -67,11 +68,29 @@ def test_fit_end_to_end_then_test_from_its_checkpoint(cli, tmp_path):
     assert "test/acc" in out.stdout + out.stderr
 
 
-def test_gradcheck_subcommand(cli, tmp_path):
-    out = cli("gradcheck", "strategy.solver=rk4", "strategy.steps=3", "strategy.rtol=null",
-              "strategy.atol=null", cwd=tmp_path)
+def _gradcheck_errors(stdout: str) -> dict[str, float]:
+    return {m.group(1): float(m.group(2)) for m in re.finditer(r"^\s+(\w+): ([0-9.e+-]+)$", stdout, re.M)}
+
+
+@pytest.mark.parametrize("strategy, cls", [("symplectic", "Symplectic"), ("reversible", "Reversible")])
+def test_gradcheck_subcommand_compares_an_exact_strategy_with_backprop(cli, tmp_path, strategy, cls):
+    """Not Direct against itself: the named strategy's own backward against float64 backprop."""
+    out = cli("gradcheck", f"strategy={strategy}", "strategy.solver=rk4", "strategy.steps=3",
+              "strategy.rtol=null", "strategy.atol=null", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "relative gradient error" in out.stdout and "field" in out.stdout
+    assert f"relative gradient error of {cls}(" in out.stdout, out.stdout
+    errors = _gradcheck_errors(out.stdout)
+    assert {"field", "all"} <= set(errors), out.stdout
+    assert all(e <= 1e-10 for e in errors.values()), errors  # exact: round-off in float64
+
+
+def test_gradcheck_subcommand_shows_an_approximate_gradient(cli, tmp_path):
+    """The same command on the continuous adjoint prints an error far above round-off: it can fail."""
+    out = cli("gradcheck", "strategy=adjoint", "strategy.solver=midpoint", "strategy.steps=3",
+              "strategy.rtol=null", "strategy.atol=null", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "relative gradient error of Adjoint(" in out.stdout, out.stdout
+    assert _gradcheck_errors(out.stdout)["all"] > 1e-6
 
 
 def test_bench_lists_and_rejects_unknown(cli):
