@@ -14,6 +14,7 @@ the field on detached leaves in their own backward pass (reversible, symplectic,
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -23,9 +24,12 @@ from torch import Tensor, nn
 from nde_zoo.models.base import NeuralDE
 from nde_zoo.strategies.base import GradientStrategy, Solution
 
+log = logging.getLogger("nde_zoo")
+
 __all__ = ["CNF", "CNFField", "MLPVelocity", "ConcatSquashLinear", "ConcatSquashVelocity", "ARCHITECTURES"]
 
 ARCHITECTURES = ("concatsquash", "concat")
+DENSITY_RANGE = 6.0  # nats of log-density shown below the peak in the picture
 ACTIVATIONS = {"tanh": nn.Tanh, "softplus": nn.Softplus, "elu": nn.ELU}
 
 
@@ -143,6 +147,20 @@ class CNFField(nn.Module):
         return torch.cat([f, -trace[:, None]], dim=1)
 
 
+def gaussian_mixture_nll(train: Tensor, test: Tensor, components: int = 20, seed: int = 0,
+                         max_rows: int = 20_000) -> float:
+    """Mean NLL (nats) on ``test`` ``(n, dim)`` of a full-covariance Gaussian mixture fitted to ``train``.
+
+    The yardstick of a flow on the same split: on two moons 20 components take seconds.
+    """
+    from sklearn.mixture import GaussianMixture
+
+    x = train[:max_rows].double().cpu().numpy()
+    mixture = GaussianMixture(n_components=min(components, len(x)), covariance_type="full", reg_covar=1e-6,
+                              random_state=seed).fit(x)
+    return float(-mixture.score(test.double().cpu().numpy()))
+
+
 class CNF(NeuralDE):
     """FFJORD density model with a standard normal base; NLL in nats, logged as ``{stage}/nll``.
 
@@ -155,8 +173,14 @@ class CNF(NeuralDE):
         noise: ``"rademacher"`` or ``"gaussian"`` Hutchinson noise.
         lr / weight_decay / lr_final_factor: AdamW, and its cosine decay (see :class:`NeuralDE`).
         field: the velocity ``f(t, z) -> dz/dt`` on ``(batch, dim)`` (the trace is taken for it), or a
-            whole :class:`CNFField`; an ``nn.Module`` or a config with ``_target_``. None builds
-            ``MLPVelocity(dim, width, depth)``.
+            whole :class:`CNFField`; an ``nn.Module`` or a config with ``_target_``. None builds the
+            default of ``architecture``.
+        architecture: the default velocity: ``"concatsquash"`` (FFJORD's time-gated layers,
+            :class:`ConcatSquashVelocity`) or ``"concat"`` (time as an input, :class:`MLPVelocity`).
+        activation: of the concat-squash field: ``tanh``, ``softplus`` or ``elu``.
+        baseline_components: test also logs ``test/gmm_nll``, the NLL of a Gaussian mixture with
+            this many components fitted to the training split (0: off), so the flow's NLL has a
+            yardstick on the same split.
     """
 
     config_name = "cnf"
@@ -164,10 +188,21 @@ class CNF(NeuralDE):
     def __init__(self, strategy: GradientStrategy, dim: int = 2, width: int = 64, depth: int = 2,
                  t1: float = 1.0, exact_trace_max_dim: int = 8, noise: str = "rademacher",
                  lr: float = 1e-2, weight_decay: float = 0.0, lr_final_factor: float = 1.0,
-                 field: nn.Module | dict | None = None) -> None:
+                 field: nn.Module | dict | None = None, architecture: str = "concatsquash",
+                 activation: str = "tanh", baseline_components: int = 20) -> None:
         super().__init__(strategy, lr=lr, weight_decay=weight_decay, lr_final_factor=lr_final_factor)
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}")
         self.dim = dim
-        velocity = self.build_field(field, lambda: MLPVelocity(dim, width, depth))
+        self.baseline_components = int(baseline_components)
+        self._baseline_nll: float | None = None
+
+        def default() -> nn.Module:
+            if architecture == "concatsquash":
+                return ConcatSquashVelocity(dim, width, depth, activation)
+            return MLPVelocity(dim, width, depth)
+
+        velocity = self.build_field(field, default)
         self.field = velocity if isinstance(velocity, CNFField) else CNFField(
             dim, width, depth, exact_trace_max_dim, noise, velocity=velocity)
         self.register_buffer("ts", torch.tensor([0.0, t1]), persistent=False)
@@ -213,6 +248,22 @@ class CNF(NeuralDE):
     def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
         return self(batch[0] if isinstance(batch, (list, tuple)) else batch)
 
+    def on_test_epoch_end(self) -> None:
+        """Log ``test/gmm_nll``: a Gaussian mixture's NLL on the same split, the flow's yardstick."""
+        if self.baseline_components <= 0 or self._trainer is None:
+            return
+        if self._baseline_nll is None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            try:
+                train, test = (datamodule.dataset(s).tensors[0] for s in ("train", "test"))
+            except (AttributeError, IndexError, TypeError, ValueError):
+                return  # a datamodule without in-memory splits: no baseline
+            self._baseline_nll = gaussian_mixture_nll(train, test, self.baseline_components)
+            log.info("baseline: a %d-component Gaussian mixture fitted to the training split has test NLL "
+                     "%.3f nats (test/gmm_nll); the flow's is test/nll", self.baseline_components,
+                     self._baseline_nll)
+        self.log("test/gmm_nll", self._baseline_nll, sync_dist=False)
+
     def on_fit_end(self) -> None:
         super().on_fit_end()
         out = self.output_dir()
@@ -232,14 +283,17 @@ class CNF(NeuralDE):
         gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 120), torch.linspace(lo[1], hi[1], 120), indexing="xy")
         grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1).to(self.ts)
         with torch.no_grad():
-            density = torch.cat([self(chunk).exp() for chunk in grid.split(4096)]).reshape(gx.shape).cpu()
+            log_density = torch.cat([self(chunk) for chunk in grid.split(4096)]).reshape(gx.shape).cpu()
+        # log scale, clipped DENSITY_RANGE nats below the peak: one sharp spike cannot wash out the rest
+        log_density = log_density.clamp(min=float(log_density.max()) - DENSITY_RANGE)
         fig, axes = plt.subplots(1, 3, figsize=(12, 4))
         axes[0].scatter(data[:, 0], data[:, 1], s=2)
         axes[0].set_title("data (test split)")
         axes[1].scatter(samples[:, 0], samples[:, 1], s=2, color="tab:orange")
         axes[1].set_title("samples")
-        axes[2].pcolormesh(gx, gy, density, shading="auto")
-        axes[2].set_title("learned density")
+        mesh = axes[2].pcolormesh(gx, gy, log_density, shading="auto", cmap="viridis")
+        fig.colorbar(mesh, ax=axes[2], fraction=0.046, pad=0.04)
+        axes[2].set_title(f"learned log-density (clipped {DENSITY_RANGE:g} nats below its peak)", fontsize=9)
         for ax in axes:
             ax.set_xlim(float(lo[0]), float(hi[0]))
             ax.set_ylim(float(lo[1]), float(hi[1]))
