@@ -44,7 +44,7 @@ def main() -> dict[str, int]:
     data = SineDataModule(n_train=64, n_val=16, n_test=16, batch_size=16)
     x, y = next(iter(data.train_dataloader()))
     assert x.shape == (16, 16) and y.shape == (16, 1)
-    sizes = {name: len(data.dataset(name)) for name in ("train", "val", "test")}
+    sizes = {name: len(data.get_split(name)) for name in ("train", "val", "test")}
     print("SineDataModule splits:", sizes)
     return sizes
 

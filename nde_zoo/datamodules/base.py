@@ -60,7 +60,7 @@ class SplitDataModule(lightning.LightningDataModule, abc.ABC):
             f"split {name!r} must be a Dataset, a tensor or a tuple of tensors, got {type(data).__name__}"
         )
 
-    def dataset(self, split: str) -> Dataset:
+    def get_split(self, split: str) -> Dataset:
         """The dataset of ``split`` (``train``, ``val`` or ``test``), made on first use."""
         self.setup()
         if split not in self._splits:
@@ -68,9 +68,13 @@ class SplitDataModule(lightning.LightningDataModule, abc.ABC):
         return self._splits[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        data = self.dataset(split)
+        data = self.get_split(split)
         collate = getattr(data, "collate", None)  # e.g. irregular series pad their batch
         return DataLoader(data, batch_size=self.batch_size, shuffle=shuffle, collate_fn=collate)
+
+    def dataset(self, split: str) -> Dataset:
+        """Same as :meth:`get_split` (a datamodule may use ``dataset`` for a constructor argument)."""
+        return self.get_split(split)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -251,28 +251,28 @@ class DensityTabularDataModule(SplitDataModule):
         super().__init__(batch_size)
         if dataset not in DATASETS:
             raise ValueError(f"unknown tabular dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-        self.name, self.root, self.max_rows = dataset, Path(root).expanduser(), max_rows
+        self.dataset, self.root, self.max_rows = dataset, Path(root).expanduser(), max_rows
         self.val_fraction, self.test_fraction, self.seed = val_fraction, test_fraction, seed
 
     def file(self) -> Path:
         """The MAF file this dataset is read from."""
-        candidates, _ = _MAF_FILES[self.name]
+        candidates, _ = _MAF_FILES[self.dataset]
         for name in candidates:
             if (self.root / name).is_file():
                 return self.root / name
         raise FileNotFoundError(
-            f"{self.name.upper()} not found: looked for "
+            f"{self.dataset.upper()} not found: looked for "
             f"{', '.join(str(self.root / c) for c in candidates)}; "
             f"set data.root to the MAF data folder (zenodo.org/record/1161203, data.tar.gz) or use "
             f"data.dataset=wine (embedded)"
         )
 
     def _arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.name in MAF:
-            return _MAF_FILES[self.name][1](self.file())
+        if self.dataset in MAF:
+            return _MAF_FILES[self.dataset][1](self.file())
         from sklearn.datasets import load_breast_cancer, load_wine
 
-        x = (load_wine() if self.name == "wine" else load_breast_cancer()).data.astype(np.float64)
+        x = (load_wine() if self.dataset == "wine" else load_breast_cancer()).data.astype(np.float64)
         train, val, test = split_indices(len(x), self.val_fraction, self.test_fraction, self.seed)
         return _standardise(x[train], x[val], x[test], x[train])
 
@@ -289,4 +289,4 @@ class DensityTabularDataModule(SplitDataModule):
 
     def split(self, name: str) -> torch.Tensor:
         """The rows of split ``name``, ``(n, features)``."""
-        return self.dataset(name).tensors[0]
+        return self.get_split(name).tensors[0]

@@ -61,4 +61,4 @@ class ArrayDataModule(SplitDataModule):
 
     @property
     def num_features(self) -> int:
-        return int(self.dataset("train").tensors[0].shape[1])
+        return int(self.get_split("train").tensors[0].shape[1])

@@ -200,7 +200,7 @@ class SeriesDataModule(SplitDataModule):
     @property
     def num_channels(self) -> int:
         """Channels of the path knots: time, values, intensities."""
-        return int(self.dataset("train").tensors[0].shape[-1])
+        return int(self.get_split("train").tensors[0].shape[-1])
 
     @property
     def num_classes(self) -> int:

@@ -81,7 +81,7 @@ class Toy2DDataModule(SplitDataModule):
         super().__init__(batch_size)
         if dataset not in TOY2D:
             raise ValueError(f"unknown 2-D dataset {dataset!r}; choose one of {', '.join(sorted(TOY2D))}")
-        self.name, self.seed = dataset, seed
+        self.dataset, self.seed = dataset, seed
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
 
     @property
@@ -89,9 +89,9 @@ class Toy2DDataModule(SplitDataModule):
         return 2
 
     def make_splits(self) -> dict[str, torch.Tensor]:
-        return {split: sample_toy2d(self.name, n, self.seed + i)
+        return {split: sample_toy2d(self.dataset, n, self.seed + i)
                 for i, (split, n) in enumerate(self.sizes.items())}
 
     def split(self, name: str) -> torch.Tensor:
         """The points of split ``name``, ``(n, 2)``."""
-        return self.dataset(name).tensors[0]
+        return self.get_split(name).tensors[0]
