@@ -27,6 +27,7 @@ __all__ = [
     "CountedField",
     "check_inputs",
     "check_finite_outputs",
+    "fixed_path",
     "hairer_first_step",
     "integrate",
     "odeint",
@@ -216,19 +217,16 @@ def integrate(
         return t_like.new_tensor(t)
 
     if not stepping.adaptive:
-        grid = fixed_grid(ts, stepping)
-        next_out = 1
-        for t_a, t_b in zip(grid[:-1], grid[1:]):
+        planned = fixed_path(ts, stepping)
+        outputs_at = set(planned.output_steps)
+        for n, (t_a, h) in enumerate(zip(planned.times[:-1], planned.sizes)):
             if record_states:
                 path.states.append(state)
-            state, _, carry = step(as_time(t_a), state, t_b - t_a, carry)
-            path.times.append(t_b)
-            path.sizes.append(t_b - t_a)
-            if t_b == ts[next_out]:
+            state, _, carry = step(as_time(t_a), state, h, carry)
+            if n + 1 in outputs_at:
                 outputs.append(observe(state))
-                path.output_steps.append(len(path.times) - 1)
-                next_out += 1
-        stats.accepted_steps = len(grid) - 1
+        path.times, path.sizes, path.output_steps = planned.times, planned.sizes, planned.output_steps
+        stats.accepted_steps = planned.steps
         path.final_state = state
         return outputs, path, stats
 
@@ -291,6 +289,23 @@ def integrate(
         h = h_next
     path.final_state = state
     return outputs, path, stats
+
+
+def fixed_path(ts: list[float], stepping: Stepping) -> Path:
+    """The steps a fixed-step solve takes, decided before it runs (no state is touched).
+
+    ``times`` is :func:`~nde_zoo.solvers.stepping.fixed_grid`, ``sizes`` the differences as
+    passed to the step function, ``output_steps`` where each output time falls. The eager loop
+    and the compiled scans (:mod:`nde_zoo.strategies._compiled`) both step along this path.
+    """
+    grid = fixed_grid(ts, stepping)
+    path = Path(times=grid, output_steps=[0], sizes=[b - a for a, b in zip(grid[:-1], grid[1:])])
+    next_out = 1
+    for n, t_b in enumerate(grid[1:], start=1):
+        if next_out < len(ts) and t_b == ts[next_out]:
+            path.output_steps.append(n)
+            next_out += 1
+    return path
 
 
 def hairer_first_step(

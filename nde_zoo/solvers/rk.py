@@ -16,7 +16,7 @@ from torch import Tensor
 
 from nde_zoo.solvers.tableau import ButcherTableau
 
-__all__ = ["Field", "StepResult", "rk_increment", "rk_step", "stage_input"]
+__all__ = ["Field", "StepResult", "StepSize", "rk_increment", "rk_step", "stage_input"]
 
 Field = Callable[[Tensor, Tensor], Tensor]
 
@@ -36,26 +36,42 @@ class StepResult(NamedTuple):
     stages: list[Tensor]
 
 
-def _combine(y: Tensor, ks: Sequence[Tensor], weights: Sequence[float], h: float) -> Tensor:
+StepSize = float | Tensor
+
+
+def _axpy(out: Tensor, k: Tensor, coefficient: StepSize) -> Tensor:
+    """``out + coefficient * k``.
+
+    A Python-float step size (the eager loops) uses ``torch.add(..., alpha=)``, one kernel; a 0-d
+    tensor step size (the compiled scans of :mod:`nde_zoo.strategies._compiled`, where ``h`` is
+    an element of the step-size tensor) multiplies instead. Same formula, so one step function
+    serves both paths.
+    """
+    if isinstance(coefficient, Tensor):
+        return out + k * coefficient
+    return torch.add(out, k, alpha=coefficient)
+
+
+def _combine(y: Tensor, ks: Sequence[Tensor], weights: Sequence[float], h: StepSize) -> Tensor:
     """``y + h * sum_j weights[j] * ks[j]``, skipping zero weights (one kernel per term)."""
     out = y
     for k, w in zip(ks, weights):
         if w != 0.0:
-            out = torch.add(out, k, alpha=h * w)
+            out = _axpy(out, k, h * w)
     return out
 
 
-def _weighted_sum(ks: Sequence[Tensor], weights: Sequence[float], h: float) -> Tensor:
+def _weighted_sum(ks: Sequence[Tensor], weights: Sequence[float], h: StepSize) -> Tensor:
     """``h * sum_j weights[j] * ks[j]`` (at least one weight is nonzero)."""
     out: Tensor | None = None
     for k, w in zip(ks, weights):
         if w != 0.0:
-            out = k * (h * w) if out is None else torch.add(out, k, alpha=h * w)
+            out = k * (h * w) if out is None else _axpy(out, k, h * w)
     assert out is not None
     return out
 
 
-def stage_input(tableau: ButcherTableau, i: int, y: Tensor, ks: Sequence[Tensor], h: float) -> Tensor:
+def stage_input(tableau: ButcherTableau, i: int, y: Tensor, ks: Sequence[Tensor], h: StepSize) -> Tensor:
     """The state ``X_i = y + h sum_{j<i} a_ij k_j`` at which stage ``i`` is evaluated."""
     return _combine(y, ks, tableau.a[i], h)
 
@@ -64,7 +80,7 @@ def rk_step(
     field: Field,
     t: Tensor,
     y: Tensor,
-    h: float,
+    h: StepSize,
     tableau: ButcherTableau,
     k1: Tensor | None = None,
 ) -> StepResult:
@@ -74,7 +90,8 @@ def rk_step(
         field: ``f(t, y) -> dy/dt`` with ``y`` of shape ``(batch, *state)``.
         t: the step's start time, a 0-d tensor.
         y: the state at ``t``, shape ``(batch, *state)``.
-        h: the step size, a Python float; negative steps integrate backwards in time.
+        h: the step size, a Python float (eager loops) or a 0-d tensor (compiled scans);
+            negative steps integrate backwards in time.
         tableau: the method.
         k1: ``f(t, y)`` if already known (first-same-as-last reuse).
 
@@ -100,7 +117,7 @@ def rk_step(
 
 
 def rk_increment(
-    field: Field, t: Tensor, y: Tensor, h: float, tableau: ButcherTableau
+    field: Field, t: Tensor, y: Tensor, h: StepSize, tableau: ButcherTableau
 ) -> tuple[Tensor, Tensor | None]:
     """``Psi_h(t, y) = Phi_h(t, y) - y = h sum_i b_i k_i`` and the embedded error estimate.
 

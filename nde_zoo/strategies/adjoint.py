@@ -180,8 +180,10 @@ class Adjoint(ODEStrategy):
         adjoint_rtol: float | None = None,
         adjoint_atol: float | None = None,
         adjoint_norm: str = "default",
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps)
+        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
+                         compile=compile)  # refuses compile=True, naming the strategies that have it
         if self.tableau.name not in TORCHDIFFEQ_METHODS:
             raise ValueError(
                 f"strategy {self.name!r} runs torchdiffeq, which has no {self.tableau.name!r} solver; choose one "
@@ -319,6 +321,8 @@ class Seminorm(Adjoint):
         max_steps: int = DEFAULT_MAX_STEPS,
         adjoint_rtol: float | None = None,
         adjoint_atol: float | None = None,
+        compile: bool | str = False,
     ) -> None:
         super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
-                         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_norm="seminorm")
+                         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_norm="seminorm",
+                         compile=compile)

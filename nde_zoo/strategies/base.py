@@ -217,6 +217,10 @@ class GradientStrategy(lightning.Callback, abc.ABC):
         return f"{type(self).__name__}()"
 
 
+#: the strategies with a compiled path (``compile=``), named in the refusal of the others.
+COMPILABLE = ("direct", "checkpoint", "reversible", "symplectic")
+
+
 class ODEStrategy(GradientStrategy):
     """A strategy that runs an explicit RK method of the solver core.
 
@@ -224,9 +228,14 @@ class ODEStrategy(GradientStrategy):
         solver: a name from :func:`nde_zoo.solvers.solver_names` or a :class:`ButcherTableau`.
         steps / step_size: fixed stepping (``steps`` uniform steps over ``[ts[0], ts[-1]]``).
         rtol / atol / max_steps: adaptive stepping (the default, ``rtol=1e-3``, ``atol=1e-6``).
+        compile: ``False`` (eager, the reference), ``True``, ``"strict"`` or ``"reduce-overhead"``:
+            run the solve's loops as compiled programs (docs/compile.md). Strategies whose
+            ``compilable`` is false refuse anything but ``False``.
     """
 
     kinds = frozenset({"ode"})
+    #: whether this strategy has a compiled path (``compile=True``).
+    compilable: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -237,13 +246,36 @@ class ODEStrategy(GradientStrategy):
         rtol: float | None = None,
         atol: float | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
+        compile: bool | str = False,
     ) -> None:
+        from nde_zoo.strategies._compiled import CompileSpec, Programs  # torch.compile loads lazily
+
         super().__init__()
         self.tableau = get_tableau(solver)
         self.stepping = Stepping.of(
             steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps
         )
         self.stepping.check(self.tableau)
+        self.compile = CompileSpec.of(compile)
+        if self.compile.enabled and not self.compilable:
+            raise ValueError(
+                f"strategy {self.name or type(self).__name__!r} has no compiled path (it runs torchdiffeq); "
+                f"compile={compile!r} is available for {', '.join(COMPILABLE)}. Use one of those, or compile=False"
+            )
+        #: the compiled programs of this strategy (compile counts and seconds; ``compile/seconds``).
+        self.programs = Programs(self.compile, self.name or type(self).__name__)
+
+    def _compiles(self) -> bool:
+        """Whether this solve runs the compiled loops: ``compile=`` on and fixed steps."""
+        return self.compile.enabled and not self.stepping.adaptive
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.programs.pending_seconds:
+            pl_module.log("compile/seconds", self.programs.pending_seconds, on_step=True, on_epoch=False,
+                          batch_size=1)
+            self.programs.pending_seconds = 0.0
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(solver={self.tableau.name!r}, {self.stepping.describe()})"
+        extra = f", compile={self.compile}" if self.compile.enabled else ""
+        return f"{type(self).__name__}(solver={self.tableau.name!r}, {self.stepping.describe()}{extra})"

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any
@@ -43,9 +44,21 @@ from nde_zoo.solvers import (
     Stepping,
     check_finite_outputs,
     check_inputs,
+    fixed_path,
     hairer_first_step,
     integrate,
     rk_increment,
+)
+from nde_zoo.strategies._compiled import (
+    Grid,
+    Programs,
+    _fresh,
+    func_vjp,
+    row,
+    functional_field,
+    scan,
+    scan_forward,
+    trainable_names,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
@@ -67,8 +80,10 @@ class _Problem:
     times_out: list[float]
     strategy: str
     extras: dict[str, Any]
+    programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
     path: Path | None = None
     stats: SolveStats = dataclass_field(default_factory=SolveStats)
+    grid: Grid | None = None  # the compiled forward's grid, reused by the compiled backward
 
 
 def _reversible_step(field: Any, tableau: ButcherTableau, lam: float):
@@ -90,6 +105,10 @@ def _reversible_step(field: Any, tableau: ButcherTableau, lam: float):
 
 def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The coupled recursion without a graph; returns ``ys``, ``Y_N`` and ``Z_N``."""
+    if problem.programs is not None:
+        compiled = _forward_compiled(problem, y0)
+        if compiled is not None:
+            return compiled
     tableau, stepping = problem.tableau, problem.stepping
     counted = CountedField(problem.field)
     t_like = y0.new_tensor(problem.times_out[0])
@@ -107,10 +126,39 @@ def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return ys, y_last, z_last
 
 
+IncrementVJP = Callable[[Tensor, Tensor, Any, Tensor], "tuple[Tensor, Tensor, Sequence[Tensor | None]]"]
+
+
+def _reverse_step(
+    increment_vjp: IncrementVJP, lam: float, t: Tensor, h: Any, y: Tensor, z: Tensor, ybar: Tensor, zbar: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Sequence[Tensor | None], Sequence[Tensor | None]]:
+    """One step of the backward pass, shared by the eager loop and the compiled scan.
+
+    From ``(Y_{n+1}, Z_{n+1})`` and their cotangents, rebuild ``(Y_n, Z_n)`` and pull the
+    cotangents back through the step. ``increment_vjp(t, x, h, cot)`` returns
+    ``(Psi_h(t, x), cot^T dPsi/dx, cot^T dPsi/dtheta)``: ``torch.autograd.grad`` eagerly,
+    ``torch.func.vjp`` compiled. Returns ``(Y_n, Z_n, ybar_n, zbar_n, thetabar_minus, thetabar_plus)``:
+    the parameter cotangent of this step is ``thetabar_plus - thetabar_minus``.
+    """
+    # Z_{n+1} = Z_n - Psi_{-h}(t_{n+1}, Y_{n+1}): rebuild Z_n and take the VJP at Y_{n+1}.
+    psi_backward, ybar_psi, pbars_minus = increment_vjp(t + h, y, -h, zbar)
+    z_prev = z + psi_backward
+    ybar_total = ybar - ybar_psi
+    # Y_{n+1} = lam Y_n + (1 - lam) Z_n + Psi_h(t_n, Z_n): rebuild Y_n and take the VJP at Z_n.
+    psi_forward, zbar_psi, pbars_plus = increment_vjp(t, z_prev, h, ybar_total)
+    y_prev = (y - (1.0 - lam) * z_prev - psi_forward) / lam
+    zbar = zbar + (1.0 - lam) * ybar_total + zbar_psi
+    return y_prev, z_prev, lam * ybar_total, zbar, pbars_minus, pbars_plus
+
+
 def _backward(
     problem: _Problem, y0: Tensor, y_last: Tensor, z_last: Tensor, grad_ys: Tensor
 ) -> list[Tensor | None]:
     """Rebuild each step from the next and backpropagate through it; ``[ybar_0, *thetabar]``."""
+    if problem.programs is not None and problem.grid is not None:
+        compiled = _backward_compiled(problem, y0, y_last, z_last, grad_ys)
+        if compiled is not None:
+            return compiled
     tableau, lam, params, path = problem.tableau, problem.coupling, problem.params, problem.path
     assert path is not None
     output_at: dict[int, list[int]] = {}
@@ -120,7 +168,18 @@ def _backward(
     counted = CountedField(problem.field)
     checked = False
 
-    def accumulate(pbars: tuple[Tensor | None, ...], sign: float) -> None:
+    def increment_vjp(t: Tensor, x: Tensor, h: float, cotangent: Tensor):
+        nonlocal checked
+        leaf = x.detach().requires_grad_()
+        with torch.enable_grad():
+            psi, _ = rk_increment(counted, t, leaf, h, tableau)
+        if not checked:
+            check_no_hidden_inputs(psi, [leaf, *params], problem.strategy)
+            checked = True
+        xbar, *pbars = torch.autograd.grad(psi, [leaf, *params], cotangent, allow_unused=True)
+        return psi.detach(), (torch.zeros_like(x) if xbar is None else xbar), pbars
+
+    def accumulate(pbars: Sequence[Tensor | None], sign: float) -> None:
         for i, g in enumerate(pbars):
             if g is not None:
                 g = g if sign > 0 else -g
@@ -131,36 +190,92 @@ def _backward(
     for j in output_at.get(path.steps, []):
         ybar = ybar + grad_ys[j]
     for n in reversed(range(path.steps)):
-        h = path.sizes[n]
         t = y0.new_tensor(path.times[n])
-        # Z_{n+1} = Z_n - Psi_{-h}(t_{n+1}, Y_{n+1}): rebuild Z_n and take the VJP at Y_{n+1}.
-        y_leaf = y.detach().requires_grad_()
-        with torch.enable_grad():
-            psi_backward, _ = rk_increment(counted, t + h, y_leaf, -h, tableau)
-        if not checked:
-            check_no_hidden_inputs(psi_backward, [y_leaf, *params], problem.strategy)
-            checked = True
-        z_prev = z + psi_backward.detach()
-        ybar_total, *pbars = torch.autograd.grad(psi_backward, [y_leaf, *params], zbar, allow_unused=True)
-        del psi_backward, y_leaf
-        ybar_total = ybar - ybar_total if ybar_total is not None else ybar
-        accumulate(tuple(pbars), -1.0)
-        # Y_{n+1} = lam Y_n + (1 - lam) Z_n + Psi_h(t_n, Z_n): rebuild Y_n and take the VJP at Z_n.
-        z_leaf = z_prev.detach().requires_grad_()
-        with torch.enable_grad():
-            psi_forward, _ = rk_increment(counted, t, z_leaf, h, tableau)
-        y_prev = (y - (1.0 - lam) * z_prev - psi_forward.detach()) / lam
-        zbar_psi, *pbars = torch.autograd.grad(psi_forward, [z_leaf, *params], ybar_total, allow_unused=True)
-        del psi_forward, z_leaf
-        accumulate(tuple(pbars), 1.0)
-        zbar = zbar + (1.0 - lam) * ybar_total + (zbar_psi if zbar_psi is not None else 0.0)
-        ybar = lam * ybar_total
-        y, z = y_prev, z_prev
+        y, z, ybar, zbar, pbars_minus, pbars_plus = _reverse_step(
+            increment_vjp, lam, t, path.sizes[n], y, z, ybar, zbar
+        )
+        accumulate(pbars_minus, -1.0)
+        accumulate(pbars_plus, 1.0)
         for j in output_at.get(n, []):
             ybar = ybar + grad_ys[j]
     problem.stats.nfe_backward += counted.nfe
     _report_reconstruction(problem, y0, y, z)
     return [ybar + zbar, *param_grads]
+
+
+def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """The forward recursion as one compiled scan (fixed steps); ``None`` if it fell back to eager."""
+    assert problem.programs is not None
+    path = fixed_path(problem.times_out, problem.stepping)
+    grid = Grid.of(path.times, path.sizes, path.output_steps, y0)
+    field, tableau, lam, layout = problem.field, problem.tableau, problem.coupling, grid.layout
+
+    def build() -> Callable[..., Any]:
+        step = _reversible_step(field, tableau, lam)  # the eager loop's step
+
+        def program(y0: Tensor, times: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            ys, (y_last, z_last), _ = scan_forward(step, (y0, y0), None, lambda s: s[0], times, sizes, layout)
+            return ys, y_last, z_last
+
+        return program
+
+    key = problem.programs.key("reversible/forward", field, [y0], (tableau.name, lam, grid.layout))
+    if problem.programs.first_call(key):
+        CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
+    result = problem.programs.run(key, build, y0, grid.times, grid.sizes)
+    if result is None:
+        return None
+    ys, y_last, z_last = result
+    check_finite_outputs(ys, problem.times_out)
+    stats = SolveStats(nfe_forward=2 * tableau.stages * grid.steps, accepted_steps=grid.steps)
+    problem.path, problem.stats, problem.grid = path, stats, grid
+    return ys, y_last, z_last
+
+
+def _backward_compiled(
+    problem: _Problem, y0: Tensor, y_last: Tensor, z_last: Tensor, grad_ys: Tensor
+) -> list[Tensor | None] | None:
+    """The backward pass as one compiled reverse scan; ``None`` if it fell back to eager."""
+    assert problem.programs is not None and problem.grid is not None
+    grid, tableau, lam, field = problem.grid, problem.tableau, problem.coupling, problem.field
+    names = trainable_names(field)
+    params = tuple(problem.params)
+    if len(names) != len(params):  # a field whose parameters are not its named_parameters
+        return None
+
+    def build() -> Callable[..., Any]:
+        call = functional_field(field, names)
+
+        def program(y_last, z_last, grad_rows, times, sizes, slots, *params):
+            def increment_vjp(t: Tensor, x: Tensor, h: Tensor, cotangent: Tensor):
+                def increment(x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+                    return rk_increment(lambda tt, yy: call(params, tt, yy), t, x, h, tableau)[0]
+
+                return func_vjp(increment, x, params, cotangent)
+
+            def body(carry, x):
+                y, z, ybar, zbar, pbars = carry
+                t, h, slot = x
+                y, z, ybar, zbar, minus, plus = _reverse_step(increment_vjp, lam, t, h, y, z, ybar, zbar)
+                pbars = tuple(p - m + q for p, m, q in zip(pbars, minus, plus))
+                return (y, z, ybar + row(grad_rows, slot), zbar, pbars), h.new_zeros(())
+
+            init = (y_last, z_last, row(grad_rows, slots[-1]), torch.zeros_like(z_last),
+                    tuple(torch.zeros_like(p) for p in params))
+            (y, z, ybar, zbar, pbars), _ = scan(body, _fresh(init), (times, sizes, slots[:-1]), reverse=True)
+            return y, z, ybar + zbar, pbars
+
+        return program
+
+    grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
+    key = problem.programs.key("reversible/backward", field, [y_last, grad_rows, *params], (tableau.name, lam, grid.layout))
+    result = problem.programs.run(key, build, y_last, z_last, grad_rows, grid.times, grid.sizes, grid.slots, *params)
+    if result is None:
+        return None
+    y, z, y0bar, pbars = result
+    problem.stats.nfe_backward += 2 * tableau.stages * grid.steps
+    _report_reconstruction(problem, y0, y, z)
+    return [y0bar, *pbars]
 
 
 def _report_reconstruction(problem: _Problem, y0: Tensor, y: Tensor, z: Tensor) -> None:
@@ -225,6 +340,7 @@ class Reversible(ODEStrategy):
 
     name = "reversible"
     kinds = frozenset({"ode", "sde"})
+    compilable = True
 
     def __init__(
         self,
@@ -236,8 +352,10 @@ class Reversible(ODEStrategy):
         atol: float | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         coupling: float = 0.999,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps)
+        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
+                         compile=compile)
         if not (0.0 < float(coupling) <= 1.0):
             raise ValueError(
                 f"coupling must be in (0, 1], got {coupling!r}: 1 is the plain base method on Y, values "
@@ -256,7 +374,8 @@ class Reversible(ODEStrategy):
         times = check_inputs(y0, ts)
         params = field_parameters(field)
         extras: dict[str, Any] = {}
-        problem = _Problem(field, params, self.tableau, self.stepping, self.coupling, times, self.name, extras)
+        problem = _Problem(field, params, self.tableau, self.stepping, self.coupling, times, self.name, extras,
+                           programs=self.programs if self._compiles() else None)
         with SavedBytes() as saved:
             ys = _ReversibleAdjoint.apply(problem, y0, *params)
         return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes, extras=extras))
@@ -273,4 +392,5 @@ class Reversible(ODEStrategy):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     def __repr__(self) -> str:
-        return f"Reversible(solver={self.tableau.name!r}, {self.stepping.describe()}, coupling={self.coupling})"
+        extra = f", compile={self.compile}" if self.compile.enabled else ""
+        return f"Reversible(solver={self.tableau.name!r}, {self.stepping.describe()}, coupling={self.coupling}{extra})"

@@ -1,0 +1,379 @@
+"""Compiled solves: a whole fixed-step loop, forward and backward, as one compiled program.
+
+Eager PyTorch pays Python dispatch on every operation; a small field with many steps spends
+nearly all of its time there (DESIGN.md section 8). Here each strategy's loop runs as a
+``scan`` over the step times and sizes under ``torch.compile(fullgraph=True)``, so Inductor
+sees the whole loop at once. The step inside the scan body is the *same* function the eager
+loop calls (:func:`nde_zoo.solvers.rk_step` / ``rk_increment`` accept a 0-d tensor step size),
+and each strategy's backward body is the same per-step function as its eager backward, with
+the vector-Jacobian products taken by ``torch.func.vjp`` (parameters passed explicitly through
+``torch.func.functional_call``). Eager stays the default and the reference; compiled results
+equal it to round-off (tests/test_compiled.py).
+
+This is the one module that uses a private torch API: ``torch._higher_order_ops.scan``. The
+public alternative is ``torch.while_loop`` with preallocated output buffers; on the CPU its
+functional buffer updates copy the whole buffer each iteration (measured 5-100x slower than
+scan on the white dwarf), so scan it is. The torch range this is tested on is pinned in
+``pyproject.toml``.
+
+What this module provides, independent of any one strategy:
+
+- :class:`CompileSpec`: the ``compile=`` argument (``False``, ``True``, ``"strict"``,
+  ``"reduce-overhead"``);
+- :class:`Programs`: one compiled program per (kind, field, shapes, dtype, device, solver,
+  grid), compile seconds and counts, and the fall-back to eager with one warning naming why;
+- :func:`scan_forward` / :func:`scan_steps`: the fixed-grid loops (outputs at intermediate
+  times inside the program);
+- :func:`functional_field` and :func:`func_vjp`: the field as a pure function of its parameters.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch._dynamo
+from torch import Tensor, nn
+
+# Private: see the module docstring for why, and for the public alternative.
+from torch._higher_order_ops import scan
+
+__all__ = [
+    "COMPILE_CHOICES",
+    "CompileSpec",
+    "Programs",
+    "Grid",
+    "functional_field",
+    "row",
+    "func_vjp",
+    "scan",
+    "scan_forward",
+    "trainable_names",
+]
+
+COMPILE_CHOICES = (False, True, "strict", "reduce-overhead")
+
+# Every strategy instance compiles its own programs (one per field, shape, solver and grid), and
+# dynamo counts recompiles per code object: the default limit of 8 would silently fall back to
+# eager in a sweep. Our own cache below bounds and counts what is compiled.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
+
+
+@dataclass(frozen=True)
+class CompileSpec:
+    """What ``compile=`` asked for.
+
+    - ``False`` (default): eager, the reference.
+    - ``True``: compile; a field or machine that cannot be compiled falls back to eager with
+      one warning naming why.
+    - ``"strict"``: compile, and raise instead of falling back.
+    - ``"reduce-overhead"``: as ``True`` with ``torch.compile(mode="reduce-overhead")``, which
+      captures fixed-step programs as CUDA graphs on a GPU (on the CPU it is plain ``True``).
+    """
+
+    enabled: bool = False
+    strict: bool = False
+    mode: str | None = None
+
+    @classmethod
+    def of(cls, value: Any) -> CompileSpec:
+        if isinstance(value, CompileSpec):
+            return value
+        if isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered in ("true", "false", "default", "none", ""):
+                value = lowered in ("true", "default")
+            else:
+                value = lowered
+        if value is None or value is False:
+            return cls()
+        if value is True:
+            return cls(enabled=True)
+        if value == "strict":
+            return cls(enabled=True, strict=True)
+        if value == "reduce-overhead":
+            return cls(enabled=True, mode="reduce-overhead")
+        raise ValueError(
+            f"compile must be one of {', '.join(repr(c) for c in COMPILE_CHOICES)}, got {value!r}: True "
+            f"compiles the fixed-step loop (falling back to eager with a warning), 'strict' raises "
+            f"instead of falling back, 'reduce-overhead' adds CUDA graphs on a GPU"
+        )
+
+    def __str__(self) -> str:
+        if not self.enabled:
+            return "False"
+        return "'strict'" if self.strict else (repr(self.mode) if self.mode else "True")
+
+
+def _signature(value: Any) -> Any:
+    """What a compiled program specialises on: shapes, dtypes and devices, never values."""
+    if isinstance(value, Tensor):
+        return ("T", tuple(value.shape), value.dtype, value.device.type, value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return tuple(_signature(v) for v in value)
+    return value
+
+
+class Programs:
+    """Compiled programs of one strategy, by key; compile time and counts; eager fall-back.
+
+    A key is ``(kind, id(field), shapes/dtypes/devices of the inputs, extra)`` where ``extra``
+    names what is baked into the program (the solver, the number of steps, the output layout).
+    Each key compiles once: a smaller last batch adds one key, not a compile per epoch.
+
+    Attributes:
+        compiles: how many programs were compiled (cache misses that compiled).
+        compile_seconds: the first-call time of each of those, summed (compile plus one run).
+        pending_seconds: compile seconds not yet logged (``compile/seconds``; the strategy logs
+            and clears them at the end of a training batch).
+        fallbacks: ``{reason: count}`` of keys that fell back to eager.
+    """
+
+    def __init__(self, spec: CompileSpec, strategy: str) -> None:
+        self.spec = spec
+        self.strategy = strategy
+        self._programs: dict[Any, Callable[..., Any]] = {}
+        self._failed: dict[Any, str] = {}
+        self._warned: set[str] = set()
+        self.compiles = 0
+        self.compile_seconds = 0.0
+        self.pending_seconds = 0.0
+        self.fallbacks: dict[str, int] = {}
+
+    def __getstate__(self) -> dict[str, Any]:  # compiled callables do not pickle (DDP spawn, deepcopy)
+        state = self.__dict__.copy()
+        state["_programs"], state["_failed"] = {}, {}
+        return state
+
+    def key(self, kind: str, field: Any, inputs: Sequence[Any], extra: Any = None) -> Any:
+        return (kind, id(field), type(field).__qualname__, _signature(list(inputs)), extra)
+
+    def first_call(self, key: Any) -> bool:
+        """Whether ``key`` has neither compiled nor failed yet (its first call will compile)."""
+        return key not in self._programs and key not in self._failed
+
+    def run(self, key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any | None:
+        """Run the program for ``key`` on ``args``; ``None`` when it runs eager instead.
+
+        ``build()`` returns the plain Python function to compile; it is called once per key.
+        The first call of a key compiles (timed). A failure there is a compile failure (graph
+        break, unsupported operation, no C++ compiler): it warns once per reason and the key
+        runs eager from then on, or raises with ``compile="strict"``.
+        """
+        if key in self._failed:
+            return None
+        program = self._programs.get(key)
+        if program is not None:
+            return program(*args)
+        compiled = torch.compile(build(), fullgraph=True, dynamic=False, mode=self.spec.mode)
+        start = time.perf_counter()
+        try:
+            result = compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any failure to compile means: run eager
+            reason = _reason(error)
+            if self.spec.strict:
+                raise RuntimeError(
+                    f"compile='strict': strategy {self.strategy!r} could not compile its solve: {reason}. "
+                    f"Make the field compilable (no data-dependent Python control flow, no .item(), "
+                    f"no unsupported operations), or use compile=True to fall back to eager with a warning"
+                ) from error
+            self._failed[key] = reason
+            self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+            if reason not in self._warned:
+                self._warned.add(reason)
+                warnings.warn(
+                    f"strategy {self.strategy!r} could not compile its solve and runs it eagerly instead "
+                    f"(same gradients, slower): {reason}. compile='strict' raises instead of falling back",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return None
+        seconds = time.perf_counter() - start
+        self._programs[key] = compiled
+        self.compiles += 1
+        self.compile_seconds += seconds
+        self.pending_seconds += seconds
+        return result
+
+
+def _reason(error: BaseException) -> str:
+    """One line that names why compilation failed: the outermost error and its root cause."""
+
+    def line(e: BaseException) -> str:
+        text = next((t.strip() for t in str(e).strip().splitlines() if t.strip()), "")
+        return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+
+    root = error
+    while root.__cause__ is not None and root.__cause__ is not root:
+        root = root.__cause__
+    return line(error) if root is error else f"{line(error)} (cause: {line(root)})"
+
+
+def functional_field(field: Any, names: Sequence[str]) -> Callable[[Sequence[Tensor], Tensor, Tensor], Tensor]:
+    """``f(params, t, y)``: the field with its trainable parameters passed explicitly.
+
+    ``names`` are the names of the parameters (``field.named_parameters()`` order, trainable
+    only); the others (frozen parameters, buffers) stay those of the module.
+    """
+    if not isinstance(field, nn.Module) or not names:
+        return lambda params, t, y: field(t, y)
+
+    def call(params: Sequence[Tensor], t: Tensor, y: Tensor) -> Tensor:
+        return torch.func.functional_call(field, dict(zip(names, params)), (t, y), strict=False)
+
+    return call
+
+
+def trainable_names(field: Any) -> list[str]:
+    """The names of the trainable parameters, in :func:`field_parameters` order."""
+    if not isinstance(field, nn.Module):
+        return []
+    return [n for n, p in field.named_parameters() if p.requires_grad]
+
+
+def func_vjp(
+    fn: Callable[[Tensor, Sequence[Tensor]], Tensor], x: Tensor, params: Sequence[Tensor], cotangent: Tensor
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """``(fn(x, params), cot^T d fn/dx, cot^T d fn/dparams)`` by ``torch.func.vjp``.
+
+    The compiled counterpart of ``torch.autograd.grad`` in the eager backward loops: pure,
+    so it traces into a scan body. Unused parameters get zeros (not ``None``).
+    """
+    out, pullback = torch.func.vjp(fn, x, tuple(params))
+    xbar, pbars = pullback(cotangent)
+    return out, xbar, tuple(pbars)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A fixed discretisation as tensors, for the scans.
+
+    Attributes:
+        times: ``(N,)`` step start times ``t_n``; sizes: ``(N,)`` step sizes ``h_n``.
+        slots: ``(N + 1,)`` int64: for each step boundary ``n``, the output index ``j`` with
+            ``output_steps[j] == n``, or ``len(ts)`` (a zero row) when ``n`` is no output time.
+        output_steps: as :class:`~nde_zoo.solvers.Path`; segment: the common number of steps
+            between consecutive outputs when they are all equal, else ``None``.
+    """
+
+    times: Tensor
+    sizes: Tensor
+    slots: Tensor
+    output_steps: tuple[int, ...]
+    segment: int | None
+
+    @classmethod
+    def of(cls, times: Sequence[float], sizes: Sequence[float], output_steps: Sequence[int], like: Tensor) -> Grid:
+        n = len(sizes)
+        slot_list = [len(output_steps)] * (n + 1)
+        for j, step in enumerate(output_steps):
+            slot_list[step] = j
+        gaps = {b - a for a, b in zip(output_steps[:-1], output_steps[1:])}
+        segment = next(iter(gaps)) if len(gaps) == 1 and output_steps[0] == 0 else None
+        return cls(
+            times=torch.tensor(list(times[:n]), dtype=like.dtype, device=like.device),
+            sizes=torch.tensor(list(sizes), dtype=like.dtype, device=like.device),
+            slots=torch.tensor(slot_list, dtype=torch.long, device=like.device),
+            output_steps=tuple(output_steps),
+            segment=segment,
+        )
+
+    @property
+    def steps(self) -> int:
+        return int(self.sizes.shape[0])
+
+    @property
+    def layout(self) -> tuple[int, int | None, tuple[int, ...] | None]:
+        """What a program bakes in: steps, uniform segment, or the output steps themselves."""
+        return (self.steps, self.segment, None if self.segment is not None else self.output_steps)
+
+
+def scan_forward(
+    step: Callable[[Tensor, Any, Tensor, Any], tuple[Any, Any, Any]],
+    state0: Any,
+    carry0: Any,
+    observe: Callable[[Any], Tensor],
+    times: Tensor,
+    sizes: Tensor,
+    layout: tuple[int, int | None, tuple[int, ...] | None],
+    *,
+    every_state: bool = False,
+) -> tuple[Tensor, Any, Tensor | None]:
+    """Run ``step`` over a fixed grid inside a compiled program; outputs at the output times.
+
+    Args:
+        step: ``step(t, state, h, carry) -> (state, error, carry)`` of the eager loop
+            (:func:`nde_zoo.solvers.integrate`'s contract), with ``h`` a 0-d tensor.
+        state0 / carry0: the state at ``ts[0]`` and the step's reusable carry (an FSAL stage or
+            ``None``).
+        observe: the solution tensor of a state (``(batch, *state)``).
+        times / sizes: ``(N,)`` step start times and sizes (:class:`Grid`).
+        layout: :attr:`Grid.layout` (baked into the program).
+        every_state: also return the observed state at every step *start* (``(N, batch, ...)``).
+
+    Returns:
+        ``ys`` ``(len(ts), batch, *state)``, the final state, and the step-start states or ``None``.
+
+    Layout: when the output times are equally many (more than one) steps apart, a scan over
+    segments of a scan over steps keeps only the outputs, so memory stays flat in ``N``;
+    otherwise one scan returns every state and the outputs are gathered from it (``N`` states,
+    no graph, freed on return).
+    """
+    steps, segment, output_steps = layout
+    first = observe(state0)
+    if steps == 0:
+        return first.unsqueeze(0), state0, first.new_empty((0, *first.shape)) if every_state else None
+
+    # scan carries only tensors: a step without a reusable stage carries () instead of None
+    carry0 = () if carry0 is None else carry0
+
+    def advance(carry: Any, x: tuple[Tensor, Tensor]) -> tuple[Any, Any]:
+        state, reuse = carry
+        state_next, _, reuse_next = step(x[0], state, x[1], None if reuse == () else reuse)
+        return (state_next, () if reuse_next is None else reuse_next), state_next
+
+    if segment is not None and segment > 1 and not every_state:
+
+        def inner(carry: Any, x: tuple[Tensor, Tensor]) -> tuple[Any, Tensor]:
+            carry, _ = advance(carry, x)
+            return carry, x[1].new_zeros(())
+
+        def outer(carry: Any, x: tuple[Tensor, Tensor]) -> tuple[Any, Tensor]:
+            carry, _ = scan(inner, carry, x)
+            return carry, observe(carry[0]).clone()  # clone: scan forbids an output aliasing the carry
+
+        xs = (times.reshape(steps // segment, segment), sizes.reshape(steps // segment, segment))
+        (state, _), outputs = scan(outer, _fresh((state0, carry0)), xs)
+        return torch.cat([first.unsqueeze(0), outputs]), state, None
+
+    def body(carry: Any, x: tuple[Tensor, Tensor]) -> tuple[Any, Tensor]:
+        carry, state_next = advance(carry, x)
+        return carry, observe(state_next).clone()
+
+    (state, _), every = scan(body, _fresh((state0, carry0)), (times, sizes))
+    trajectory = torch.cat([first.unsqueeze(0), every])  # (N + 1, batch, ...)
+    if output_steps is None:  # uniform segments of one step: every step is an output
+        ys = trajectory[:: segment or 1]
+    else:
+        ys = trajectory[list(output_steps)]
+    return ys, state, (trajectory[:-1] if every_state else None)
+
+
+def row(rows: Tensor, index: Tensor) -> Tensor:
+    """``rows[index]`` for a 0-d int64 tensor, without turning the index into a Python int
+    (which would be a data-dependent graph break inside a scan body)."""
+    return rows.index_select(0, index.reshape(1)).squeeze(0)
+
+
+def _fresh(tree: Any) -> Any:
+    """Clone every tensor of a scan's initial carry: scan refuses a carry aliasing its inputs."""
+    if isinstance(tree, Tensor):
+        return tree.clone()
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_fresh(t) for t in tree)
+    return tree
