@@ -11,6 +11,7 @@ from nde_zoo.solvers.integrate import (
     hairer_first_step,
     integrate,
     odeint,
+    rk_stepper,
 )
 from nde_zoo.solvers.rk import Field, StepResult, rk_increment, rk_step, stage_input
 from nde_zoo.solvers.stepping import PIController, Stepping, error_ratio, initial_step_size, rms_norm
@@ -41,6 +42,7 @@ __all__ = [
     "odeint",
     "rk_increment",
     "rk_step",
+    "rk_stepper",
     "rms_norm",
     "solver_names",
     "stage_input",

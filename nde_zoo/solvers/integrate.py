@@ -30,6 +30,7 @@ __all__ = [
     "fixed_path",
     "hairer_first_step",
     "integrate",
+    "rk_stepper",
     "odeint",
 ]
 
@@ -324,7 +325,9 @@ def hairer_first_step(
     return first_step
 
 
-def _rk_stepper(field: Field, tableau: ButcherTableau) -> Step:
+def rk_stepper(field: Field, tableau: ButcherTableau) -> Step:
+    """The plain RK step for :func:`integrate` (and the compiled scans): the FSAL stage is the carry."""
+
     def step(t: Tensor, y: Tensor, h: float, k1: Tensor | None) -> tuple[Tensor, Tensor | None, Any]:
         result = rk_step(field, t, y, h, tableau, k1)
         return result.y, result.error, (result.stages[-1] if tableau.fsal else None)
@@ -353,7 +356,7 @@ def odeint(
     t_like = ts[0]
     first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
     outputs, path, stats = integrate(
-        _rk_stepper(counted, tableau), y0, lambda y: y, times, t_like, stepping, tableau.order,
+        rk_stepper(counted, tableau), y0, lambda y: y, times, t_like, stepping, tableau.order,
         first_step=first_step, record_states=record_states,
     )
     ys = torch.stack(outputs)

@@ -38,7 +38,7 @@ sampling inside the field must be seeded per call, or the gradient is not exact)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,10 +53,22 @@ from nde_zoo.solvers import (
     Stepping,
     check_finite_outputs,
     check_inputs,
+    fixed_path,
     initial_step_size,
     integrate,
-    rk_step,
+    rk_stepper,
     stage_input,
+)
+from nde_zoo.strategies._compiled import (
+    Grid,
+    Programs,
+    _fresh,
+    func_vjp,
+    functional_field,
+    row,
+    scan,
+    scan_forward,
+    trainable_names,
 )
 from nde_zoo.strategies._autograd import check_no_hidden_inputs, vjp
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
@@ -91,9 +103,11 @@ class _Problem:
     time_dtype: torch.dtype
     time_device: torch.device
     strategy: str
+    programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
     # filled by forward:
     path: Path | None = None
     stats: SolveStats | None = None
+    grid: Grid | None = None  # the compiled forward's grid, reused by the compiled backward
 
     def time(self, t: float) -> Tensor:
         """The 0-d time tensor the stepping loop passes for ``t`` (``t_like.new_tensor(t)``)."""
@@ -106,13 +120,14 @@ def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]
     The same loop and arithmetic as :func:`nde_zoo.solvers.odeint`, so the accepted steps
     are those :class:`Direct` takes (``Path.sizes``: the step sizes exactly as taken).
     """
+    if problem.programs is not None:
+        compiled = _forward_compiled(problem, y0)
+        if compiled is not None:
+            return compiled
     tableau, stepping = problem.tableau, problem.stepping
     counted = CountedField(problem.field)
     t_like = problem.time(problem.times_out[0])
-
-    def step(t: Tensor, y: Tensor, h: float, k1: Tensor | None) -> tuple[Tensor, Tensor | None, Any]:
-        result = rk_step(counted, t, y, h, tableau, k1)
-        return result.y, result.error, (result.stages[-1] if tableau.fsal else None)
+    step = rk_stepper(counted, tableau)
 
     first_step = None
     if stepping.adaptive and stepping.dt0 is None:
@@ -148,7 +163,8 @@ class _SymplecticAdjoint(torch.autograd.Function):
         with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
             ys, states = _forward_solve(problem, y0)
         ctx.problem = problem
-        ctx.save_for_backward(*states)  # N states at the step starts (states[0] is y0)
+        # N states at the step starts (states[0] is y0): a list eagerly, one (N, batch, ...) tensor compiled
+        ctx.save_for_backward(*states) if isinstance(states, list) else ctx.save_for_backward(states)
         return ys
 
     @staticmethod
@@ -156,8 +172,80 @@ class _SymplecticAdjoint(torch.autograd.Function):
     def backward(ctx: Any, grad_ys: Tensor) -> tuple[Tensor | None, ...]:
         problem: _Problem = ctx.problem
         states: Sequence[Tensor] = ctx.saved_tensors
-        grads = _backward_walk(problem, states, grad_ys)
+        grads = None
+        if problem.grid is not None:
+            grads = _backward_compiled(problem, states[0], grad_ys)
+        if grads is None:
+            if problem.grid is not None:  # the compiled backward fell back: unstack the states
+                states = list(states[0].unbind(0))
+            grads = _backward_walk(problem, states, grad_ys)
         return (None, *grads)
+
+
+StageVJP = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Sequence[Tensor | None]]"]
+
+
+def _reverse_step(
+    tableau: ButcherTableau,
+    field: Callable[[Tensor, Tensor], Tensor],
+    stage_vjp: StageVJP,
+    y: Tensor,
+    h: Any,
+    stage_times: Sequence[Tensor],
+    ybar: Tensor,
+) -> tuple[Tensor, list[Tensor | None]]:
+    """One step of the discrete adjoint, shared by the eager walk and the compiled scan.
+
+    Recomputes the stage inputs ``X_i`` of the step from ``y`` (without a graph), then walks
+    the stages backwards: ``kbar_i = h b_i ybar + sum_{j>i} h a_ji Xbar_j``, and
+    ``stage_vjp(t_i, X_i, kbar_i)`` returns ``(Xbar_i, thetabar_i)``: one field graph at a time.
+
+    Returns ``(ybar_n, thetabar)`` with ``thetabar`` the step's parameter cotangent (``None``
+    entries where no stage reached a parameter).
+    """
+    needed = _stages_needed(tableau)
+    last = max(i for i, n in enumerate(needed) if n)  # stages after it are never evaluated
+    # 1. Recompute the stage inputs X_0..X_last without a graph (bitwise as in rk_step).
+    xs: list[Tensor] = []
+    ks: list[Tensor] = []
+    with torch.no_grad():
+        for i in range(last + 1):
+            xs.append(y if i == 0 else stage_input(tableau, i, y, ks, h))
+            if i < last:
+                ks.append(field(stage_times[i], xs[i]))
+    del ks
+    # 2. Walk the stages backwards, one field graph alive at a time.
+    xbars: list[Tensor | None] = [None] * (last + 1)
+    param_grads: list[Tensor | None] = []
+    for i in reversed(range(last + 1)):
+        if not needed[i]:
+            continue
+        kbar = ybar * (h * tableau.b[i]) if tableau.b[i] != 0.0 else None
+        for m in range(i + 1, last + 1):
+            if tableau.a[m][i] != 0.0 and xbars[m] is not None:
+                term = xbars[m] * (h * tableau.a[m][i])
+                kbar = term if kbar is None else kbar + term
+        if kbar is None:
+            continue
+        xbars[i], pbars = stage_vjp(stage_times[i], xs[i], kbar)
+        if not param_grads:
+            param_grads = [None] * len(pbars)
+        for p, pbar in enumerate(pbars):
+            if pbar is not None:
+                param_grads[p] = pbar if param_grads[p] is None else param_grads[p] + pbar
+    for xbar in xbars:
+        if xbar is not None:
+            ybar = ybar + xbar
+    return ybar, param_grads
+
+
+def _stage_times(tableau: ButcherTableau, t: Tensor, h: Any, t_first: Tensor) -> list[Tensor]:
+    """The times of the stages the forward step evaluated; the first is ``t_first``.
+
+    An FSAL stage of the previous step was evaluated at ``t_{n-1} + h_{n-1}``, a tensor sum that
+    may differ from ``t_n`` in the last bit, so the caller passes it.
+    """
+    return [t_first] + [t + tableau.c[i] * h for i in range(1, tableau.stages)]
 
 
 def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor) -> list[Tensor | None]:
@@ -166,71 +254,120 @@ def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor)
     path, stats = problem.path, problem.stats
     assert path is not None and stats is not None
     hs = path.sizes  # exactly as taken
-    needed = _stages_needed(tableau)
-    last = max(i for i, n in enumerate(needed) if n)  # stages after it are never evaluated
     output_at: dict[int, list[int]] = {}
     for j, n in enumerate(path.output_steps):
         output_at.setdefault(n, []).append(j)
     param_grads: list[Tensor | None] = [None] * len(params)
     checked = False
-    nfe = 0
+    counted = CountedField(problem.field)
 
-    ybar = torch.zeros_like(grad_ys[0])  # (batch, *state); a fresh tensor, updated in place
+    def stage_vjp(t: Tensor, x: Tensor, kbar: Tensor) -> tuple[Tensor, Sequence[Tensor | None]]:
+        nonlocal checked
+        leaf = x.detach().requires_grad_()
+        with torch.enable_grad():
+            k = counted(t, leaf)
+        if not checked:
+            check_no_hidden_inputs(k, [leaf, *params], problem.strategy)
+            checked = True
+        xbar, *pbars = vjp(k, [leaf, *params], kbar)
+        return (torch.zeros_like(x) if xbar is None else xbar), pbars  # k's graph is freed on return
+
+    ybar = torch.zeros_like(grad_ys[0])  # (batch, *state)
     for j in output_at.get(path.steps, []):
-        ybar.add_(grad_ys[j])
+        ybar = ybar + grad_ys[j]
     for n in reversed(range(path.steps)):
         y, h = states[n], hs[n]
         t = problem.time(path.times[n])
-        # The first stage as the forward pass evaluated it: an FSAL stage of the previous step
-        # was evaluated at t_{n-1} + h_{n-1} (a tensor sum that may differ from t_n in the last bit).
         t_first = problem.time(path.times[n - 1]) + hs[n - 1] if tableau.fsal and n > 0 else t
-        stage_times = [t_first] + [t + tableau.c[i] * h for i in range(1, last + 1)]
-
-        # 1. Recompute the stage inputs X_0..X_last without a graph (bitwise as in rk_step).
-        xs: list[Tensor] = []
-        ks: list[Tensor] = []
-        with torch.no_grad():
-            for i in range(last + 1):
-                xs.append(y if i == 0 else stage_input(tableau, i, y, ks, h))
-                if i < last:
-                    ks.append(problem.field(stage_times[i], xs[i]))
-                    nfe += 1
-        del ks
-
-        # 2. Walk the stages backwards, one field graph alive at a time.
-        xbars: list[Tensor | None] = [None] * (last + 1)
-        for i in reversed(range(last + 1)):
-            if not needed[i]:
-                continue
-            kbar = ybar * (h * tableau.b[i]) if tableau.b[i] != 0.0 else None
-            for m in range(i + 1, last + 1):
-                if tableau.a[m][i] != 0.0 and xbars[m] is not None:
-                    if kbar is None:
-                        kbar = xbars[m] * (h * tableau.a[m][i])
-                    else:
-                        kbar.add_(xbars[m], alpha=h * tableau.a[m][i])  # kbar is fresh: no aliasing
-            if kbar is None:
-                continue
-            x = xs[i].detach().requires_grad_()
-            with torch.enable_grad():
-                k = problem.field(stage_times[i], x)
-            nfe += 1
-            if not checked:
-                check_no_hidden_inputs(k, [x, *params], problem.strategy)
-                checked = True
-            xbar, *pbars = vjp(k, [x, *params], kbar)
-            del k, x  # free this stage's graph before the next
-            xbars[i] = xbar
-            for p, pbar in enumerate(pbars):
-                if pbar is not None:
-                    param_grads[p] = pbar if param_grads[p] is None else param_grads[p] + pbar
-        for xbar in xbars:
-            if xbar is not None:
-                ybar.add_(xbar)
+        ybar, pbars = _reverse_step(tableau, counted, stage_vjp, y, h, _stage_times(tableau, t, h, t_first), ybar)
+        for p, pbar in enumerate(pbars):
+            if pbar is not None:
+                param_grads[p] = pbar if param_grads[p] is None else param_grads[p] + pbar
         for j in output_at.get(n, []):
-            ybar.add_(grad_ys[j])
-    stats.nfe_backward += nfe
+            ybar = ybar + grad_ys[j]
+    stats.nfe_backward += counted.nfe
     return [ybar, *param_grads]
+
+
+def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor] | None:
+    """The forward solve as one compiled scan keeping every step start; ``None`` if it fell back."""
+    assert problem.programs is not None
+    path = fixed_path(problem.times_out, problem.stepping)
+    grid = Grid.of(path.times, path.sizes, path.output_steps, y0)
+    field, tableau, layout = problem.field, problem.tableau, grid.layout
+
+    def build() -> Callable[..., Any]:
+        step = rk_stepper(field, tableau)  # the eager loop's step
+
+        def program(y0: Tensor, times: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+            k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
+            ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, every_state=True)
+            return ys, states
+
+        return program
+
+    key = problem.programs.key("symplectic/forward", field, [y0], (tableau.name, layout))
+    if problem.programs.first_call(key):
+        CountedField(field)(problem.time(problem.times_out[0]), y0)  # shape check, as the eager loop's
+    result = problem.programs.run(key, build, y0, grid.times, grid.sizes)
+    if result is None:
+        return None
+    ys, states = result
+    check_finite_outputs(ys, problem.times_out)
+    nfe = (tableau.stages - 1) * grid.steps + 1 if tableau.fsal else tableau.stages * grid.steps
+    problem.path = path
+    problem.stats = SolveStats(nfe_forward=nfe if grid.steps else 0, accepted_steps=grid.steps)
+    problem.grid = grid
+    return ys, states
+
+
+def _backward_compiled(problem: _Problem, states: Tensor, grad_ys: Tensor) -> list[Tensor | None] | None:
+    """The discrete adjoint as one compiled reverse scan; ``None`` if it fell back to eager."""
+    assert problem.programs is not None and problem.grid is not None and problem.stats is not None
+    grid, tableau, field = problem.grid, problem.tableau, problem.field
+    names = trainable_names(field)
+    params = tuple(problem.params)
+    if len(names) != len(params):
+        return None
+    needed = _stages_needed(tableau)
+    last = max(i for i, n in enumerate(needed) if n)
+
+    def build() -> Callable[..., Any]:
+        call = functional_field(field, names)
+
+        def program(states, grad_rows, times, sizes, slots, *params):
+            def stage_vjp(t: Tensor, x: Tensor, kbar: Tensor):
+                _, xbar, pbars = func_vjp(lambda x, p: call(p, t, x), x, params, kbar)
+                return xbar, pbars
+
+            def evaluate(t: Tensor, x: Tensor) -> Tensor:
+                return call(params, t, x)
+
+            # the first stage's time as the forward evaluated it (FSAL: t_{n-1} + h_{n-1})
+            firsts = torch.cat([times[:1], times[:-1] + sizes[:-1]]) if tableau.fsal else times
+
+            def body(carry, x):
+                ybar, pbars = carry
+                y, t, h, t_first, slot = x
+                ybar, step_pbars = _reverse_step(tableau, evaluate, stage_vjp, y, h,
+                                                 _stage_times(tableau, t, h, t_first), ybar)
+                pbars = tuple(p if q is None else p + q for p, q in zip(pbars, step_pbars))
+                return (ybar + row(grad_rows, slot), pbars), h.new_zeros(())
+
+            init = (row(grad_rows, slots[-1]), tuple(torch.zeros_like(p) for p in params))
+            (ybar, pbars), _ = scan(body, _fresh(init), (states, times, sizes, firsts, slots[:-1]), reverse=True)
+            return ybar, pbars
+
+        return program
+
+    grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
+    key = problem.programs.key("symplectic/backward", field, [states, grad_rows, *params], (tableau.name, grid.layout))
+    result = problem.programs.run(key, build, states, grad_rows, grid.times, grid.sizes, grid.slots, *params)
+    if result is None:
+        return None
+    ybar, pbars = result
+    problem.stats.nfe_backward += grid.steps * (last + sum(needed))
+    return [ybar, *pbars]
 
 
 class Symplectic(ODEStrategy):
@@ -255,6 +392,7 @@ class Symplectic(ODEStrategy):
     """
 
     name = "symplectic"
+    compilable = True
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         times = check_inputs(y0, ts)
@@ -263,6 +401,7 @@ class Symplectic(ODEStrategy):
         problem = _Problem(
             field=field, params=params, tableau=self.tableau, stepping=self.stepping,
             times_out=times, time_dtype=ts.dtype, time_device=ts.device, strategy=self.name,
+            programs=self.programs if self._compiles() else None,
         )
         with SavedBytes() as saved:
             ys = _SymplecticAdjoint.apply(problem, y0, *params)
