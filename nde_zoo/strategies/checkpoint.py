@@ -10,6 +10,7 @@ step is recomputed once with a graph.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
 from math import comb
 from typing import Any
@@ -17,9 +18,22 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nde_zoo.solvers import ButcherTableau, CountedField, Path, SolveStats, Stepping, check_inputs, odeint, rk_step
+from nde_zoo.solvers import (
+    ButcherTableau,
+    CountedField,
+    Path,
+    SolveStats,
+    Stepping,
+    check_finite_outputs,
+    check_inputs,
+    fixed_path,
+    odeint,
+    rk_step,
+    rk_stepper,
+)
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
+from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
 __all__ = ["Checkpoint", "binomial_split", "binomial_repetitions"]
@@ -58,9 +72,11 @@ class _Problem:
     snapshots: int | None
     times_out: list[float]
     strategy: str
+    programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
     path: Path | None = None
     stats: SolveStats = dataclass_field(default_factory=SolveStats)
     stored_positions: list[int] = dataclass_field(default_factory=list)
+    segment: int = 0  # compiled: steps between snapshots (the two-level schedule)
 
 
 def _spine(steps: int, snapshots: int) -> list[int]:
@@ -75,6 +91,10 @@ def _spine(steps: int, snapshots: int) -> list[int]:
 
 def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]:
     """Plain RK without a graph (the steps :class:`Direct` takes); keeps the states to store."""
+    if problem.programs is not None:
+        compiled = _forward_compiled(problem, y0)
+        if compiled is not None:
+            return compiled
     ts = torch.tensor(problem.times_out, dtype=y0.dtype, device=y0.device)
     ys, path, stats = odeint(problem.field, y0, ts, problem.tableau, problem.stepping, record_states=True)
     if problem.snapshots is None:
@@ -102,7 +122,121 @@ class _CheckpointAdjoint(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_ys: Tensor) -> tuple[Tensor | None, ...]:
         problem: _Problem = ctx.problem
-        return (None, *_Reverser(problem, list(ctx.saved_tensors), grad_ys).run())
+        stored = list(ctx.saved_tensors)
+        if problem.segment:
+            grads = _backward_compiled(problem, stored[0], grad_ys)
+            if grads is not None:
+                return (None, *grads)
+            # the compiled backward fell back: replay the stored segment starts eagerly
+            problem.stored_positions = [k * problem.segment for k in range(stored[0].shape[0])]
+            problem.snapshots, stored = len(problem.stored_positions), list(stored[0].unbind(0))
+            problem.snapshots = None if problem.segment == 1 else problem.snapshots
+        return (None, *_Reverser(problem, stored, grad_ys).run())
+
+
+def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]] | None:
+    """The forward solve as one compiled scan; stores every ``segment``-th step start.
+
+    The compiled schedule is two-level and uniform (the binomial schedule's recursion does not
+    fit one program): ``S <= snapshots`` states ``segment = ceil(N / snapshots)`` steps apart are
+    kept; backward recomputes each segment's step starts once (``segment`` states) and pulls the
+    cotangent back through its steps. Memory: ``S + segment`` states and one step's graph.
+    """
+    assert problem.programs is not None
+    path = fixed_path(problem.times_out, problem.stepping)
+    grid = Grid.of(path.times, path.sizes, path.output_steps, y0)
+    steps = grid.steps
+    if steps == 0:
+        return None
+    snapshots = steps if problem.snapshots is None else min(problem.snapshots, steps)
+    segment = -(-steps // snapshots)
+    field, tableau, layout = problem.field, problem.tableau, grid.layout
+
+    def build() -> Callable[..., Any]:
+        step = rk_stepper(field, tableau)  # the eager loop's step
+
+        def program(y0: Tensor, times: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+            k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
+            ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, every_state=True)
+            return ys, states[::segment].clone()  # clone: the other step starts are freed
+
+        return program
+
+    key = problem.programs.key("checkpoint/forward", field, [y0], (tableau.name, layout, segment))
+    if problem.programs.first_call(key):
+        CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
+    result = problem.programs.run(key, build, y0, grid.times, grid.sizes)
+    if result is None:
+        return None
+    ys, stored = result
+    check_finite_outputs(ys, problem.times_out)
+    nfe = (tableau.stages - 1) * steps + 1 if tableau.fsal else tableau.stages * steps
+    problem.path, problem.segment = path, segment
+    problem.stats = SolveStats(nfe_forward=nfe, accepted_steps=steps)
+    return ys, [stored]
+
+
+def _backward_compiled(problem: _Problem, stored: Tensor, grad_ys: Tensor) -> list[Tensor | None] | None:
+    """Reverse the segments in one compiled program; ``None`` if it fell back to eager."""
+    assert problem.programs is not None and problem.path is not None
+    path, tableau, field, segment = problem.path, problem.tableau, problem.field, problem.segment
+    names = trainable_names(field)
+    params = tuple(problem.params)
+    if len(names) != len(params):
+        return None
+    segments = stored.shape[0]
+    padding = segments * segment - path.steps  # identity steps (h = 0) after the end
+    end = path.times[-1]
+    grid = Grid.of(path.times + [end] * padding, path.sizes + [0.0] * padding, path.output_steps, stored)
+
+    def build() -> Callable[..., Any]:
+        call = functional_field(field, names)
+
+        def program(stored, grad_rows, times, sizes, slots, *params):
+            def advance(y: Tensor, x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+                y_next = rk_step(lambda t, v: call(params, t, v), x[0], y, x[1], tableau).y
+                return y_next, y_next.clone()
+
+            def reverse(carry, x):
+                ybar, pbars = carry
+                y, t, h, slot = x
+                step = lambda y, p: rk_step(lambda tt, v: call(p, tt, v), t, y, h, tableau).y  # noqa: E731
+                _, ybar, step_pbars = func_vjp(step, y, params, ybar)
+                pbars = tuple(p + q for p, q in zip(pbars, step_pbars))
+                return (ybar + row(grad_rows, slot), pbars), h.new_zeros(())
+
+            def segment_body(carry, x):
+                start, seg_times, seg_sizes, seg_slots = x
+                if segment > 1:  # recompute the segment's step starts, without a graph
+                    _, later = scan(advance, start.clone(), (seg_times[:-1], seg_sizes[:-1]))
+                    starts = torch.cat([start.unsqueeze(0), later])
+                else:
+                    starts = start.unsqueeze(0)
+                carry, _ = scan(reverse, carry, (starts, seg_times, seg_sizes, seg_slots), reverse=True)
+                return carry, seg_sizes.new_zeros(())
+
+            shape = (stored.shape[0], segment)
+            xs = (stored, times.reshape(shape), sizes.reshape(shape), slots[:-1].reshape(shape))
+            init = (row(grad_rows, slots[-1]), tuple(torch.zeros_like(p) for p in params))
+            (ybar, pbars), _ = scan(segment_body, _fresh(init), xs, reverse=True)
+            return ybar, pbars
+
+        return program
+
+    # padded steps are no output (their slots point at the zero row); the last output's cotangent
+    # enters after the first padded step is reversed, which is the identity
+    slots = grid.slots
+    grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])
+    key = problem.programs.key("checkpoint/backward", field, [stored, grad_rows, *params],
+                               (tableau.name, grid.layout, segment))
+    result = problem.programs.run(key, build, stored, grad_rows, grid.times, grid.sizes, slots, *params)
+    if result is None:
+        return None
+    ybar, pbars = result
+    total = segments * segment
+    problem.stats.recomputed_steps += total - segments
+    problem.stats.nfe_backward += tableau.stages * (2 * total - segments)
+    return [ybar, *pbars]
 
 
 class _Reverser:
@@ -194,6 +328,7 @@ class Checkpoint(ODEStrategy):
     """
 
     name = "checkpoint"
+    compilable = True
 
     def __init__(
         self,
@@ -205,8 +340,10 @@ class Checkpoint(ODEStrategy):
         atol: float | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         snapshots: int | None = None,
+        compile: bool | str = False,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps)
+        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
+                         compile=compile)
         if snapshots is not None:
             if self.stepping.adaptive:
                 raise ValueError(
@@ -220,10 +357,12 @@ class Checkpoint(ODEStrategy):
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         times = check_inputs(y0, ts)
         params = field_parameters(field)
-        problem = _Problem(field, params, self.tableau, self.stepping, self.snapshots, times, self.name)
+        problem = _Problem(field, params, self.tableau, self.stepping, self.snapshots, times, self.name,
+                           programs=self.programs if self._compiles() else None)
         with SavedBytes() as saved:
             ys = _CheckpointAdjoint.apply(problem, y0, *params)
         return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes))
 
     def __repr__(self) -> str:
-        return f"Checkpoint(solver={self.tableau.name!r}, {self.stepping.describe()}, snapshots={self.snapshots})"
+        extra = f", compile={self.compile}" if self.compile.enabled else ""
+        return f"Checkpoint(solver={self.tableau.name!r}, {self.stepping.describe()}, snapshots={self.snapshots}{extra})"
