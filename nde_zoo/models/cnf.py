@@ -130,6 +130,8 @@ class CNFField(nn.Module):
                 "torch.no_grad() instead, e.g. lightning.Trainer(inference_mode=False) "
                 "(trainer.inference_mode=false; configs/model/cnf.yaml sets it)"
             )
+        if torch.compiler.is_compiling():  # inside a compiled solve: the same trace by torch.func
+            return self._forward_functional(t, state)
         with torch.enable_grad():
             z = state[:, : self.dim]
             if not z.requires_grad:  # a no-graph forward: differentiate w.r.t. a fresh leaf
@@ -144,6 +146,28 @@ class CNFField(nn.Module):
                     raise RuntimeError("Hutchinson's estimator needs CNFField.draw_probe(...) before the solve")
                 vjp = torch.autograd.grad(f, z, self.probe, create_graph=True)[0]
                 trace = (vjp * self.probe).sum(dim=1)
+        return torch.cat([f, -trace[:, None]], dim=1)
+
+    def _forward_functional(self, t: Tensor, state: Tensor) -> Tensor:
+        """:meth:`forward` with ``torch.func`` transforms instead of ``torch.autograd.grad``.
+
+        A compiled solve (``strategy.compile=true``) traces the field into one program, where
+        ``torch.autograd.grad`` would be a graph break; ``vmap(jacrev(...))`` (exact) and
+        ``torch.func.vjp`` (Hutchinson) give the same trace and stay differentiable. Eagerly they
+        are slower than autograd rows, so only compiled solves use them.
+        """
+        z = state[:, : self.dim]
+        f = self.velocity(t, z)
+        if self.exact:
+            def one(z_row: Tensor) -> Tensor:
+                return self.velocity(t, z_row.unsqueeze(0)).squeeze(0)
+
+            trace = torch.func.vmap(torch.func.jacrev(one))(z).diagonal(dim1=1, dim2=2).sum(dim=1)
+        else:
+            if self.probe is None or self.probe.shape[0] != z.shape[0]:
+                raise RuntimeError("Hutchinson's estimator needs CNFField.draw_probe(...) before the solve")
+            _, pullback = torch.func.vjp(lambda z: self.velocity(t, z), z)
+            trace = (pullback(self.probe)[0] * self.probe).sum(dim=1)
         return torch.cat([f, -trace[:, None]], dim=1)
 
 

@@ -288,9 +288,18 @@ class Grid:
         return int(self.sizes.shape[0])
 
     @property
-    def layout(self) -> tuple[int, int | None, tuple[int, ...] | None]:
-        """What a program bakes in: steps, uniform segment, or the output steps themselves."""
-        return (self.steps, self.segment, None if self.segment is not None else self.output_steps)
+    def layout(self) -> tuple[int, int | None, int]:
+        """What a program bakes in: the steps, the uniform segment (or ``None``), the outputs.
+
+        Where the outputs fall is data (:attr:`output_index`), not baked: moving an output
+        time along the grid (ERNODE's sampled time) does not recompile.
+        """
+        return (self.steps, self.segment, len(self.output_steps))
+
+    @property
+    def output_index(self) -> Tensor:
+        """``(len(ts),)`` int64: the step boundary of each output time."""
+        return torch.tensor(self.output_steps, dtype=torch.long, device=self.slots.device)
 
 
 def scan_forward(
@@ -300,7 +309,8 @@ def scan_forward(
     observe: Callable[[Any], Tensor],
     times: Tensor,
     sizes: Tensor,
-    layout: tuple[int, int | None, tuple[int, ...] | None],
+    layout: tuple[int, int | None, int],
+    output_index: Tensor,
     *,
     every_state: bool = False,
 ) -> tuple[Tensor, Any, Tensor | None]:
@@ -313,7 +323,7 @@ def scan_forward(
             ``None``).
         observe: the solution tensor of a state (``(batch, *state)``).
         times / sizes: ``(N,)`` step start times and sizes (:class:`Grid`).
-        layout: :attr:`Grid.layout` (baked into the program).
+        layout: :attr:`Grid.layout` (baked into the program); output_index: :attr:`Grid.output_index`.
         every_state: also return the observed state at every step *start* (``(N, batch, ...)``).
 
     Returns:
@@ -324,7 +334,7 @@ def scan_forward(
     otherwise one scan returns every state and the outputs are gathered from it (``N`` states,
     no graph, freed on return).
     """
-    steps, segment, output_steps = layout
+    steps, segment, _ = layout
     first = observe(state0)
     if steps == 0:
         return first.unsqueeze(0), state0, first.new_empty((0, *first.shape)) if every_state else None
@@ -357,10 +367,7 @@ def scan_forward(
 
     (state, _), every = scan(body, _fresh((state0, carry0)), (times, sizes))
     trajectory = torch.cat([first.unsqueeze(0), every])  # (N + 1, batch, ...)
-    if output_steps is None:  # uniform segments of one step: every step is an output
-        ys = trajectory[:: segment or 1]
-    else:
-        ys = trajectory[list(output_steps)]
+    ys = trajectory if segment == 1 else trajectory.index_select(0, output_index)
     return ys, state, (trajectory[:-1] if every_state else None)
 
 

@@ -155,9 +155,9 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tenso
     def build() -> Callable[..., Any]:
         step = rk_stepper(field, tableau)  # the eager loop's step
 
-        def program(y0: Tensor, times: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor]:
+        def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
             k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
-            ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, every_state=True)
+            ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index, every_state=True)
             return ys, states[::segment].clone()  # clone: the other step starts are freed
 
         return program
@@ -165,7 +165,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tenso
     key = problem.programs.key("checkpoint/forward", field, [y0], (tableau.name, layout, segment))
     if problem.programs.first_call(key):
         CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, y0, grid.times, grid.sizes)
+    result = problem.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
     if result is None:
         return None
     ys, stored = result

@@ -47,9 +47,9 @@ class Direct(ODEStrategy):
         def build() -> Callable[..., Any]:
             step = rk_stepper(field, tableau)  # the eager loop's step
 
-            def program(y0: Tensor, times: Tensor, sizes: Tensor) -> Tensor:
+            def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> Tensor:
                 k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
-                return scan_forward(step, y0, k1, lambda y: y, times, sizes, layout)[0]
+                return scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index)[0]
 
             return program
 
@@ -57,7 +57,7 @@ class Direct(ODEStrategy):
         key = self.programs.key("direct", field, [y0], (tableau.name, layout, torch.is_grad_enabled()))
         if self.programs.first_call(key):
             CountedField(field)(ts[0], y0)  # shape check, as the eager loop's
-        ys = self.programs.run(key, build, y0, grid.times, grid.sizes)
+        ys = self.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
         if ys is None:
             return None
         check_finite_outputs(ys, times)

@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import Tensor
 
-from nde_zoo.solvers import get_tableau, initial_step_size, rk_step
+from nde_zoo.solvers import fixed_path, get_tableau, initial_step_size, rk_step
 from nde_zoo.solvers.stepping import error_ratio
 from nde_zoo.strategies.base import GradientStrategy, ODEStrategy, Solution
 from nde_zoo.strategies.sde import ernode_sde_regularisation, ernode_solve_sde
@@ -55,6 +55,23 @@ def _strategy_from_config(name: str) -> GradientStrategy:
     if name not in valid:
         raise ValueError(f"unknown inner strategy {name!r} for ernode; valid inner strategies: {', '.join(valid)}")
     return instantiate(OmegaConf.load(folder / f"{name}.yaml"))
+
+
+def _with_compile(inner: GradientStrategy, compile: bool | str) -> GradientStrategy:
+    """``inner`` with its ``compile=`` set (LocalERNODE's own ``compile`` argument)."""
+    from nde_zoo.strategies._compiled import CompileSpec, Programs
+
+    spec = CompileSpec.of(compile)
+    if spec.enabled and not getattr(inner, "compilable", False):
+        from nde_zoo.strategies.base import COMPILABLE
+
+        raise ValueError(
+            f"LocalERNODE(compile={compile!r}) passes compile to its inner strategy, and {inner.name!r} has no "
+            f"compiled path; compile is available for {', '.join(COMPILABLE)}"
+        )
+    if isinstance(inner, ODEStrategy):
+        inner.compile, inner.programs = spec, Programs(spec, inner.name)
+    return inner
 
 
 def _as_rng_state(state: Any) -> tuple:
@@ -91,6 +108,7 @@ class LocalERNODE(GradientStrategy):
         decay_steps: int = 1000,
         error_solver: str = "tsit5",
         seed: int = 0,
+        compile: bool | str | None = None,
     ) -> None:
         super().__init__()
         self.inner = _strategy_from_config(inner) if isinstance(inner, str) else inner
@@ -98,6 +116,8 @@ class LocalERNODE(GradientStrategy):
             raise ValueError("LocalERNODE cannot wrap another LocalERNODE")
         if not isinstance(self.inner, GradientStrategy):
             raise TypeError(f"inner must be a GradientStrategy or a config name, got {type(inner).__name__}")
+        if compile is not None:  # passed to the inner strategy (None: keep the inner's own setting)
+            self.inner = _with_compile(self.inner, compile)
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}, got {sampling!r}")
         if not (coef_start >= coef_end > 0):
@@ -129,18 +149,24 @@ class LocalERNODE(GradientStrategy):
             return float(self.inner.stepping.rtol or 0.0), float(self.inner.stepping.atol or 0.0)
         return DEFAULT_RTOL, DEFAULT_ATOL
 
-    def _sample_time(self, t0: float, t1: float) -> float:
+    def _sample_time(self, times: list[float]) -> float:
+        t0, t1 = times[0], times[-1]
         u = self.rng.random()
         if self.sampling == "biased" and self._previous_times:
             k = int(u * len(self._previous_times))
             return self._previous_times[min(k, len(self._previous_times) - 1)]
+        if isinstance(self.inner, ODEStrategy) and self.inner._compiles():
+            # A compiled fixed-step inner keeps its grid, so its program is reused: the sampled
+            # time is the nearest step boundary (uniform over the grid for uniform steps).
+            grid = fixed_path(times, self.inner.stepping).times
+            return grid[min(int(u * (len(grid) - 1)), len(grid) - 2)]
         return t0 + u * (t1 - t0)
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         if not torch.is_grad_enabled() or ts.numel() < 2:
             return self.inner.solve(field, y0, ts)
         times = ts.tolist()
-        t_reg = self._sample_time(times[0], times[-1])
+        t_reg = self._sample_time(times)
         if t_reg in times:
             index, ts_aug = times.index(t_reg), ts
         else:

@@ -213,8 +213,8 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Te
     def build() -> Callable[..., Any]:
         step = _reversible_step(field, tableau, lam)  # the eager loop's step
 
-        def program(y0: Tensor, times: Tensor, sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            ys, (y_last, z_last), _ = scan_forward(step, (y0, y0), None, lambda s: s[0], times, sizes, layout)
+        def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            ys, (y_last, z_last), _ = scan_forward(step, (y0, y0), None, lambda s: s[0], times, sizes, layout, index)
             return ys, y_last, z_last
 
         return program
@@ -222,7 +222,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Te
     key = problem.programs.key("reversible/forward", field, [y0], (tableau.name, lam, grid.layout))
     if problem.programs.first_call(key):
         CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, y0, grid.times, grid.sizes)
+    result = problem.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
     if result is None:
         return None
     ys, y_last, z_last = result
