@@ -124,14 +124,14 @@ class CNFField(nn.Module):
         return self.net(t, z)
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
+        if torch.compiler.is_compiling():  # inside a compiled solve: the same trace by torch.func
+            return self._forward_functional(t, state)
         if torch.is_inference_mode_enabled():
             raise RuntimeError(
                 "the CNF takes its trace with autograd, which inference mode forbids: evaluate it under "
                 "torch.no_grad() instead, e.g. lightning.Trainer(inference_mode=False) "
                 "(trainer.inference_mode=false; configs/model/cnf.yaml sets it)"
             )
-        if torch.compiler.is_compiling():  # inside a compiled solve: the same trace by torch.func
-            return self._forward_functional(t, state)
         with torch.enable_grad():
             z = state[:, : self.dim]
             if not z.requires_grad:  # a no-graph forward: differentiate w.r.t. a fresh leaf

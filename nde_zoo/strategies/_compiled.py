@@ -29,9 +29,11 @@ What this module provides, independent of any one strategy:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +58,12 @@ __all__ = [
 ]
 
 COMPILE_CHOICES = (False, True, "strict", "reduce-overhead")
+
+#: the ``torch.compile`` backend. Inductor generates the fast code; the test suite sets
+#: ``NDE_ZOO_COMPILE_BACKEND=aot_eager`` for its wide correctness matrix (the same tracing, scans
+#: and ``torch.func`` transforms, seconds instead of minutes to compile) and keeps Inductor for
+#: one case per strategy.
+BACKEND_ENV = "NDE_ZOO_COMPILE_BACKEND"
 
 # Every strategy instance compiles its own programs (one per field, shape, solver and grid), and
 # dynamo counts recompiles per code object: the default limit of 8 would silently fall back to
@@ -170,10 +178,13 @@ class Programs:
         program = self._programs.get(key)
         if program is not None:
             return program(*args)
-        compiled = torch.compile(build(), fullgraph=True, dynamic=False, mode=self.spec.mode)
+        backend = os.environ.get(BACKEND_ENV, "inductor")
+        mode = self.spec.mode if backend == "inductor" else None
+        compiled = torch.compile(build(), fullgraph=True, dynamic=False, backend=backend, mode=mode)
         start = time.perf_counter()
         try:
-            result = compiled(*args)
+            with _without_saved_tensors_hooks():
+                result = compiled(*args)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: run eager
             reason = _reason(error)
             if self.spec.strict:
@@ -199,6 +210,27 @@ class Programs:
         self.compile_seconds += seconds
         self.pending_seconds += seconds
         return result
+
+
+@contextlib.contextmanager
+def _without_saved_tensors_hooks() -> Iterator[None]:
+    """Lift every saved-tensors hook while a program is traced and compiled, then restore them.
+
+    ``torch.func`` transforms (the VJPs of the backward scans, a CNF's trace) refuse to trace
+    under such hooks, and the strategies count saved bytes with them (``SavedBytes``). The
+    compiled program itself runs under the hooks as usual from its second call on; the first
+    call's result is what it computed, without the outer hooks seeing what it saved.
+    Private API (``torch._C._autograd``): no public way to suspend the hook stack exists.
+    """
+    lifted = []
+    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
+        lifted.append(top)
+        torch._C._autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(lifted):
+            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
 
 
 def _reason(error: BaseException) -> str:
@@ -313,6 +345,7 @@ def scan_forward(
     output_index: Tensor,
     *,
     every_state: bool = False,
+    nested: bool = True,
 ) -> tuple[Tensor, Any, Tensor | None]:
     """Run ``step`` over a fixed grid inside a compiled program; outputs at the output times.
 
@@ -325,6 +358,9 @@ def scan_forward(
         times / sizes: ``(N,)`` step start times and sizes (:class:`Grid`).
         layout: :attr:`Grid.layout` (baked into the program); output_index: :attr:`Grid.output_index`.
         every_state: also return the observed state at every step *start* (``(N, batch, ...)``).
+        nested: allow the nested layout below. Autograd through nested scans fails in torch 2.13
+            ("derivative for aten::detach_copy"), so a program differentiated by autograd (Direct,
+            which keeps every step's graph anyway) passes ``False``.
 
     Returns:
         ``ys`` ``(len(ts), batch, *state)``, the final state, and the step-start states or ``None``.
@@ -347,7 +383,7 @@ def scan_forward(
         state_next, _, reuse_next = step(x[0], state, x[1], None if reuse == () else reuse)
         return (state_next, () if reuse_next is None else reuse_next), state_next
 
-    if segment is not None and segment > 1 and not every_state:
+    if nested and segment is not None and segment > 1 and not every_state:
 
         def inner(carry: Any, x: tuple[Tensor, Tensor]) -> tuple[Any, Tensor]:
             carry, _ = advance(carry, x)

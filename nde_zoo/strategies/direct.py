@@ -49,7 +49,7 @@ class Direct(ODEStrategy):
 
             def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> Tensor:
                 k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
-                return scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index)[0]
+                return scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index, nested=False)[0]
 
             return program
 

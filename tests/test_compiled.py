@@ -1,0 +1,238 @@
+"""Compiled solves (``compile=``): equal to eager to round-off, bounded recompiles, clear fall-backs.
+
+The wide matrix runs on the ``aot_eager`` backend (the same dynamo tracing, scans,
+functionalisation and ``torch.func`` transforms as Inductor, but seconds to compile); one
+case per strategy runs through Inductor itself, together covering every solver.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch._dynamo
+from torch import nn
+
+from nde_zoo.strategies import Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic
+from nde_zoo.strategies._compiled import BACKEND_ENV, CompileSpec
+
+F64 = torch.float64
+STRATEGIES = {"direct": Direct, "checkpoint": Checkpoint, "reversible": Reversible, "symplectic": Symplectic}
+SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int = 3, width: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.l1 = nn.Linear(dim + 1, width)
+        self.l2 = nn.Linear(width, dim)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(torch.cat([y, t.expand(y.shape[0], 1)], -1))))
+
+
+@pytest.fixture
+def aot_eager(monkeypatch):
+    monkeypatch.setenv(BACKEND_ENV, "aot_eager")
+
+
+def gradients(strategy, field, y0, ts, weights):
+    y0 = y0.clone().requires_grad_()
+    sol = strategy.solve(field, y0, ts)
+    loss = (sol.ys * weights).sum() + sol.ys.pow(2).sum()  # a cotangent at every output time
+    grads = torch.autograd.grad(loss, [y0, *field.parameters()])
+    return sol, [g.detach() for g in grads]
+
+
+def relative(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def kwargs_for(name):
+    return {"snapshots": 3} if name == "checkpoint" else {}
+
+
+# Output layouts: irregular times (gathered from every step), uniform segments (nested scans,
+# memory flat in N), every step an output.
+LAYOUTS = {
+    "irregular": (torch.tensor([0.0, 0.25, 0.6, 1.0], dtype=F64), 10),
+    "uniform": (torch.linspace(0.0, 1.0, 5, dtype=F64), 8),
+    "dense": (torch.linspace(0.0, 1.0, 7, dtype=F64), 6),
+}
+
+
+def compare(name, solver, ts, steps, tolerance=1e-12):
+    field = MLP().double()
+    y0 = torch.randn(4, 3, dtype=F64, generator=torch.Generator().manual_seed(1))
+    weights = torch.randn(len(ts), 4, 3, dtype=F64, generator=torch.Generator().manual_seed(2))
+    cls = STRATEGIES[name]
+    eager_sol, eager = gradients(cls(solver, steps=steps, **kwargs_for(name)), field, y0, ts, weights)
+    strategy = cls(solver, steps=steps, compile="strict", **kwargs_for(name))
+    compiled_sol, compiled = gradients(strategy, field, y0, ts, weights)
+    assert strategy.programs.compiles >= 1  # it really ran compiled
+    assert relative(compiled_sol.ys.detach(), eager_sol.ys.detach()) <= tolerance
+    for c, e in zip(compiled, eager):
+        assert relative(c, e) <= tolerance
+    assert compiled_sol.stats.nfe_forward == eager_sol.stats.nfe_forward
+    assert compiled_sol.path.output_steps == eager_sol.path.output_steps
+    return strategy, compiled_sol
+
+
+# Every strategy x solver; the layouts rotate so each strategy and each solver meets all three.
+MATRIX = [
+    (name, solver, sorted(LAYOUTS)[(i + j) % len(LAYOUTS)])
+    for i, name in enumerate(sorted(STRATEGIES))
+    for j, solver in enumerate(SOLVERS)
+]
+
+
+@pytest.mark.parametrize("name, solver, layout", MATRIX)
+def test_compiled_equals_eager(aot_eager, name, solver, layout):
+    ts, steps = LAYOUTS[layout]
+    compare(name, solver, ts, steps)
+
+
+@pytest.mark.parametrize("name, solver", [("direct", "rk4"), ("checkpoint", "euler"),
+                                          ("reversible", "midpoint"), ("symplectic", "dopri5")])
+def test_inductor_equals_eager(name, solver):
+    """Inductor's generated code, one strategy per solver (every solver covered once)."""
+    ts, steps = LAYOUTS["irregular"]
+    compare(name, solver, ts, steps)
+
+
+def test_compiled_reversible_equals_backprop_through_its_recursion(aot_eager):
+    from tests.test_reversible import reference_solve
+
+    from nde_zoo.solvers import Stepping
+
+    field = MLP().double()
+    y0 = torch.randn(4, 3, dtype=F64).requires_grad_()
+    ts = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
+    ys_ref, _ = reference_solve(field, y0, ts, "rk4", Stepping.of(steps=20), 0.999)
+    reference = torch.autograd.grad(ys_ref.pow(2).sum(), [y0, *field.parameters()])
+    ys = Reversible("rk4", steps=20, compile="strict").solve(field, y0, ts).ys
+    compiled = torch.autograd.grad(ys.pow(2).sum(), [y0, *field.parameters()])
+    for c, r in zip(compiled, reference):
+        assert relative(c, r) <= 1e-10
+
+
+def test_compiled_reversible_memory_is_flat_in_steps(aot_eager):
+    field = MLP().double()
+    y0 = torch.randn(16, 3, dtype=F64).requires_grad_()
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    saved = {}
+    for steps in (10, 1000):
+        strategy = Reversible("midpoint", steps=steps, compile="strict")
+        sol = strategy.solve(field, y0, ts)
+        sol.ys.sum().backward()
+        assert strategy.programs.compiles == 2  # the forward and the backward program
+        saved[steps] = sol.saved_bytes
+    assert saved[10] > 0
+    assert abs(saved[1000] - saved[10]) <= 0.05 * saved[10]
+
+
+def test_recompiles_are_bounded_with_a_ragged_last_batch(aot_eager):
+    """Two epochs of batches 8, 8, 3: each program compiles once per batch shape, no more."""
+    field = MLP().double()
+    strategy = Reversible("rk4", steps=12, compile="strict")
+    ts = torch.linspace(0.0, 1.0, 4, dtype=F64)
+    torch._dynamo.utils.counters.clear()
+    for _epoch in range(2):
+        for batch in (8, 8, 3):
+            y0 = torch.randn(batch, 3, dtype=F64).requires_grad_()
+            strategy.solve(field, y0, ts).ys.sum().backward()
+    assert strategy.programs.compiles == 4  # (forward, backward) x (batch 8, batch 3)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    assert strategy.programs.compile_seconds > 0
+
+
+class BranchyField(nn.Module):
+    """Data-dependent Python control flow: a graph break that compilation cannot keep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(2, 2).double()
+
+    def forward(self, t, y):
+        if float(y.abs().sum()) > 1e9:  # a host sync deciding the branch
+            return -y
+        return self.lin(y)
+
+
+def test_uncompilable_field_falls_back_to_eager_with_one_warning(aot_eager):
+    field = BranchyField()
+    y0 = torch.randn(3, 2, dtype=F64)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    strategy = Symplectic("rk4", steps=5, compile=True)
+    with pytest.warns(RuntimeWarning, match="could not compile its solve and runs it eagerly") as record:
+        first = strategy.solve(field, y0, ts).ys
+    assert any("symplectic" in str(w.message) for w in record)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one warning per reason, not one per solve
+        second = strategy.solve(field, y0, ts).ys
+    eager = Symplectic("rk4", steps=5).solve(field, y0, ts).ys
+    assert torch.equal(first, eager) and torch.equal(second, eager)
+    assert strategy.programs.compiles == 0 and strategy.programs.fallbacks
+
+
+def test_strict_raises_instead_of_falling_back(aot_eager):
+    strategy = Reversible("rk4", steps=5, compile="strict")
+    with pytest.raises(RuntimeError, match="compile='strict'.*could not compile"):
+        strategy.solve(BranchyField(), torch.randn(3, 2, dtype=F64), torch.tensor([0.0, 1.0], dtype=F64))
+
+
+@pytest.mark.parametrize("cls", [Adjoint, Seminorm])
+def test_torchdiffeq_strategies_refuse_compile(cls):
+    with pytest.raises(ValueError, match="no compiled path.*direct, checkpoint, reversible, symplectic"):
+        cls("dopri5", compile=True)
+
+
+def test_compile_argument_is_validated():
+    assert CompileSpec.of("true").enabled and CompileSpec.of("strict").strict
+    assert CompileSpec.of("reduce-overhead").mode == "reduce-overhead"
+    assert not CompileSpec.of(False).enabled
+    with pytest.raises(ValueError, match="compile must be one of"):
+        Direct("rk4", steps=4, compile="fast")
+
+
+def test_adaptive_steps_run_eager_and_equal(aot_eager):
+    """Adaptive solves keep the controller in Python; the result equals the eager one exactly."""
+    field = MLP().double()
+    y0 = torch.randn(4, 3, dtype=F64)
+    ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    for name, cls in STRATEGIES.items():
+        compiled = cls("dopri5", rtol=1e-6, atol=1e-8, compile=True).solve(field, y0, ts)
+        eager = cls("dopri5", rtol=1e-6, atol=1e-8).solve(field, y0, ts)
+        assert relative(compiled.ys.detach(), eager.ys.detach()) <= 1e-12, name
+
+
+def test_ernode_passes_compile_to_its_inner_strategy(aot_eager):
+    strategy = LocalERNODE(inner=Reversible("rk4", steps=8), compile="strict")
+    assert strategy.inner.compile.strict
+    field = MLP().double()
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    for _ in range(3):  # the sampled time lies on the grid: one program serves every step
+        y0 = torch.randn(4, 3, dtype=F64).requires_grad_()
+        sol = strategy.solve(field, y0, ts)
+        (sol.ys.sum() + strategy.regularisation(sol)).backward()
+    assert strategy.inner.programs.compiles == 2
+    with pytest.raises(ValueError, match="no compiled path"):
+        LocalERNODE(inner=Adjoint("dopri5"), compile=True)
+
+
+def test_cnf_exact_trace_field_compiles(aot_eager):
+    from nde_zoo.models.cnf import CNFField
+
+    field = CNFField(dim=2, width=16, depth=2, exact_trace_max_dim=8, noise="rademacher").double()
+    state = torch.cat([torch.randn(5, 2, dtype=F64), torch.zeros(5, 1, dtype=F64)], dim=1)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    weights = torch.randn(2, 5, 3, dtype=F64)
+    for name in ("direct", "reversible"):
+        cls = STRATEGIES[name]
+        _, eager = gradients(cls("rk4", steps=6), field, state, ts, weights)
+        strategy = cls("rk4", steps=6, compile="strict")
+        _, compiled = gradients(strategy, field, state, ts, weights)
+        for c, e in zip(compiled, eager):
+            assert relative(c, e) <= 1e-12
