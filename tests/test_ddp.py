@@ -61,6 +61,10 @@ STRATEGIES = {
     "adjoint_adaptive": ("Adjoint", dict(solver="dopri5", rtol=1e-6, atol=1e-8), False),
     "seminorm_adaptive": ("Seminorm", dict(solver="dopri5", rtol=1e-6, atol=1e-8), False),
     "symplectic_adaptive": ("Symplectic", dict(solver="dopri5", rtol=1e-6, atol=1e-8), False),
+    # compiled loops (docs/compile.md); the workers compile with aot_eager to keep this test short
+    "directcompiled": ("Direct", dict(solver="rk4", steps=3, compile="strict"), True),
+    "reversiblecompiled": ("Reversible", dict(solver="midpoint", steps=4, compile="strict"), True),
+    "symplecticcompiled": ("Symplectic", dict(solver="rk4", steps=3, compile="strict"), True),
 }
 MODELS = ("ode_classifier", "cnf")
 CASES = [f"{m}-{s}" for m in MODELS for s in STRATEGIES]
@@ -145,7 +149,7 @@ class Probe(lightning.Callback):
 def _worker(rank: int, port: int, out_dir: str, cases: list[str]) -> None:
     """One rank: LOCAL_RANK is set, so Lightning's ``ddp`` joins these processes (no re-launch)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(WORLD), PYTHONWARNINGS="ignore")
+                      WORLD_SIZE=str(WORLD), PYTHONWARNINGS="ignore", NDE_ZOO_COMPILE_BACKEND="aot_eager")
     torch.set_num_threads(1)
     results = {}
     for case in cases:
@@ -198,6 +202,7 @@ def one_process(case: str, state_dict, batch, rank: int = 0):
     """One process, same weights, float64: the model after ``backward`` on ``batch``."""
     model, _ = make_case(case)
     model.double().load_state_dict(state_dict)
+    os.environ["NDE_ZOO_COMPILE_BACKEND"] = "aot_eager"  # as in the workers (compiled cases)
     if isinstance(model.strategy, strategies.LocalERNODE):  # the sampler stream of that rank
         model.strategy.rng.seed(model.strategy.seed + rank)
     loss = model.training_step(_as_double(batch), 0)

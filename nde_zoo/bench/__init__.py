@@ -12,5 +12,6 @@ BENCHMARKS: dict[str, str] = {
     "symplectic": "Matsubara et al. 2021: symplectic adjoint vs adjoint, backprop, ACA on a KdV Neural ODE: loss, memory, time, gradient error",
     "cnf_memory": "McCallum & Foster 2024: reversible vs backprop (+ symplectic, adjoint) FFJORD on two moons, midpoint/rk4/dopri5: NLL and memory",
     "seminorm": "Kidger et al. 2021: RMS vs torchdiffeq's mixed default vs seminorm adjoint norms on a Neural CDE and a Neural ODE",
+    "compiled": "eager vs compile=True per strategy: s per training step, compile cost, memory (white dwarf, CNF, memory-bound)",
     "cde_memory": "McCallum & Foster 2024: reversible vs backprop Neural CDE with midpoint/rk4/dopri5: accuracy and memory",
 }

@@ -343,20 +343,24 @@ def odeint(
     stepping: Stepping,
     *,
     record_states: bool = False,
+    step_factory: Callable[[CountedField], Step] | None = None,
 ) -> tuple[Tensor, Path, SolveStats]:
     """Solve ``dy/dt = field(t, y)`` with plain RK steps; differentiable by ordinary autograd.
 
     Returns ``ys`` of shape ``(len(ts), *y0.shape)``, the :class:`Path` and the stats.
     Step sizes are plain floats, so no gradient flows through step-size selection (as in
-    diffrax): every exact strategy differentiates the same discretisation.
+    diffrax): every exact strategy differentiates the same discretisation. ``step_factory``
+    replaces :func:`rk_stepper` (a compiled step of the same arithmetic; it must count NFE on
+    the :class:`CountedField` it is given).
     """
     stepping.check(tableau)
     times = check_inputs(y0, ts)
     counted = CountedField(field)
     t_like = ts[0]
     first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
+    step = rk_stepper(counted, tableau) if step_factory is None else step_factory(counted)
     outputs, path, stats = integrate(
-        rk_stepper(counted, tableau), y0, lambda y: y, times, t_like, stepping, tableau.order,
+        step, y0, lambda y: y, times, t_like, stepping, tableau.order,
         first_step=first_step, record_states=record_states,
     )
     ys = torch.stack(outputs)

@@ -46,6 +46,7 @@ from torch._higher_order_ops import scan
 
 __all__ = [
     "COMPILE_CHOICES",
+    "adaptive_step",
     "CompileSpec",
     "Programs",
     "Grid",
@@ -159,7 +160,9 @@ class Programs:
         return state
 
     def key(self, kind: str, field: Any, inputs: Sequence[Any], extra: Any = None) -> Any:
-        return (kind, id(field), type(field).__qualname__, _signature(list(inputs)), extra)
+        # The field is an argument of every program, not baked in: a model that builds a new
+        # field per batch (a CDE's ControlledField over that batch's path) reuses the program.
+        return (kind, type(field), _signature(list(inputs)), extra)
 
     def first_call(self, key: Any) -> bool:
         """Whether ``key`` has neither compiled nor failed yet (its first call will compile)."""
@@ -169,6 +172,7 @@ class Programs:
         """Run the program for ``key`` on ``args``; ``None`` when it runs eager instead.
 
         ``build()`` returns the plain Python function to compile; it is called once per key.
+        Its first argument is the field (``args[0]``), passed on every call.
         The first call of a key compiles (timed). A failure there is a compile failure (graph
         break, unsupported operation, no C++ compiler): it warns once per reason and the key
         runs eager from then on, or raises with ``compile="strict"``.
@@ -210,6 +214,48 @@ class Programs:
         self.compile_seconds += seconds
         self.pending_seconds += seconds
         return result
+
+
+def adaptive_step(
+    programs: Programs,
+    kind: str,
+    field: Any,
+    make_step: Callable[[Any], Callable[..., Any]],
+    counted: Any,
+    evaluations: Callable[[Any], int],
+    extra: Any = None,
+) -> Callable[..., Any]:
+    """An adaptive solve's step as a compiled program; the controller stays in Python.
+
+    Args:
+        make_step: ``make_step(f) -> step(t, state, h, carry)`` for a field ``f``: the eager
+            loop's step factory. The compiled program is built from the raw ``field`` (stable
+            across solves, so it is reused); the eager fall-back from ``counted``.
+        counted: the solve's :class:`~nde_zoo.solvers.CountedField`; a compiled call adds
+            ``evaluations(carry)`` to its ``nfe`` (the program cannot count from inside).
+        extra: what else the program bakes in (the solver, the coupling).
+
+    The step size enters as a 0-d tensor, so accepting and rejecting steps of every size
+    reuses one program per (shapes, dtype, grad mode). ``Path.sizes`` keep the Python floats.
+    """
+    eager = make_step(counted)
+
+    def build() -> Callable[..., Any]:
+        return lambda f, t, state, h, carry: make_step(f)(t, state, h, carry)
+
+    def step(t: Tensor, state: Any, h: float, carry: Any) -> Any:
+        key = programs.key(kind, field, [t, state, carry], (extra, torch.is_grad_enabled()))
+        if programs.first_call(key):
+            return_eager = eager(t, state, h, carry)  # the first step runs eagerly: it checks shapes
+            programs.run(key, build, field, t, state, t.new_tensor(h), carry)  # compile (result discarded)
+            return return_eager
+        result = programs.run(key, build, field, t, state, t.new_tensor(h), carry)
+        if result is None:
+            return eager(t, state, h, carry)
+        counted.nfe += evaluations(carry)
+        return result
+
+    return step
 
 
 @contextlib.contextmanager

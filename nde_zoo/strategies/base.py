@@ -269,6 +269,25 @@ class ODEStrategy(GradientStrategy):
         """Whether this solve runs the compiled loops: ``compile=`` on and fixed steps."""
         return self.compile.enabled and not self.stepping.adaptive
 
+    def _compiled_rk_step(self, field: Any) -> Any:
+        """For adaptive solves with ``compile=``: a factory of compiled plain RK steps
+        (``odeint``'s ``step_factory``), or ``None`` when the step runs eagerly."""
+        if not (self.compile.enabled and self.stepping.adaptive):
+            return None
+        from nde_zoo.solvers import rk_stepper
+        from nde_zoo.strategies._compiled import adaptive_step
+
+        tableau = self.tableau
+        stages = tableau.stages
+
+        def factory(counted: Any) -> Any:
+            return adaptive_step(
+                self.programs, f"{self.name}/adaptive_step", field, lambda f: rk_stepper(f, tableau), counted,
+                lambda k1: stages - (1 if k1 is not None else 0), tableau.name,
+            )
+
+        return factory
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.programs.pending_seconds:
             pl_module.log("compile/seconds", self.programs.pending_seconds, on_step=True, on_epoch=False,

@@ -77,6 +77,7 @@ class _Problem:
     stats: SolveStats = dataclass_field(default_factory=SolveStats)
     stored_positions: list[int] = dataclass_field(default_factory=list)
     segment: int = 0  # compiled: steps between snapshots (the two-level schedule)
+    step_factory: Any = None  # adaptive with compile=: the compiled step (odeint's step_factory)
 
 
 def _spine(steps: int, snapshots: int) -> list[int]:
@@ -96,7 +97,8 @@ def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]:
         if compiled is not None:
             return compiled
     ts = torch.tensor(problem.times_out, dtype=y0.dtype, device=y0.device)
-    ys, path, stats = odeint(problem.field, y0, ts, problem.tableau, problem.stepping, record_states=True)
+    ys, path, stats = odeint(problem.field, y0, ts, problem.tableau, problem.stepping, record_states=True,
+                             step_factory=problem.step_factory)
     if problem.snapshots is None:
         positions = list(range(path.steps))
     else:
@@ -153,9 +155,8 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tenso
     field, tableau, layout = problem.field, problem.tableau, grid.layout
 
     def build() -> Callable[..., Any]:
-        step = rk_stepper(field, tableau)  # the eager loop's step
-
-        def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        def program(field: Any, y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+            step = rk_stepper(field, tableau)  # the eager loop's step
             k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
             ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index, every_state=True)
             return ys, states[::segment].clone()  # clone: the other step starts are freed
@@ -165,7 +166,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tenso
     key = problem.programs.key("checkpoint/forward", field, [y0], (tableau.name, layout, segment))
     if problem.programs.first_call(key):
         CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
+    result = problem.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
     if result is None:
         return None
     ys, stored = result
@@ -190,9 +191,8 @@ def _backward_compiled(problem: _Problem, stored: Tensor, grad_ys: Tensor) -> li
     grid = Grid.of(path.times + [end] * padding, path.sizes + [0.0] * padding, path.output_steps, stored)
 
     def build() -> Callable[..., Any]:
-        call = functional_field(field, names)
-
-        def program(stored, grad_rows, times, sizes, slots, *params):
+        def program(field, stored, grad_rows, times, sizes, slots, *params):
+            call = functional_field(field, names)
             def advance(y: Tensor, x: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
                 y_next = rk_step(lambda t, v: call(params, t, v), x[0], y, x[1], tableau).y
                 return y_next, y_next.clone()
@@ -229,7 +229,7 @@ def _backward_compiled(problem: _Problem, stored: Tensor, grad_ys: Tensor) -> li
     grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])
     key = problem.programs.key("checkpoint/backward", field, [stored, grad_rows, *params],
                                (tableau.name, grid.layout, segment))
-    result = problem.programs.run(key, build, stored, grad_rows, grid.times, grid.sizes, slots, *params)
+    result = problem.programs.run(key, build, field, stored, grad_rows, grid.times, grid.sizes, slots, *params)
     if result is None:
         return None
     ybar, pbars = result
@@ -358,7 +358,8 @@ class Checkpoint(ODEStrategy):
         times = check_inputs(y0, ts)
         params = field_parameters(field)
         problem = _Problem(field, params, self.tableau, self.stepping, self.snapshots, times, self.name,
-                           programs=self.programs if self._compiles() else None)
+                           programs=self.programs if self._compiles() else None,
+                           step_factory=self._compiled_rk_step(field))
         with SavedBytes() as saved:
             ys = _CheckpointAdjoint.apply(problem, y0, *params)
         return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes))

@@ -31,7 +31,11 @@ class Direct(ODEStrategy):
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         with SavedBytes() as saved:
             compiled = self._solve_compiled(field, y0, ts) if self._compiles() else None
-            ys, path, stats = compiled if compiled is not None else odeint(field, y0, ts, self.tableau, self.stepping)
+            if compiled is None:
+                ys, path, stats = odeint(field, y0, ts, self.tableau, self.stepping,
+                                         step_factory=self._compiled_rk_step(field))
+            else:
+                ys, path, stats = compiled
         return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes))
 
     def _solve_compiled(self, field: Any, y0: Tensor, ts: Tensor):
@@ -45,9 +49,8 @@ class Direct(ODEStrategy):
         tableau, layout = self.tableau, grid.layout
 
         def build() -> Callable[..., Any]:
-            step = rk_stepper(field, tableau)  # the eager loop's step
-
-            def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> Tensor:
+            def program(field: Any, y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> Tensor:
+                step = rk_stepper(field, tableau)  # the eager loop's step
                 k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
                 return scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index, nested=False)[0]
 
@@ -57,7 +60,7 @@ class Direct(ODEStrategy):
         key = self.programs.key("direct", field, [y0], (tableau.name, layout, torch.is_grad_enabled()))
         if self.programs.first_call(key):
             CountedField(field)(ts[0], y0)  # shape check, as the eager loop's
-        ys = self.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
+        ys = self.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
         if ys is None:
             return None
         check_finite_outputs(ys, times)

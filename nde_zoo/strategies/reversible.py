@@ -53,6 +53,7 @@ from nde_zoo.strategies._compiled import (
     Grid,
     Programs,
     _fresh,
+    adaptive_step,
     func_vjp,
     row,
     functional_field,
@@ -81,6 +82,7 @@ class _Problem:
     strategy: str
     extras: dict[str, Any]
     programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
+    compile_steps: Programs | None = None  # set for adaptive solves with compile=: compiled steps
     path: Path | None = None
     stats: SolveStats = dataclass_field(default_factory=SolveStats)
     grid: Grid | None = None  # the compiled forward's grid, reused by the compiled backward
@@ -113,8 +115,14 @@ def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     counted = CountedField(problem.field)
     t_like = y0.new_tensor(problem.times_out[0])
     first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
+    step = _reversible_step(counted, tableau, problem.coupling)
+    if problem.compile_steps is not None:  # adaptive with compile=: the same step, compiled
+        lam = problem.coupling
+        step = adaptive_step(problem.compile_steps, "reversible/adaptive_step", problem.field,
+                             lambda f: _reversible_step(f, tableau, lam), counted,
+                             lambda _: 2 * tableau.stages, (tableau.name, lam))
     outputs, path, stats = integrate(
-        _reversible_step(counted, tableau, problem.coupling), (y0, y0), lambda s: s[0],
+        step, (y0, y0), lambda s: s[0],
         problem.times_out, t_like, stepping, tableau.order, first_step=first_step,
     )
     ys = torch.stack(outputs)  # (len(ts), batch, *state)
@@ -211,9 +219,8 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Te
     field, tableau, lam, layout = problem.field, problem.tableau, problem.coupling, grid.layout
 
     def build() -> Callable[..., Any]:
-        step = _reversible_step(field, tableau, lam)  # the eager loop's step
-
-        def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def program(field: Any, y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            step = _reversible_step(field, tableau, lam)  # the eager loop's step
             ys, (y_last, z_last), _ = scan_forward(step, (y0, y0), None, lambda s: s[0], times, sizes, layout, index)
             return ys, y_last, z_last
 
@@ -222,7 +229,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Te
     key = problem.programs.key("reversible/forward", field, [y0], (tableau.name, lam, grid.layout))
     if problem.programs.first_call(key):
         CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
+    result = problem.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
     if result is None:
         return None
     ys, y_last, z_last = result
@@ -244,9 +251,8 @@ def _backward_compiled(
         return None
 
     def build() -> Callable[..., Any]:
-        call = functional_field(field, names)
-
-        def program(y_last, z_last, grad_rows, times, sizes, slots, *params):
+        def program(field, y_last, z_last, grad_rows, times, sizes, slots, *params):
+            call = functional_field(field, names)
             def increment_vjp(t: Tensor, x: Tensor, h: Tensor, cotangent: Tensor):
                 def increment(x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
                     return rk_increment(lambda tt, yy: call(params, tt, yy), t, x, h, tableau)[0]
@@ -269,7 +275,8 @@ def _backward_compiled(
 
     grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
     key = problem.programs.key("reversible/backward", field, [y_last, grad_rows, *params], (tableau.name, lam, grid.layout))
-    result = problem.programs.run(key, build, y_last, z_last, grad_rows, grid.times, grid.sizes, grid.slots, *params)
+    result = problem.programs.run(key, build, field, y_last, z_last, grad_rows, grid.times, grid.sizes, grid.slots,
+                                  *params)
     if result is None:
         return None
     y, z, y0bar, pbars = result
@@ -375,7 +382,8 @@ class Reversible(ODEStrategy):
         params = field_parameters(field)
         extras: dict[str, Any] = {}
         problem = _Problem(field, params, self.tableau, self.stepping, self.coupling, times, self.name, extras,
-                           programs=self.programs if self._compiles() else None)
+                           programs=self.programs if self._compiles() else None,
+                           compile_steps=self.programs if self.compile.enabled and self.stepping.adaptive else None)
         with SavedBytes() as saved:
             ys = _ReversibleAdjoint.apply(problem, y0, *params)
         return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes, extras=extras))

@@ -104,6 +104,7 @@ class _Problem:
     time_device: torch.device
     strategy: str
     programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
+    step_factory: Any = None  # adaptive with compile=: the compiled step
     # filled by forward:
     path: Path | None = None
     stats: SolveStats | None = None
@@ -127,7 +128,7 @@ def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]
     tableau, stepping = problem.tableau, problem.stepping
     counted = CountedField(problem.field)
     t_like = problem.time(problem.times_out[0])
-    step = rk_stepper(counted, tableau)
+    step = rk_stepper(counted, tableau) if problem.step_factory is None else problem.step_factory(counted)
 
     first_step = None
     if stepping.adaptive and stepping.dt0 is None:
@@ -297,9 +298,8 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor] | 
     field, tableau, layout = problem.field, problem.tableau, grid.layout
 
     def build() -> Callable[..., Any]:
-        step = rk_stepper(field, tableau)  # the eager loop's step
-
-        def program(y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+        def program(field: Any, y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+            step = rk_stepper(field, tableau)  # the eager loop's step
             k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
             ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index, every_state=True)
             return ys, states
@@ -309,7 +309,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor] | 
     key = problem.programs.key("symplectic/forward", field, [y0], (tableau.name, layout))
     if problem.programs.first_call(key):
         CountedField(field)(problem.time(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, y0, grid.times, grid.sizes, grid.output_index)
+    result = problem.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
     if result is None:
         return None
     ys, states = result
@@ -333,9 +333,8 @@ def _backward_compiled(problem: _Problem, states: Tensor, grad_ys: Tensor) -> li
     last = max(i for i, n in enumerate(needed) if n)
 
     def build() -> Callable[..., Any]:
-        call = functional_field(field, names)
-
-        def program(states, grad_rows, times, sizes, slots, *params):
+        def program(field, states, grad_rows, times, sizes, slots, *params):
+            call = functional_field(field, names)
             def stage_vjp(t: Tensor, x: Tensor, kbar: Tensor):
                 _, xbar, pbars = func_vjp(lambda x, p: call(p, t, x), x, params, kbar)
                 return xbar, pbars
@@ -362,7 +361,7 @@ def _backward_compiled(problem: _Problem, states: Tensor, grad_ys: Tensor) -> li
 
     grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
     key = problem.programs.key("symplectic/backward", field, [states, grad_rows, *params], (tableau.name, grid.layout))
-    result = problem.programs.run(key, build, states, grad_rows, grid.times, grid.sizes, grid.slots, *params)
+    result = problem.programs.run(key, build, field, states, grad_rows, grid.times, grid.sizes, grid.slots, *params)
     if result is None:
         return None
     ybar, pbars = result
@@ -402,6 +401,7 @@ class Symplectic(ODEStrategy):
             field=field, params=params, tableau=self.tableau, stepping=self.stepping,
             times_out=times, time_dtype=ts.dtype, time_device=ts.device, strategy=self.name,
             programs=self.programs if self._compiles() else None,
+            step_factory=self._compiled_rk_step(field),
         )
         with SavedBytes() as saved:
             ys = _SymplecticAdjoint.apply(problem, y0, *params)

@@ -1,0 +1,293 @@
+"""Eager against compiled (``compile=True``) per strategy: time per training step, compile cost, memory.
+
+Each row runs in a fresh process (``python -m nde_zoo.bench.compiled --probe ...``), so peak
+RSS growth is that row's own and compile time is not hidden by an earlier row's warm caches:
+
+- ``s / step``: median wall time of a full training step (solve, loss, backward, AdamW step)
+  after the first call; the eager and compiled rows of a problem run back to back;
+- ``first call``: the first training step, which compiles (Inductor; on-disk cache cold);
+- ``cached``: the first step of the same job in a new process with Inductor's on-disk cache
+  warm (``TORCHINDUCTOR_CACHE_DIR`` shared between the two processes);
+- ``kept``: bytes autograd keeps for backward (``Solution.saved_bytes``);
+- ``RSS``: peak RSS growth of one training step after warm-up.
+
+Problems: seed 000's white dwarf (``bench white_dwarf``'s: 2-d state, width-10 MLP, float64,
+N = 1000 midpoint steps, targets at every step), the two-moons FFJORD (exact trace, batch
+256, float32, midpoint and rk4, 20 steps), and a memory-bound case (batch 2048 x 64, width
+128, float32, midpoint, N = 100). With ``jax`` and ``diffrax`` installed (never in CI) the white
+dwarf also runs in diffrax, in the same run, with ``RecursiveCheckpointAdjoint`` (its default
+checkpoints, and every step stored), and ``BacksolveAdjoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from nde_zoo.bench.report import BenchReport, Table
+
+__all__ = ["run", "PROBLEMS"]
+
+STRATEGY_NAMES = ("direct", "checkpoint", "symplectic", "reversible")
+
+#: problem -> (solver, steps, strategies); quick runs shrink N and the strategy list.
+PROBLEMS: dict[str, dict[str, Any]] = {
+    "white_dwarf": {"solver": "midpoint", "steps": 1000, "quick_steps": 100},
+    "cnf_midpoint": {"solver": "midpoint", "steps": 20, "quick_steps": 4},
+    "cnf_rk4": {"solver": "rk4", "steps": 20, "quick_steps": 4},
+    "memory_bound": {"solver": "midpoint", "steps": 100, "quick_steps": 4},
+}
+
+
+# -- one row, in its own process ---------------------------------------------------------------
+def _problem(name: str, steps: int):
+    """``(field, y0, ts, loss_fn)`` of a problem."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    if name == "white_dwarf":
+        from nde_zoo.bench.white_dwarf import WhiteDwarfODE, white_dwarf_data
+
+        ts, target = white_dwarf_data()
+        ts, target = ts[: steps + 1], target[: steps + 1]
+        field = WhiteDwarfODE().double()
+        return field, target[0], ts, lambda ys: (ys - target).pow(2).mean()
+    if name.startswith("cnf"):
+        from sklearn.datasets import make_moons
+
+        from nde_zoo.models.cnf import CNFField
+
+        field = CNFField(dim=2, width=64, depth=2, exact_trace_max_dim=8, noise="rademacher")
+        x, _ = make_moons(256, noise=0.05, random_state=0)
+        y0 = torch.cat([torch.tensor(x, dtype=torch.float32), torch.zeros(256, 1)], dim=1)
+        ts = torch.tensor([0.0, 1.0])
+
+        def nll(ys: torch.Tensor) -> torch.Tensor:
+            z, delta = ys[-1, :, :2], ys[-1, :, 2]
+            return (0.5 * z.pow(2).sum(1) + delta).mean()
+
+        return field, y0, ts, nll
+    if name == "memory_bound":
+
+        class Field(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.net = nn.Sequential(nn.Linear(64, 128), nn.Tanh(), nn.Linear(128, 64))
+
+            def forward(self, t, y):
+                return self.net(y)
+
+        return Field(), torch.randn(2048, 64), torch.tensor([0.0, 1.0]), lambda ys: ys[-1].square().mean()
+    raise ValueError(f"unknown problem {name!r}; choose from {', '.join(PROBLEMS)}")
+
+
+def _strategy(name: str, solver: str, steps: int, compiled: bool):
+    from nde_zoo.strategies import Checkpoint, Direct, Reversible, Symplectic
+
+    kwargs: dict[str, Any] = {"steps": steps, "compile": "strict" if compiled else False}
+    if name == "checkpoint":
+        kwargs["snapshots"] = max(2, round(steps**0.5))  # sqrt(N) snapshots
+    return {"direct": Direct, "checkpoint": Checkpoint, "symplectic": Symplectic, "reversible": Reversible}[name](
+        solver, **kwargs
+    )
+
+
+def _vm_kib(key: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int) -> dict[str, Any]:
+    """One row: time the first step, ``repeats`` more, then one step's peak RSS growth."""
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("NDE_ZOO_BENCH_THREADS", "1")))
+    field, y0, ts, loss_fn = _problem(problem, steps)
+    chosen = _strategy(strategy, PROBLEMS[problem]["solver"], steps, compiled)
+    optimiser = torch.optim.AdamW(field.parameters(), lr=1e-3)
+
+    def train_step() -> Any:
+        optimiser.zero_grad()
+        sol = chosen.solve(field, y0, ts)
+        loss = loss_fn(sol.ys)
+        loss.backward()
+        optimiser.step()
+        return sol
+
+    start = time.perf_counter()
+    sol = train_step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sol = train_step()
+        times.append(time.perf_counter() - start)
+    rss_growth = None
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        before = _vm_kib("VmRSS:")
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")  # reset the high-water mark to the current RSS
+        train_step()
+        rss_growth = (_vm_kib("VmHWM:") - before) / 1024.0
+    except OSError:
+        pass
+    return {
+        "first_call_s": first,
+        "s_per_step": statistics.median(times),
+        "saved_bytes": sol.saved_bytes,
+        "rss_growth_mib": rss_growth,
+        "compiles": chosen.programs.compiles,
+        "compile_s": chosen.programs.compile_seconds,
+    }
+
+
+def _run_probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int,
+               cache_dir: str) -> dict[str, Any]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
+    out = subprocess.run(
+        [sys.executable, "-m", "nde_zoo.bench.compiled", "--probe", problem, strategy,
+         "compiled" if compiled else "eager", str(steps), str(repeats)],
+        capture_output=True, text=True, timeout=1800, env=env,
+    )
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        return {"error": " / ".join(tail)}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- diffrax (optional) ---------------------------------------------------------------------------
+def _diffrax_rows(steps: int, repeats: int) -> dict[str, dict[str, float]] | None:
+    """The white dwarf in diffrax, when jax and diffrax are installed; ``None`` otherwise."""
+    try:
+        import diffrax  # noqa: F401
+        import jax  # noqa: F401
+    except ImportError:
+        return None
+    out = subprocess.run([sys.executable, "-m", "nde_zoo.bench._diffrax_white_dwarf", str(steps), str(repeats)],
+                         capture_output=True, text=True, timeout=1800)
+    if out.returncode != 0:
+        return {"error": {"message": (out.stderr or out.stdout).strip().splitlines()[-1]}}  # type: ignore[dict-item]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# -- the report -------------------------------------------------------------------------------
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def verdict(goal: str, ratio: float | None, threshold: float, *, at_least: bool) -> str:
+    """A goal line computed from the measured ratio: met, missed, or not measured."""
+    if ratio is None:
+        return f"{goal}: not measured"
+    met = ratio >= threshold if at_least else ratio <= threshold
+    return f"{goal}: {'met' if met else 'missed'} ({ratio:.3g}x)"
+
+
+def run(quick: bool = False) -> BenchReport:
+    repeats = 3 if quick else 7
+    problems = ["white_dwarf"] if quick else list(PROBLEMS)
+    strategies = ("direct", "reversible") if quick else STRATEGY_NAMES
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    tables: list[Table] = []
+    with tempfile.TemporaryDirectory(prefix="nde_zoo_inductor_") as cache:
+        for problem in problems:
+            steps = PROBLEMS[problem]["quick_steps" if quick else "steps"]
+            rows, results[problem] = [], {}
+            for strategy in strategies:
+                eager = _run_probe(problem, strategy, False, steps, repeats, cache)
+                compiled = _run_probe(problem, strategy, True, steps, repeats, cache)
+                cached = _run_probe(problem, strategy, True, steps, 1, cache) if problem == "white_dwarf" else {}
+                results[problem][strategy] = {"eager": eager, "compiled": compiled, "cached": cached}
+                if "error" in eager or "error" in compiled:
+                    rows.append([strategy, "error", "", "", eager.get("error", compiled.get("error", "")), "", "", ""])
+                    continue
+                speedup = eager["s_per_step"] / compiled["s_per_step"]
+                results[problem][strategy]["speedup"] = speedup
+                rows.append([
+                    strategy, f"{eager['s_per_step']:.4f}", f"{compiled['s_per_step']:.4f}", f"{speedup:.2f}x",
+                    f"{compiled['first_call_s']:.1f}", _fmt(cached.get("first_call_s"), ".1f"),
+                    f"{eager['saved_bytes']:,} / {compiled['saved_bytes']:,}",
+                    f"{_fmt(eager['rss_growth_mib'], '.1f')} / {_fmt(compiled['rss_growth_mib'], '.1f')}",
+                ])
+            solver = PROBLEMS[problem]["solver"]
+            tables.append(Table(
+                f"{problem}: {solver}, N = {steps}, one training step (solve, loss, backward, AdamW)",
+                ["strategy", "eager s/step", "compiled s/step", "speed-up", "first call s (cold cache)",
+                 "first call s (warm cache)", "kept bytes eager / compiled", "peak RSS growth MiB eager / compiled"],
+                rows,
+            ))
+    diffrax = None if quick else _diffrax_rows(PROBLEMS["white_dwarf"]["steps"], repeats)
+    if diffrax is not None:
+        tables.append(Table("white_dwarf in diffrax (JAX, same run)", ["adjoint", "s/step"],
+                            [[k, _fmt(v.get("s_per_step"), ".4f")] for k, v in diffrax.items()]))
+    results["diffrax"] = diffrax or {}
+
+    def ratio(problem: str, strategy: str) -> float | None:
+        return results.get(problem, {}).get(strategy, {}).get("speedup")
+
+    def seconds(strategy: str) -> float | None:
+        return results.get("white_dwarf", {}).get(strategy, {}).get("compiled", {}).get("s_per_step")
+
+    def against_diffrax(ours: float | None, theirs_key: str) -> float | None:
+        theirs = (diffrax or {}).get(theirs_key, {}).get("s_per_step")
+        return None if ours is None or theirs is None else ours / theirs
+
+    slower_memory_bound = [
+        s for s, r in results.get("memory_bound", {}).items() if r.get("speedup") is not None and r["speedup"] < 1.0
+    ]
+    notes = [
+        verdict("compiled Reversible >= 20x eager Reversible (white dwarf)", ratio("white_dwarf", "reversible"),
+                20.0, at_least=True),
+        verdict("compiled Direct >= 10x eager Direct (white dwarf)", ratio("white_dwarf", "direct"), 10.0,
+                at_least=True),
+        verdict("compiled Reversible no slower than diffrax RecursiveCheckpointAdjoint (time ratio <= 1)",
+                against_diffrax(seconds("reversible"), "RecursiveCheckpointAdjoint"), 1.0, at_least=False),
+        verdict("compiled Direct within 2x of diffrax storing every step (time ratio <= 2)",
+                against_diffrax(seconds("direct"), "RecursiveCheckpointAdjoint(every step)"), 2.0, at_least=False),
+    ]
+    if "memory_bound" in results:
+        notes.append(
+            "no row slower compiled than eager in the memory-bound case: "
+            + ("met" if not slower_memory_bound else f"missed ({', '.join(slower_memory_bound)})")
+        )
+    else:
+        notes.append("no row slower compiled than eager in the memory-bound case: not measured (quick run)")
+    if diffrax is None:
+        notes.append("diffrax rows: jax/diffrax not installed (`pip install jax diffrax`), so not measured")
+    return BenchReport(
+        name="compiled",
+        summary=(
+            "Eager against `compile=True` per strategy, each row a fresh process, one thread. The compiled "
+            "programs are the whole fixed-step loops (forward and each strategy's backward) as compiled scans "
+            "(docs/compile.md). Speed-up = eager s/step / compiled s/step, side by side in this run."
+        ),
+        tables=tables,
+        data=results,
+        notes=notes,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--probe", nargs=5, metavar=("PROBLEM", "STRATEGY", "MODE", "STEPS", "REPEATS"))
+    args = parser.parse_args(argv)
+    problem, strategy, mode, steps, repeats = args.probe
+    print(json.dumps(probe(problem, strategy, mode == "compiled", int(steps), int(repeats))))
+
+
+if __name__ == "__main__":
+    main()
