@@ -268,6 +268,33 @@ def test_reduce_overhead_on_cuda(monkeypatch):
             assert relative(c, e) <= 1e-12
 
 
-def test_other_fields_compile(aot_eager):
-    """The CDE field (interpolation inside) and the latent ODE decoder compile as they are."""
-    from nde_zoo.models import CDEClassifier, LatentODE  # noqa: F401  (import errors name the model)
+def test_cde_and_latent_ode_fields_compile(aot_eager):
+    """The CDE field (a torchcde interpolation evaluated inside; a new field object per batch,
+    which reuses the program) and the latent ODE's decoder field compile as they are."""
+    from nde_zoo.models import LatentODE, NeuralCDE
+    from nde_zoo.models.cde import interpolate
+
+    torch.manual_seed(1)
+    cde = NeuralCDE(Direct("rk4", steps=6), in_channels=3, num_classes=2, hidden_dim=4, width=8).double()
+    latent = LatentODE(Direct("rk4", steps=6), latent_dim=3, hidden_dim=8, field_width=8, decoder_width=8,
+                       encoder_width=8).double()
+    strategy = Reversible("rk4", steps=6, compile="strict")
+    for batch in range(2):  # the second CDE batch builds a new field: no new program
+        x = torch.randn(3, 7, 3, dtype=F64, generator=torch.Generator().manual_seed(batch))
+        path = interpolate(x, "hermite")
+        field, ts = cde.vector_field(path), path.interval
+        y0 = cde.initial(path.evaluate(ts[0])).detach()
+        weights = torch.randn(len(ts), *y0.shape, dtype=F64)
+        _, eager = gradients(Reversible("rk4", steps=6), field, y0, ts, weights)
+        _, compiled = gradients(strategy, field, y0, ts, weights)
+        for c, e in zip(compiled, eager):
+            assert relative(c, e) <= 1e-12
+    assert strategy.programs.compiles == 2  # forward and backward, shared by both batches' fields
+    field = latent.vector_field()
+    y0 = torch.randn(5, 3, dtype=F64)
+    ts = torch.linspace(0.0, 1.0, 4, dtype=F64)
+    weights = torch.randn(4, 5, 3, dtype=F64)
+    _, eager = gradients(Symplectic("rk4", steps=6), field, y0, ts, weights)
+    _, compiled = gradients(Symplectic("rk4", steps=6, compile="strict"), field, y0, ts, weights)
+    for c, e in zip(compiled, eager):
+        assert relative(c, e) <= 1e-12

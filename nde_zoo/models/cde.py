@@ -45,12 +45,23 @@ def interpolate(x: Tensor, kind: str) -> Any:
     with torch.no_grad():
         x = x.detach()
         if kind == "hermite":
-            return torchcde.CubicSpline(torchcde.hermite_cubic_coefficients_with_backward_differences(x))
+            return _unaliased(torchcde.CubicSpline(torchcde.hermite_cubic_coefficients_with_backward_differences(x)))
         if kind == "cubic":
-            return torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x))
+            return _unaliased(torchcde.CubicSpline(torchcde.natural_cubic_coeffs(x)))
         if kind == "linear":
             return torchcde.LinearInterpolation(torchcde.linear_interpolation_coeffs(x))
     raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {kind!r}")
+
+
+def _unaliased(path: Any) -> Any:
+    """The spline with each coefficient buffer in its own storage.
+
+    torchcde keeps them as views of one tensor; a compiled solve passes them to a ``scan``, which
+    refuses inputs that alias each other. Same values, so eager results do not change.
+    """
+    for name in ("_a", "_b", "_two_c", "_three_d"):
+        setattr(path, name, getattr(path, name).clone())
+    return path
 
 
 class CDEFunc(nn.Module):
@@ -86,8 +97,27 @@ class ControlledField(nn.Module):
         self.path = path
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        dxdt = self.path.derivative(t)  # (batch, channels)
+        if torch.compiler.is_compiling() and hasattr(self.path, "_three_d"):  # a torchcde CubicSpline
+            dxdt = _cubic_derivative(self.path, t)  # torchcde's formula, traceable
+        else:
+            dxdt = self.path.derivative(t)  # (batch, channels)
         return torch.bmm(self.func(z), dxdt.unsqueeze(-1)).squeeze(-1)
+
+
+def _cubic_derivative(path: Any, t: Tensor) -> Tensor:
+    """``torchcde.CubicSpline.derivative`` with the interval index kept a tensor.
+
+    torchcde indexes its knots with a 0-d index tensor (``self._t[index]``), which a compiled
+    solve (``strategy.compile=true``) must turn into a Python int: a data-dependent graph break.
+    ``index_select`` computes the same numbers and stays in the program.
+    """
+    knots = path._t
+    index = torch.bucketize(t.detach(), knots.detach()).sub(1).clamp(0, path._b.size(-2) - 1).reshape(1)
+    fractional = (t - knots.index_select(0, index)).reshape(())
+    two_c = path._two_c.index_select(-2, index).squeeze(-2)
+    three_d = path._three_d.index_select(-2, index).squeeze(-2)
+    b = path._b.index_select(-2, index).squeeze(-2)
+    return b + (two_c + three_d * fractional) * fractional
 
 
 class NeuralCDE(NeuralDE):
