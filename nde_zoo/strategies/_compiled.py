@@ -41,8 +41,20 @@ import torch
 import torch._dynamo
 from torch import Tensor, nn
 
-# Private: see the module docstring for why, and for the public alternative.
-from torch._higher_order_ops import scan
+# Private: see the module docstring for why, and for the public alternative. Older torch has no
+# scan: compiling then falls back to eager with a warning naming the torch version.
+try:
+    from torch._higher_order_ops import scan
+except ImportError:  # pragma: no cover - torch < 2.6
+    scan = None  # type: ignore[assignment]
+
+#: the torch versions the compiled path is tested on (pyproject.toml's ``compile`` extra pins them).
+TESTED_TORCH = ((2, 13), (2, 14))
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
 
 __all__ = [
     "COMPILE_CHOICES",
@@ -164,6 +176,30 @@ class Programs:
         # field per batch (a CDE's ControlledField over that batch's path) reuses the program.
         return (kind, type(field), _signature(list(inputs)), extra)
 
+    def _supported(self, key: Any) -> bool:
+        """Refuse (strict) or fall back where this torch cannot run the programs; warn once
+        where it is outside the tested range."""
+        version = _torch_version()
+        if scan is None:
+            reason = f"torch {torch.__version__} has no torch._higher_order_ops.scan (compiled solves need >= 2.6)"
+            if self.spec.strict:
+                raise RuntimeError(f"compile='strict': {reason}")
+            self._failed[key] = reason
+            self._warn(reason)
+            return False
+        if not (TESTED_TORCH[0] <= version < TESTED_TORCH[1]):
+            self._warn(
+                f"torch {torch.__version__} is outside the range the compiled path is tested on "
+                f"(>= {TESTED_TORCH[0][0]}.{TESTED_TORCH[0][1]}, < {TESTED_TORCH[1][0]}.{TESTED_TORCH[1][1]}; "
+                f"pip install 'nde-zoo[compile]'); compiling anyway"
+            )
+        return True
+
+    def _warn(self, reason: str) -> None:
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(f"strategy {self.strategy!r}: {reason}", RuntimeWarning, stacklevel=4)
+
     def first_call(self, key: Any) -> bool:
         """Whether ``key`` has neither compiled nor failed yet (its first call will compile)."""
         return key not in self._programs and key not in self._failed
@@ -182,6 +218,8 @@ class Programs:
         program = self._programs.get(key)
         if program is not None:
             return program(*args)
+        if not self._supported(key):
+            return None
         backend = os.environ.get(BACKEND_ENV, "inductor")
         mode = self.spec.mode if backend == "inductor" else None
         options = None

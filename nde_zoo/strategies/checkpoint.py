@@ -32,7 +32,7 @@ from nde_zoo.solvers import (
     rk_stepper,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import check_no_hidden_inputs
+from nde_zoo.strategies._autograd import check_deterministic, check_no_hidden_inputs
 from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
@@ -356,6 +356,7 @@ class Checkpoint(ODEStrategy):
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         times = check_inputs(y0, ts)
+        check_deterministic(field, ts[0], y0, self.name)
         params = field_parameters(field)
         problem = _Problem(field, params, self.tableau, self.stepping, self.snapshots, times, self.name,
                            programs=self.programs if self._compiles() else None,

@@ -62,7 +62,7 @@ from nde_zoo.strategies._compiled import (
     trainable_names,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import check_no_hidden_inputs
+from nde_zoo.strategies._autograd import check_deterministic, check_no_hidden_inputs
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 from nde_zoo.strategies.sde import solve_sde
 
@@ -285,6 +285,35 @@ def _backward_compiled(
     return [y0bar, *pbars]
 
 
+#: the relative distance between Y_N and Z_N above which the forward solve is called unstable.
+DRIFT_THRESHOLD = 0.1
+
+
+def _check_coupled_drift(problem: _Problem, y0: Tensor, y_last: Tensor, z_last: Tensor) -> None:
+    """Warn when the coupled states ``Y`` and ``Z`` have drifted apart: the solve is unstable.
+
+    Both approximate the same solution, so a stable solve keeps them within its discretisation
+    error of each other; an unstable one (a step size outside the reversible scheme's stability
+    region) lets them separate exponentially. A free check, in every forward pass, also without
+    a backward (validation, test, predict): ``reversible/drift`` in ``Solution.extras``.
+    """
+    scale = max(float(y0.abs().max()), float(y_last.abs().max()), 1e-300)
+    drift = float((y_last - z_last).abs().max()) / scale
+    problem.extras["drift"] = drift
+    if not math.isfinite(drift) or drift > DRIFT_THRESHOLD:
+        sizes = problem.path.sizes if problem.path is not None else []
+        h = max((abs(x) for x in sizes), default=float("nan"))
+        warnings.warn(
+            f"the reversible solve is unstable: its coupled states Y and Z drifted apart by {drift:.3g} "
+            f"(relative, > {DRIFT_THRESHOLD}) by t={problem.times_out[-1]:.6g}, so its solution and gradient "
+            f"are wrong. The step size (largest {h:.3g}) is outside the reversible scheme's stability "
+            f"region for these dynamics: take smaller steps (or adaptive ones), or lower the coupling "
+            f"(now {problem.coupling}) to widen the region",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 def _report_reconstruction(problem: _Problem, y0: Tensor, y: Tensor, z: Tensor) -> None:
     """Compare the rebuilt ``(Y_0, Z_0)`` with the true ``y0``: a free check of the backward."""
     scale = max(float(y0.abs().max()), 1.0)
@@ -295,7 +324,8 @@ def _report_reconstruction(problem: _Problem, y0: Tensor, y: Tensor, z: Tensor) 
         warnings.warn(
             f"the reversible backward pass rebuilt y0 with relative error {error:.3g} (> {threshold:.1g}), "
             f"so its gradient is inexact: raise coupling towards 1 (now {problem.coupling}), take "
-            f"smaller steps, or solve in float64",
+            f"smaller steps, or solve in float64. A non-deterministic field (dropout in training mode, "
+            f"noise drawn inside the field) also breaks the rebuild",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -311,6 +341,7 @@ class _ReversibleAdjoint(torch.autograd.Function):
         with torch.autocast(y0.device.type, enabled=False), \
                 torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
             ys, y_last, z_last = _forward(problem, y0)
+            _check_coupled_drift(problem, y0, y_last, z_last)
         ctx.problem = problem
         ctx.save_for_backward(y0, y_last, z_last)  # O(1) in the number of steps
         return ys
@@ -379,6 +410,7 @@ class Reversible(ODEStrategy):
                 f"field's layers use lower precision"
             )
         times = check_inputs(y0, ts)
+        check_deterministic(field, ts[0], y0, self.name)
         params = field_parameters(field)
         extras: dict[str, Any] = {}
         problem = _Problem(field, params, self.tableau, self.stepping, self.coupling, times, self.name, extras,

@@ -70,7 +70,7 @@ from nde_zoo.strategies._compiled import (
     scan_forward,
     trainable_names,
 )
-from nde_zoo.strategies._autograd import check_no_hidden_inputs, vjp
+from nde_zoo.strategies._autograd import check_deterministic, check_no_hidden_inputs, vjp
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
 __all__ = ["Symplectic"]
@@ -396,6 +396,7 @@ class Symplectic(ODEStrategy):
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         times = check_inputs(y0, ts)
         self.stepping.check(self.tableau)
+        check_deterministic(field, ts[0], y0, self.name)
         params = field_parameters(field)
         problem = _Problem(
             field=field, params=params, tableau=self.tableau, stepping=self.stepping,

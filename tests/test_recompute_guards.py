@@ -1,0 +1,76 @@
+"""Strategies that recompute the field refuse a non-deterministic one; the reversible solve
+warns when its coupled states drift apart (an unstable solve), also without a backward pass."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nde_zoo.strategies import Checkpoint, Direct, Reversible, Symplectic
+from nde_zoo.strategies._autograd import NonDeterministicFieldError
+
+F64 = torch.float64
+RECOMPUTING = {"checkpoint": Checkpoint, "symplectic": Symplectic, "reversible": Reversible}
+
+
+class DropoutField(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
+class NoisyField(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3).double()
+
+    def forward(self, t, y):
+        return self.lin(y) + 0.1 * torch.randn_like(y)
+
+
+@pytest.mark.parametrize("name", sorted(RECOMPUTING))
+@pytest.mark.parametrize("field_cls, match", [(DropoutField, "dropout in training mode"),
+                                              (NoisyField, "two evaluations at the same")])
+def test_non_deterministic_field_is_refused_by_name(name, field_cls, match):
+    field = field_cls()
+    y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    with pytest.raises(NonDeterministicFieldError, match=f"non-deterministic: {match}"):
+        RECOMPUTING[name]("rk4", steps=5).solve(field, y0, ts)
+
+
+def test_deterministic_uses_pass():
+    """Dropout in eval mode, inference without gradients, and Direct (no recomputation) are fine."""
+    field = DropoutField()
+    y0 = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    Direct("rk4", steps=5).solve(field, y0, ts)
+    with torch.no_grad():
+        Symplectic("rk4", steps=5).solve(field, y0, ts)
+    field.eval()
+    Symplectic("rk4", steps=5).solve(field, y0, ts).ys.sum().backward()
+
+
+@pytest.mark.parametrize("rate, span, steps", [(1e6, 1e-4, 40), (20.0, 1.0, 5)])
+def test_unstable_reversible_solve_warns_without_a_backward(rate, span, steps):
+    """The issue's cases: dy/dt = -k y where Direct gives ~0 and the reversible scheme blows up."""
+    y0 = torch.ones(2, 1, dtype=F64)
+    ts = torch.tensor([0.0, span], dtype=F64)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="unstable.*drifted apart.*step size.*coupling") :
+        sol = Reversible("rk4", steps=steps).solve(lambda t, y: -rate * y, y0, ts)
+    assert sol.extras["drift"] > 0.1
+
+
+def test_stable_reversible_solve_is_quiet():
+    y0 = torch.ones(2, 1, dtype=F64)
+    ts = torch.tensor([0.0, 1.0], dtype=F64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = Reversible("rk4", steps=10).solve(lambda t, y: -y, y0, ts)
+    assert sol.extras["drift"] < 1e-6
