@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-ARGS   ?= model=cnf strategy=reversible
+ARGS   ?= model=cnf strategy=reversible strategy.solver=rk4 strategy.steps=4
 PYTEST_ARGS ?=
 
 .PHONY: fit test bench clean
