@@ -177,6 +177,50 @@ def check_finite_outputs(ys: Tensor, ts: list[float]) -> None:
 Step = Callable[[Tensor, State, float, Any], "tuple[State, Tensor | None, Any]"]
 
 
+class StateStore:
+    """Step-start states kept across a solve, in buffers allocated once (or in chunks).
+
+    Keeping each state as its own small tensor fragments the CPU heap: glibc carves it from the
+    hole a freed temporary of the field (a hidden activation of megabytes) left, the next
+    temporary no longer fits there, and the heap grows by one hole per step (DESIGN.md section 9:
+    Symplectic's forward grew peak RSS by 199 MB for 0.8 MB of states). Copying each state into
+    one buffer of ``capacity`` states (fixed steps: ``N``), or into chunks of ``CHUNK`` states
+    (adaptive), allocates once per buffer instead. Non-tensor states (tuples) are kept as they are.
+    """
+
+    CHUNK = 64
+
+    def __init__(self, capacity: int | None) -> None:
+        self.capacity = capacity
+        self._chunks: list[Tensor] = []
+        self._count = 0  # states written into the last chunk
+        self._others: list[Any] = []
+
+    def append(self, state: Any) -> None:
+        if not isinstance(state, Tensor):
+            self._others.append(state)
+            return
+        if not self._chunks or self._count == self._chunks[-1].shape[0]:
+            size = self.capacity if (self.capacity and not self._chunks) else self.CHUNK
+            self._chunks.append(state.new_empty((size, *state.shape)))
+            self._count = 0
+        self._chunks[-1][self._count].copy_(state)
+        self._count += 1
+
+    def states(self) -> list[Any]:
+        """The states in order, as views into the buffers."""
+        if self._others:
+            return self._others
+        if self._chunks and self._count < self._chunks[-1].shape[0]:
+            # trim the partly filled last chunk to one exact allocation (what is kept is N states)
+            self._chunks[-1] = self._chunks[-1][: self._count].clone()
+            self._count = self._chunks[-1].shape[0]
+        views: list[Any] = []
+        for chunk in self._chunks:
+            views.extend(chunk.unbind(0))
+        return views
+
+
 def integrate(
     step: Step,
     state0: State,
@@ -217,18 +261,19 @@ def integrate(
     def as_time(t: float) -> Tensor:
         return t_like.new_tensor(t)
 
+    store = StateStore(fixed_path(ts, stepping).steps if not stepping.adaptive else None)
     if not stepping.adaptive:
         planned = fixed_path(ts, stepping)
         outputs_at = set(planned.output_steps)
         for n, (t_a, h) in enumerate(zip(planned.times[:-1], planned.sizes)):
             if record_states:
-                path.states.append(state)
+                store.append(state)
             state, _, carry = step(as_time(t_a), state, h, carry)
             if n + 1 in outputs_at:
                 outputs.append(observe(state))
         path.times, path.sizes, path.output_steps = planned.times, planned.sizes, planned.output_steps
         stats.accepted_steps = planned.steps
-        path.final_state = state
+        path.final_state, path.states = state, store.states()
         return outputs, path, stats
 
     rtol, atol = float(stepping.rtol or 0.0), float(stepping.atol or 0.0)
@@ -273,7 +318,7 @@ def integrate(
         h_next = controller.propose(h_try, ratio, prev_ratio, order) if math.isfinite(ratio) else h_try * controller.dfactor
         if ratio <= 1.0:
             if record_states:
-                path.states.append(state)
+                store.append(state)
             state, carry = new_state, new_carry
             t = target if lands else t + h_try
             path.times.append(t)
@@ -288,7 +333,7 @@ def integrate(
         else:
             stats.rejected_steps += 1
         h = h_next
-    path.final_state = state
+    path.final_state, path.states = state, store.states()
     return outputs, path, stats
 
 

@@ -103,7 +103,8 @@ def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]:
         positions = list(range(path.steps))
     else:
         positions = [0, *_spine(path.steps, problem.snapshots)]
-    stored = [path.states[k] for k in positions]
+    # copies: the views would keep the whole N-state buffer of the forward alive
+    stored = [path.states[k].clone() for k in positions] if problem.snapshots is not None else path.states
     path.states, path.final_state = [], None
     problem.path, problem.stats, problem.stored_positions = path, stats, positions
     return ys, stored
