@@ -1,0 +1,12 @@
+"""bench compiled: its verdicts are computed from the measured ratios and can say "missed"."""
+
+from __future__ import annotations
+
+from nde_zoo.bench.compiled import verdict
+
+
+def test_verdict_says_missed_when_the_ratio_falls_short():
+    assert verdict("goal", 19.9, 20.0, at_least=True) == "goal: missed (19.9x)"
+    assert verdict("goal", 25.0, 20.0, at_least=True) == "goal: met (25x)"
+    assert verdict("goal", 1.2, 1.0, at_least=False) == "goal: missed (1.2x)"
+    assert verdict("goal", None, 1.0, at_least=False) == "goal: not measured"
