@@ -340,7 +340,7 @@ def run(quick: bool = False, speech_commands_root: str = "data/speech_commands")
     torch.set_num_threads(1)  # small models on a shared machine: threads only add noise
     seeds = [0] if quick else [0, 1, 2]
     tolerances = TOLERANCES[:1] if quick else TOLERANCES
-    cde_kwargs = dict(seeds=seeds, tolerances=tolerances, epochs=2 if quick else 25,
+    cde_kwargs = dict(seeds=seeds, tolerances=tolerances, epochs=1 if quick else 25,
                       batch_sizes=[8] if quick else [1, 16, 128], sweep_series=8 if quick else 128,
                       test_series=8 if quick else None)
     cde, cde_tables = _part_cde(UEADataModule(batch_size=64), "JapaneseVowels", **cde_kwargs)
@@ -351,7 +351,7 @@ def run(quick: bool = False, speech_commands_root: str = "data/speech_commands")
     notes += speech_notes
     verdicts += speech_verdicts
     ode, ode_tables = _part_ode(seeds[:1] if quick else seeds[:2], tolerances, widths=[16] if quick else [16, 256],
-                                outputs=[2, 20] if quick else [2, 100], iterations=10 if quick else 150)
+                                outputs=[2, 10] if quick else [2, 100], iterations=10 if quick else 150)
     ratios = [(c_semi["nfe_backward"] / c_rms["nfe_backward"], c_semi["nfe_backward"] / c_def["nfe_backward"])
               for c_rms, _, c_def, _, c_semi in zip(*(([c for c in ode["cells"] if c["norm"] == n]) for n in NORMS),
                                                     strict=True)]
