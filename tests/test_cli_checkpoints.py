@@ -51,6 +51,7 @@ def test_validate_and_predict_from_a_fit_checkpoint(cli, tmp_path, model):
     predictions = torch.load(tmp_path / "predict" / "predictions.pt", weights_only=False)
     assert isinstance(predictions, list) and 1 <= len(predictions) <= 2, type(predictions)  # limit: 2 batches
     for batch in predictions:
-        tensors = [batch] if torch.is_tensor(batch) else list(batch.values() if isinstance(batch, dict) else batch)
+        parts = batch.values() if isinstance(batch, dict) else batch
+        tensors = [batch] if torch.is_tensor(batch) else list(parts)
         assert tensors and all(torch.is_tensor(t) for t in tensors), type(batch)
         assert all(t.shape[0] > 0 and (not t.is_floating_point() or torch.isfinite(t).all()) for t in tensors)

@@ -24,7 +24,8 @@ def test_quick_run_measures_nll_and_memory(bench_quick):
 
 
 def _result(rss_direct, rss_reversible, nll_gap=0.0):
-    return {"kept": {"Direct": 60e6, "Reversible": 2e4}, "rss": {"Direct": rss_direct, "Reversible": rss_reversible},
+    return {"kept": {"Direct": 60e6, "Reversible": 2e4},
+            "rss": {"Direct": rss_direct, "Reversible": rss_reversible},
             "test_nll": {"Direct": 1.46, "Reversible": 1.46 + nll_gap}}
 
 

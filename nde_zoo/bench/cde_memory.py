@@ -123,15 +123,17 @@ def run(quick: bool = False) -> BenchReport:
     seeds = [0] if quick else [0, 1]
     epochs = 1 if quick else 15
     tables, data, notes, verdicts = [], {}, [], []
-    table, data["JapaneseVowels"], n, v = _table("JapaneseVowels", UEADataModule(batch_size=64), seeds, epochs,
-                                                 len(tables), ("midpoint",) if quick else SOLVERS)
+    solvers = ("midpoint",) if quick else SOLVERS
+    table, data["JapaneseVowels"], n, v = _table("JapaneseVowels", UEADataModule(batch_size=64), seeds,
+                                                 epochs, len(tables), solvers)
     tables.append(table)
     notes += n
     verdicts += v
     character = Path("data/uea/CharacterTrajectories/CharacterTrajectories_TRAIN.ts")
     if not quick and character.is_file():
         dm = UEADataModule(name="CharacterTrajectories", root="data/uea", batch_size=64)
-        table, data["CharacterTrajectories"], n, v = _table("CharacterTrajectories", dm, seeds, epochs, len(tables))
+        table, data["CharacterTrajectories"], n, v = _table("CharacterTrajectories", dm, seeds, epochs,
+                                                            len(tables))
         tables.append(table)
         notes += n
         verdicts += v
@@ -142,7 +144,7 @@ def run(quick: bool = False) -> BenchReport:
         name="cde_memory",
         summary=("Seed 000's Neural CDE table at CPU scale: midpoint, RK4 (one step per knot) and adaptive dopri5, "
                  "each through the reversible solver (McCallum & Foster) and through plain backprop (`Direct`); "
-                 "test accuracy (mean +- std over seeds), memory kept for the backward pass and training time "
-                 "(--quick: midpoint only, one epoch). "
+                 "test accuracy (mean +- std over seeds), memory kept for the backward pass and training "
+                 "time (--quick: midpoint only, one epoch). "
                  f"Goals, for each solver: {GOALS['memory']}; {GOALS['accuracy']}."),
         tables=tables, data=data, notes=notes, verdicts=verdicts)

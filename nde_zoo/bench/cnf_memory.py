@@ -335,12 +335,12 @@ def goal_verdicts(solver: str, res: dict[str, Any], table: int = 0) -> list[Verd
     """
     goal = GOAL_RATIO.get(solver, 1.0)
     rows = ((solver, "Reversible"), (solver, "Direct"))
-    nll = res["test_nll"]
+    nll, kept, rss = res["test_nll"], res["kept"], res["rss"]
     return [
         Verdict("memory", solver, (
-            Check("Direct / Reversible kept for backward", _ratio(res["kept"]["Direct"], res["kept"]["Reversible"]),
+            Check("Direct / Reversible kept for backward", _ratio(kept["Direct"], kept["Reversible"]),
                   ">=", goal, Source(table, rows[::-1], ("kept for backward MB",), "ratio"), fmt=".1f", unit="x"),
-            Check("Direct / Reversible peak RSS growth", _ratio(res["rss"]["Direct"], res["rss"]["Reversible"]),
+            Check("Direct / Reversible peak RSS growth", _ratio(rss["Direct"], rss["Reversible"]),
                   ">=", goal, Source(table, rows[::-1], ("peak RSS growth MB",), "ratio"), fmt=".1f", unit="x"),
         )),
         Verdict("nll", solver, (Check(

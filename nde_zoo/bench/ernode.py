@@ -86,8 +86,6 @@ def _table(name: str, datamodule, in_features: int, epochs: int, seeds: list[int
     for row, runs in results.items():
         rows.append([row] + [_mean_std([100 * r[k] for r in runs]) for k in ("train_acc", "test_acc")]
                     + [_mean_std([r[k] for r in runs]) for k in ("train_seconds", "predict_seconds", "test_nfe")])
-    vanilla = results["vanilla"]
-
     def mean(row: str, key: str) -> float:
         return statistics.mean(r[key] for r in results[row])
 
@@ -97,8 +95,8 @@ def _table(name: str, datamodule, in_features: int, epochs: int, seeds: list[int
         acc = 100 * mean(row, "test_acc") - 100 * mean("vanilla", "test_acc")
         pred = mean(row, "predict_seconds") / mean("vanilla", "predict_seconds")
         verdicts.append(Verdict("nfe", f"{name}, {row}", (
-            Check("test NFE / vanilla", nfe, "<=", NFE_BAR, Source(index, (row, "vanilla"), ("test NFE",), "ratio"),
-                  unit="x"),
+            Check("test NFE / vanilla", nfe, "<=", NFE_BAR,
+                  Source(index, (row, "vanilla"), ("test NFE",), "ratio"), unit="x"),
             Check("test accuracy - vanilla's (points)", acc, ">=", ACC_BAR,
                   Source(index, (row, "vanilla"), ("test acc %",), "diff"), fmt="+.2f"))))
         verdicts.append(Verdict("predict", f"{name}, {row}", (

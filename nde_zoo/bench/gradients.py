@@ -145,7 +145,8 @@ def _notes(problem: str, cells: dict[str, dict[str, dict[str, Any]]], solvers: l
     missed = ", ".join(f"{s}/{v} {c['same_max']:.1e}" for s, v, c in exact if c["same_max"] > EXACT_BAR)
     worst = max((c[2]["same_max"] for c in exact), default=float("nan"))
     notes.append(
-        f"{problem}: exact strategies are <= {EXACT_BAR:.0e} from backprop through the same discretisation in "
+        f"{problem}: exact strategies are <= {EXACT_BAR:.0e} from backprop through the same discretisation "
+        "in "
         f"{len(met)}/{len(exact)} cells (largest {worst:.1e})" + (f"; missed: {missed}" if missed else "")
         + "."
     )

@@ -52,8 +52,8 @@ def _section(report: BenchReport, command: str) -> str:
 def _update_docs(path: Path, name: str, section: str) -> None:
     text = path.read_text() if path.is_file() else (
         "# Benchmarks\n\nEach section is written by `python -m nde_zoo bench NAME`, which measures "
-        "ratios side by side in one run; rerun the command to reproduce it. A section's goal lines are computed "
-        "by `nde_zoo.bench.report.judge` from the numbers in its own tables; a missing measurement is never met.\n"
+        "ratios side by side in one run; rerun the command to reproduce it. A section's goal lines are "
+        "computed by `nde_zoo.bench.report.judge` from the numbers in its own tables; a missing measurement is never met.\n"
     )
     pattern = re.compile(rf"^## {re.escape(name)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):

@@ -293,7 +293,7 @@ def _cde_notes(results: dict, tolerances: list[tuple[float, float]], data_name: 
                                                                               "seconds")}
         semi = figures["seminorm"]
 
-        def ratio(norm: str, key: str) -> float:
+        def ratio(norm: str, key: str, semi: dict = semi, figures: dict = figures) -> float:
             return semi[key] / figures[norm][key]
 
         case = f"CDE on {data_name}, atol={atol:g} rtol={rtol:g}"
@@ -310,7 +310,8 @@ def _cde_notes(results: dict, tolerances: list[tuple[float, float]], data_name: 
             f"{case}: seminorm backward NFE {ratio('rms', 'nfe_backward'):.2f}x the RMS baseline, "
             f"{ratio('torchdiffeq_2020', 'nfe_backward'):.2f}x the paper's (torchdiffeq 2020), "
             f"{ratio('default', 'nfe_backward'):.2f}x torchdiffeq's mixed default, "
-            f"{ratio('torchdiffeq_seminorm', 'nfe_backward'):.2f}x torchdiffeq's seminorm (which keeps |a_t|); "
+            f"{ratio('torchdiffeq_seminorm', 'nfe_backward'):.2f}x torchdiffeq's seminorm "
+            "(which keeps |a_t|); "
             f"fwd+bwd time {ratio('rms', 'seconds'):.2f}x RMS, {ratio('torchdiffeq_2020', 'seconds'):.2f}x the 2020 "
             f"norm; gradient error {semi['grad_error']:.1e}, {ratio('torchdiffeq_2020', 'grad_error'):.2f}x the "
             f"2020 norm's and {ratio('rms', 'grad_error'):.2f}x RMS's. Test accuracy is {same}.")

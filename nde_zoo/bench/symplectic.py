@@ -401,11 +401,11 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
         verdicts += _verdicts(name, index, res, rows)
         if {"Symplectic", "Direct"} <= set(rows):
             paired = sorted(a / b for a, b in zip(res["hist"]["Symplectic"]["seconds"][1:],
-                                                  res["hist"]["Direct"]["seconds"][1:]))
+                                                  res["hist"]["Direct"]["seconds"][1:], strict=True))
             if len(paired) >= 2:
                 q = statistics.quantiles(paired, n=4)
-                notes.append(f"{name}: Symplectic time / Direct per training step, paired: median {q[1]:.2f}, "
-                             f"quartiles {q[0]:.2f}-{q[2]:.2f}.")
+                notes.append(f"{name}: Symplectic time / Direct per training step, paired: median "
+                             f"{q[1]:.2f}, quartiles {q[0]:.2f}-{q[2]:.2f}.")
     notes.append(
         "Gradient errors: float64 copies of the trained Direct weights, a fixed training batch (16 KdV "
         "trajectories, 64 CNF points in the full run; one fixed Hutchinson probe); 'same solve' compares with backprop "
@@ -418,7 +418,8 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
         "that backward holds at once on top (ACA: one step's graphs, Symplectic: one stage's, the "
         "adjoint: those of its backward solve's evaluations; parameters not counted); 'peak RSS growth' "
         "is one training step's high-water mark above the resident memory before it, in a fresh "
-        "subprocess per row (glibc heap trimmed first; --quick probes Symplectic of the first task only). All timings are single-threaded "
+        "subprocess per row (glibc heap trimmed first; --quick probes Symplectic of the first task only). "
+        "All timings are single-threaded "
         "(torch.set_num_threads(1)) on a shared machine: ratios, not absolute seconds."
     )
     summary = (

@@ -5,7 +5,8 @@ Chandrasekhar's white dwarf equation as McCallum & Foster set it up (papers/000,
     dx/dt = v,   dv/dt = -(x^2 - C)^(3/2) - 2 v / (t + 0.5),   C = 0.001,  (x, v)(0) = (1, 0),
 
 on t in [0, 5] with explicit midpoint at h = 0.005 (N = 1000 steps; ``--quick``: h = 0.05,
-N = 100); the targets are the states after every step. A Neural ODE ``f(t, y) = W2 tanh(W1 [t, x, v] + b1) + b2`` of
+N = 100); the targets are the states after every step. A Neural ODE
+``f(t, y) = W2 tanh(W1 [t, x, v] + b1) + b2`` of
 width 10, float64, MSE, AdamW (lr 1e-2), full batch, trained for a fixed number of steps
 with each gradient strategy from the same initial weights. Exact strategies give the same
 losses; what differs is time and memory, so the report is the time-memory frontier: every
@@ -55,7 +56,7 @@ def white_dwarf_field(t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def white_dwarf_data(h: float = H) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ts`` ``(N + 1,)`` (N = 1000 at h = 0.005) and the true states ``(N + 1, 1, 2)`` from a tight dopri5 solve."""
+    """``ts`` ``(N + 1,)`` (N = 1000 at h = 0.005) and the true states ``(N + 1, 1, 2)`` (tight dopri5)."""
     ts = torch.linspace(0.0, T_END, int(round(T_END / h)) + 1, dtype=torch.float64)
     y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
     with torch.no_grad():
@@ -299,8 +300,8 @@ def _run(quick: bool) -> BenchReport:
         for name, r in results.items()
     ]
     levels = frontier({name: (r["seconds"], r["peak_bytes"]) for name, r in results.items()})
-    frontier_rows = [[f"{lv['memory'] / 1024:.2f}", ", ".join(lv["rows"]), lv["fastest"], f"{lv['seconds']:.3f}"]
-                     for lv in levels]
+    frontier_rows = [[f"{lv['memory'] / 1024:.2f}", ", ".join(lv["rows"]), lv["fastest"],
+                      f"{lv['seconds']:.3f}"] for lv in levels]
     stability, stability_data, figure = _stability_table()
     rss, rss_data = _rss_table(quick)
     large, large_data = _large_state(quick)
@@ -322,9 +323,9 @@ def _run(quick: bool) -> BenchReport:
     ]
     small = [r["peak_bytes"] for n, r in results.items() if n != "Direct"]
     notes.append(
-        f"Reversible and every checkpoint row lie within {(max(small) - min(small)) / 1024:.2f} KiB of peak "
-        f"autograd memory of each other ({min(small) / 1024:.2f}-{max(small) / 1024:.2f} KiB): on a 2-d state a "
-        "snapshot is 16 bytes, so here memory hardly separates them and the frontier's order among them is "
+        f"Reversible and every checkpoint row lie within {(max(small) - min(small)) / 1024:.2f} KiB of "
+        f"peak autograd memory of each other ({min(small) / 1024:.2f}-{max(small) / 1024:.2f} KiB): on a "
+        "2-d state a snapshot is 16 bytes, so here memory hardly separates them and the frontier's order among them is "
         "that of their times; the memory-bound table below is where not keeping a trajectory matters.")
     return BenchReport(
         name="white_dwarf",
@@ -340,9 +341,8 @@ def _run(quick: bool) -> BenchReport:
             f"fastest strategy that fits in it. Goals: {GOALS['time']}; {GOALS['flat']}."
         ),
         tables=[
-            Table("Training on the white dwarf equation", ["strategy", "final loss", "s / step",
-                                                             "time / Direct", "kept KiB", "peak autograd KiB"],
-                  rows),
+            Table("Training on the white dwarf equation",
+                  ["strategy", "final loss", "s / step", "time / Direct", "kept KiB", "peak autograd KiB"], rows),
             Table("Time-memory frontier: the fastest strategy within each memory level",
                   ["peak autograd KiB", "strategies at this level", "fastest within it", "its s / step"],
                   frontier_rows),
