@@ -29,6 +29,12 @@ EXPECTED_TABLES = {
 }
 VERDICT_WORD = re.compile(r"\b(met|missed)\b", re.I)
 NAMES = sorted(BENCHMARKS)
+#: benches that still judge their goals with their own code, not nde_zoo.bench.report's Verdicts:
+#: they run here at --quick size, but their goal lines are not recomputed from their tables yet.
+#: bench compiled (the lead's, landed 2026-12-02) has its own verdict(): computed from its measured
+#: ratios and "not measured" when one is missing, but its diffrax goals divide across two tables.
+OWN_VERDICTS = {"compiled"}
+JUDGED = [n for n in NAMES if n not in OWN_VERDICTS]
 
 
 def test_every_benchmark_says_which_tables_it_prints():
@@ -50,7 +56,7 @@ def test_quick_run_prints_its_tables(bench_quick, name):
         assert f"**{table['title']}**" in markdown
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", JUDGED)
 def test_every_goal_it_names_gets_a_verdict(bench_quick, name):
     report, _ = bench_quick(name)
     goals = importlib.import_module(f"nde_zoo.bench.{name}").GOALS
@@ -60,7 +66,7 @@ def test_every_goal_it_names_gets_a_verdict(bench_quick, name):
         assert text in report["summary"], text
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", JUDGED)
 def test_every_met_or_missed_line_is_a_verdict(bench_quick, name):
     report, markdown = bench_quick(name)
     lines = {f"- {v['line']}" for v in report["verdicts"]}
@@ -71,7 +77,7 @@ def test_every_met_or_missed_line_is_a_verdict(bench_quick, name):
     assert lines <= set(markdown.splitlines())
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", JUDGED)
 def test_verdicts_are_computed_from_the_numbers_in_the_report(bench_quick, name):
     report, _ = bench_quick(name)
     for verdict in report["verdicts"]:
