@@ -94,10 +94,15 @@ def test_compiled_equals_eager(aot_eager, name, solver, layout):
     compare(name, solver, ts, steps)
 
 
-@pytest.mark.parametrize("name, solver", [("direct", "rk4"), ("checkpoint", "euler"),
-                                          ("reversible", "midpoint"), ("symplectic", "dopri5")])
+@pytest.mark.parametrize("name, solver", [
+    ("direct", "rk4"),
+    ("reversible", "midpoint"),
+    # a minute of compiling each on 2 cores: outside CI's budget, run with -m slow
+    pytest.param("checkpoint", "euler", marks=pytest.mark.slow),
+    pytest.param("symplectic", "dopri5", marks=pytest.mark.slow),
+])
 def test_inductor_equals_eager(monkeypatch, name, solver):
-    """Inductor's generated code, one strategy per solver (every solver covered once)."""
+    """Inductor's generated code (C++ wrapper), one strategy per solver (every solver covered once)."""
     monkeypatch.setenv(BACKEND_ENV, "inductor")
     ts, steps = LAYOUTS["irregular"]
     compare(name, solver, ts, steps)
