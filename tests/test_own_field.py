@@ -17,7 +17,7 @@ from torch import nn
 from nde_zoo.configs_path import config_dir
 from nde_zoo.models import CNF, LatentODE, LatentSDE, NeuralCDE, ODEClassifier, SDEClassifier
 from nde_zoo.models.cde import CDEFunc
-from nde_zoo.models.cnf import MLPVelocity
+from nde_zoo.models.cnf import ConcatSquashVelocity
 from nde_zoo.models.latent_ode import LatentField
 from nde_zoo.models.ode_classifier import MLPField
 from nde_zoo.models.sde import ClassifierSDE, LatentPosteriorSDE
@@ -28,7 +28,7 @@ from nde_zoo.train import build
 CASES = {
     "ode_classifier": (ODEClassifier, dict(in_features=4, state_dim=3), MLPField,
                        lambda: MLPField(3, 5)),
-    "cnf": (CNF, dict(), MLPVelocity, lambda: MLPVelocity(2, 5, 1)),
+    "cnf": (CNF, dict(), ConcatSquashVelocity, lambda: ConcatSquashVelocity(2, 5, 1)),
     "latent_ode": (LatentODE, dict(latent_dim=2, hidden_dim=4), LatentField, lambda: LatentField(2, 5)),
     "cde": (NeuralCDE, dict(in_channels=3, hidden_dim=2), CDEFunc, lambda: CDEFunc(3, 2, 5, 1)),
     "sde": (SDEClassifier, dict(in_features=4, state_dim=3), ClassifierSDE, lambda: ClassifierSDE(3, 5, 0.5)),
