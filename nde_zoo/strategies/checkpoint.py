@@ -32,7 +32,7 @@ from nde_zoo.solvers import (
     rk_stepper,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import check_deterministic, check_no_hidden_inputs
+from nde_zoo.strategies._autograd import _detached, _identity, check_deterministic, check_no_hidden_inputs
 from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
@@ -115,7 +115,7 @@ class _CheckpointAdjoint(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, problem: _Problem, y0: Tensor, *params: Tensor) -> Tensor:
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+        with torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
             ys, stored = _forward(problem, y0)
         ctx.problem = problem
         ctx.save_for_backward(*stored)

@@ -62,7 +62,7 @@ from nde_zoo.strategies._compiled import (
     trainable_names,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import check_deterministic, check_no_hidden_inputs
+from nde_zoo.strategies._autograd import _detached, _identity, check_deterministic, check_no_hidden_inputs
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 from nde_zoo.strategies.sde import solve_sde
 
@@ -339,7 +339,7 @@ class _ReversibleAdjoint(torch.autograd.Function):
         # The identity hooks shadow an outer SavedBytes while the field runs (a CNF field
         # builds and frees a graph of its own), so what is counted is what is kept below.
         with torch.autocast(y0.device.type, enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+                torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
             ys, y_last, z_last = _forward(problem, y0)
             _check_coupled_drift(problem, y0, y_last, z_last)
         ctx.problem = problem

@@ -70,7 +70,7 @@ from nde_zoo.strategies._compiled import (
     scan_forward,
     trainable_names,
 )
-from nde_zoo.strategies._autograd import check_deterministic, check_no_hidden_inputs, vjp
+from nde_zoo.strategies._autograd import _detached, _identity, check_deterministic, check_no_hidden_inputs, vjp
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
 __all__ = ["Symplectic"]
@@ -161,7 +161,7 @@ class _SymplecticAdjoint(torch.autograd.Function):
         # Hooks nest: the identity pair shadows an outer SavedBytes while the field runs (a
         # CNF field builds and frees a graph of its own inside), so what is counted is
         # exactly what this Function keeps for backward.
-        with torch.autograd.graph.saved_tensors_hooks(lambda x: x, lambda x: x):
+        with torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
             ys, states = _forward_solve(problem, y0)
         ctx.problem = problem
         # N states at the step starts (states[0] is y0): a list eagerly, one (N, batch, ...) tensor compiled
