@@ -9,6 +9,7 @@ from ``configure_callbacks()``, and it logs its own figures (NFE, memory) per tr
 from __future__ import annotations
 
 import abc
+import weakref
 import warnings
 from dataclasses import dataclass, field as dataclass_field
 from typing import Any, ClassVar
@@ -57,20 +58,29 @@ class SavedBytes:
     """
 
     def __init__(self) -> None:
-        self._storages: dict[int, int] = {}
+        self._saved: list[weakref.ref[Tensor]] = []
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
 
     def _pack(self, tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        self._storages[storage.data_ptr()] = storage.nbytes()
         # Detached (same storage; autograd restores the graph edge on unpack): returning the tensor
         # itself would make a saved *output* hold its own grad_fn, a reference cycle that Python's
         # collector cannot see, so a solve whose backward never ran kept its whole graph.
-        return tensor.detach()
+        packed = tensor.detach()
+        self._saved.append(weakref.ref(packed))
+        return packed
 
     @property
     def nbytes(self) -> int:
-        return sum(self._storages.values())
+        """Bytes of the distinct storages still kept for backward. What a graph saved and freed
+        during the block (a field's own inner graph) does not count, and a freed address reused by
+        a later storage is not confused with it (counting by address alone was flaky)."""
+        storages: dict[int, int] = {}
+        for ref in self._saved:
+            tensor = ref()
+            if tensor is not None:
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
