@@ -7,6 +7,7 @@ case per strategy runs through Inductor itself, together covering every solver.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import pytest
@@ -16,21 +17,14 @@ from torch import nn
 
 from nde_zoo.strategies import Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic
 from nde_zoo.strategies._compiled import BACKEND_ENV, CompileSpec
+from tests.test_reversible import MLP as ReferenceMLP
 
 F64 = torch.float64
 STRATEGIES = {"direct": Direct, "checkpoint": Checkpoint, "reversible": Reversible, "symplectic": Symplectic}
 SOLVERS = ("euler", "midpoint", "rk4", "dopri5")
 
 
-class MLP(nn.Module):
-    def __init__(self, dim: int = 3, width: int = 8, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.l1 = nn.Linear(dim + 1, width)
-        self.l2 = nn.Linear(width, dim)
-
-    def forward(self, t, y):
-        return self.l2(torch.tanh(self.l1(torch.cat([y, t.expand(y.shape[0], 1)], -1))))
+MLP = functools.partial(ReferenceMLP, width=8)  # the other strategy tests' field, narrower
 
 
 @pytest.fixture
