@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-OTHER_SUBCOMMANDS = ("bench", "gradcheck")
+OTHER_SUBCOMMANDS = ("bench", "gradcheck", "plan")
 USAGE = """usage: nde-zoo <subcommand> [hydra overrides...]
 
 subcommands:
@@ -28,11 +28,13 @@ subcommands:
   test       evaluate a checkpoint on the test split         (needs ckpt_path=...)
   predict    predict with a checkpoint                       (needs ckpt_path=...)
   gradcheck  compare one batch's gradient with float64 backprop, per parameter group
+  plan       which strategy fits a memory budget: probe strategy=auto's candidates on one batch
   bench      run a benchmark: nde-zoo bench NAME [--quick]  (nde-zoo bench --list)
 
 examples:
   nde-zoo fit model=cnf strategy=reversible
   nde-zoo fit model=ode_classifier strategy=ernode strategy.inner=symplectic
+  nde-zoo plan model=cnf strategy.steps=100 memory_budget=2GB
   nde-zoo fit --cfg job                      # print the composed config
   nde-zoo fit --help                         # config groups and their options
 """
@@ -51,7 +53,7 @@ def _shell_completion(args: list[str]) -> tuple[str, list[str]] | None:
         print(" ".join(s for s in (*TRAIN_SUBCOMMANDS, *OTHER_SUBCOMMANDS) if s.startswith(prefix)))
         return None
     sub = words[1]
-    if sub not in TRAIN_SUBCOMMANDS + ("gradcheck",):
+    if sub not in TRAIN_SUBCOMMANDS + ("gradcheck", "plan"):
         return None
     os.environ["COMP_LINE"] = " ".join([words[0], *words[2:]]) + (
         " " if os.environ["COMP_LINE"].endswith(" ") else ""
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> Any:
         from nde_zoo.bench.runner import main as bench_main
 
         return bench_main(args[1:])
-    elif args[0] not in TRAIN_SUBCOMMANDS + ("gradcheck",):
+    elif args[0] not in TRAIN_SUBCOMMANDS + ("gradcheck", "plan"):
         _fail(
             f"unknown subcommand {args[0]!r}; choose one of "
             f"{', '.join(TRAIN_SUBCOMMANDS + OTHER_SUBCOMMANDS)}"

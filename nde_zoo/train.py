@@ -99,7 +99,9 @@ def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
 
 def run(sub: str, cfg: DictConfig) -> Any:
     """Run ``fit``/``validate``/``test``/``predict``/``gradcheck`` on the composed config."""
-    ckpt_path = _check_ckpt_path(sub, cfg) if sub != "gradcheck" else None
+    ckpt_path = _check_ckpt_path(sub, cfg) if sub not in ("gradcheck", "plan") else None
+    if sub == "plan" and cfg.get("memory_budget") is not None:  # plan's shorthand for strategy.memory_budget
+        cfg.strategy.memory_budget = cfg.memory_budget
     if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # `lightning` has its own too
             logging.getLogger(name).handlers.clear()
@@ -114,6 +116,8 @@ def run(sub: str, cfg: DictConfig) -> Any:
         _check_checkpoint_model(ckpt_path, model)
     if sub == "gradcheck":
         return _gradcheck(cfg, datamodule, strategy)
+    if sub == "plan":
+        return _plan(cfg, datamodule, model, strategy)
     run_dir = _run_dir()
     if sub == "fit" and HydraConfig.initialized():  # never into another run's directory
         claim_run_dir(run_dir, ckpt_path)
@@ -175,3 +179,44 @@ def _gradcheck(cfg: DictConfig, datamodule: Any, strategy: Any) -> dict[str, flo
     for group, err in errors.items():
         print(f"  {group:>12}: {err:.3e}")
     return errors
+
+
+def _plan(cfg: DictConfig, datamodule: Any, model: Any, strategy: Any) -> Any:
+    """Probe ``strategy=auto``'s candidates on one training batch of the real model; print the table."""
+    import warnings
+
+    import torch
+    from lightning.fabric.utilities.apply_func import move_data_to_device
+
+    from nde_zoo.strategies import Auto, MemoryBudgetError
+
+    if not isinstance(strategy, Auto):
+        raise SystemExit(
+            f"error: plan measures strategy=auto's candidates, but strategy={strategy.name or type(strategy).__name__} "
+            f"was given; drop strategy= (set the stepping with strategy.solver=, strategy.steps= or strategy.rtol=, "
+            f"the candidates with 'strategy.candidates=[direct,reversible]')"
+        )
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    device = torch.device("cuda" if torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda") else "cpu")
+    datamodule.setup("fit")
+    batch = move_data_to_device(next(iter(datamodule.train_dataloader())), device)
+    model.to(device).train()
+    strategy.announce = False  # printed below, once
+    failure = None
+    with warnings.catch_warnings(), torch.enable_grad():
+        warnings.simplefilter("ignore")  # self.log() outside a Trainer
+        try:
+            model._common_step(batch, "train")
+        except MemoryBudgetError as exc:
+            failure = exc
+    plans = list(strategy.plans.values()) + ([failure.plan] if failure is not None else [])
+    text = "\n\n".join(p.markdown() for p in plans)
+    print(text)
+    out = _run_dir() / "plan.md"
+    if HydraConfig.initialized():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+        log.info("plan written to %s", out)
+    if failure is not None:
+        raise SystemExit(f"error: {str(failure).splitlines()[0]}")
+    return plans

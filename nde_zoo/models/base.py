@@ -152,6 +152,11 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.check_checkpoint_model(checkpoint, type(self), "this checkpoint")
+        if self._trainer is None:  # load_from_checkpoint: no trainer restores the callbacks, so the
+            # strategy's own state (Auto's choice, the ERNODE schedule) comes back with the weights here
+            state = (checkpoint.get("callbacks") or {}).get(self.strategy.state_key)
+            if state:
+                self.strategy.load_state_dict(state)
 
     @staticmethod
     def check_checkpoint_model(checkpoint: dict[str, Any], cls: type, where: str) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 
-__all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "field_parameters"]
+__all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "LiveSaved", "field_parameters"]
 
 #: At most this many solves are recorded per training step (their figures are summed at its end).
 MAX_RECORDS_PER_STEP = 10_000
@@ -88,6 +88,44 @@ class SavedBytes:
 
     def __exit__(self, *exc: object) -> None:
         self._hooks.__exit__(*exc)
+
+
+class LiveSaved:
+    """Peak bytes of storages autograd holds for backward *at once*, each storage counted once.
+
+    The parameters' storages (``ignore``) are left out: they exist whether or not a graph does.
+    """
+
+    def __init__(self, ignore: list[Tensor]) -> None:
+        self.refs: dict[int, list[int]] = {}  # storage pointer -> [references held, bytes]
+        self.live = 0
+        self.peak = 0
+        ignored = {t.untyped_storage().data_ptr() for t in ignore}
+        outer = self
+
+        class Held:
+            def __init__(self, tensor: Tensor) -> None:
+                # A detached alias: same storage, but no strong reference back to an output's
+                # grad_fn (that cycle would keep the graph alive and inflate the count).
+                self.tensor = tensor.detach()
+                storage = tensor.untyped_storage()
+                self.ptr = None if storage.data_ptr() in ignored else storage.data_ptr()
+                if self.ptr is not None:
+                    entry = outer.refs.setdefault(self.ptr, [0, storage.nbytes()])
+                    if entry[0] == 0:
+                        outer.live += entry[1]
+                        outer.peak = max(outer.peak, outer.live)
+                    entry[0] += 1
+
+            def __del__(self) -> None:
+                if self.ptr is not None:
+                    entry = outer.refs[self.ptr]
+                    entry[0] -= 1
+                    if entry[0] == 0:
+                        outer.live -= entry[1]
+                        del outer.refs[self.ptr]
+
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
 
 
 def field_parameters(field: Any) -> list[nn.Parameter]:

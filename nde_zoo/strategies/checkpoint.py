@@ -36,7 +36,7 @@ from nde_zoo.strategies._autograd import _detached, _identity, check_determinist
 from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
-__all__ = ["Checkpoint", "binomial_split", "binomial_repetitions"]
+__all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations"]
 
 
 def binomial_repetitions(steps: int, snapshots: int) -> int:
@@ -61,6 +61,32 @@ def binomial_split(steps: int, free: int) -> int:
     c = free + 1
     r = binomial_repetitions(steps, c)
     return max(1, min(comb(c + r - 1, c), steps - 1))
+
+
+def binomial_recomputations(steps: int, snapshots: int | None) -> int:
+    """Steps advanced without a graph during the backward pass of an eager fixed-step solve of
+    ``steps`` steps with ``snapshots`` stored states (``None``: every step start, no recomputation).
+
+    Counts what :class:`_Reverser` does (``SolveStats.recomputed_steps`` after backward; a test
+    checks they agree) without running anything: :class:`~nde_zoo.strategies.Auto` uses it to
+    predict the time of a schedule it has not run.
+    """
+    if snapshots is None or steps <= 1:
+        return 0
+    stored = {0, *_spine(steps, snapshots)}
+    total = 0
+    spans = [(0, steps, snapshots - 1)]  # (a, b, free): what _Reverser.revolve is called with
+    while spans:
+        a, b, free = spans.pop()
+        if b - a == 1:
+            continue
+        if free == 0:  # each step of the span replayed from its start
+            total += sum(k - a for k in range(a + 1, b) if k not in stored)
+            continue
+        m = a + binomial_split(b - a, free)
+        total += 0 if m in stored else m - a
+        spans += [(m, b, free - 1), (a, m, free)]
+    return total
 
 
 @dataclass

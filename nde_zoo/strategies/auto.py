@@ -1,0 +1,529 @@
+"""Auto: the fastest exact strategy whose memory fits a budget, measured on the real solve.
+
+No strategy wins everywhere (DESIGN.md section 10): ``Direct`` is fastest while its graph fits,
+``Checkpoint`` trades recomputation for snapshots, ``Symplectic`` keeps ``N`` states and one
+stage's graph, ``Reversible`` keeps nothing per step at a few times the cost. Which one a user
+wants depends on the field, the batch, ``N`` and the machine, so :class:`Auto` measures instead
+of guessing:
+
+1. On a solve with gradients (a training step) whose key is new (batch shape, dtype, device
+   type, number of steps, field class), it *probes* every candidate on the real ``field``,
+   ``y0`` and a short prefix of the grid (``k/2`` and ``k`` steps, ``k = probe_steps``): one
+   forward solve and one backward pass with a unit cotangent, measuring the peak memory the
+   way the benches do (CUDA: ``max_memory_allocated`` above what was allocated before; CPU:
+   bytes the forward pass kept for backward plus the most the backward pass held at once) and
+   the seconds (the better of two timed runs after the measured one).
+2. It extrapolates each candidate to the full ``N`` with the known shape of its memory, fitted
+   to the two probes: ``Direct`` and ``Symplectic`` linear in ``N`` (the graph of every step;
+   ``N`` states plus one stage), ``Reversible`` flat, ``Checkpoint`` linear in its snapshot
+   count ``c`` (``c`` states plus one step's graph), with ``c`` the largest that fits (fewest
+   recomputed steps, :func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`). Time is
+   linear in ``N`` (plus the recomputed steps for ``Checkpoint``). Adaptive solves first run
+   one gradient-free solve of the full span (it keeps nothing for backward) to count ``N``,
+   and probe on the span of its first ``k`` steps; the table says ``N`` is estimated.
+3. It chooses the fastest candidate whose predicted peak fits ``memory_budget`` and delegates
+   this and every later solve with that key to it (:attr:`Auto.chosen`), so gradients are
+   exactly the chosen strategy's. If none fits it raises :class:`MemoryBudgetError` naming the
+   smallest predicted peak and what would make it fit, before any training step runs out of
+   memory. On CUDA an out-of-memory error during probing counts as "does not fit".
+
+Solves without gradients (validation, test, predict) never probe: they use the latest choice
+(a plain ``Direct`` solve before any). The choices and their tables are in :meth:`state_dict`
+(a resumed run, ``test ckpt_path=`` and ``load_from_checkpoint`` reuse them without probing).
+Under DDP rank 0 probes and broadcasts its plan, so every rank runs the same strategy.
+``python -m nde_zoo plan`` prints the table for a model's first batch before training.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field as dataclass_field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
+from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.strategies.base import COMPILABLE, GradientStrategy, LiveSaved, ODEStrategy, Solution, field_parameters
+from nde_zoo.strategies.checkpoint import Checkpoint, binomial_recomputations
+from nde_zoo.strategies.direct import Direct
+from nde_zoo.strategies.reversible import Reversible
+from nde_zoo.strategies.symplectic import Symplectic
+
+__all__ = ["Auto", "MemoryBudgetError", "Plan", "parse_bytes", "format_bytes", "CANDIDATES", "CHOICE_CODES"]
+
+log = logging.getLogger("nde_zoo")
+
+#: the exact strategies Auto can choose among (config names).
+CANDIDATES = ("direct", "checkpoint", "symplectic", "reversible")
+_CLASSES: dict[str, type[ODEStrategy]] = {
+    "direct": Direct, "checkpoint": Checkpoint, "symplectic": Symplectic, "reversible": Reversible,
+}
+#: ``auto/choice`` as logged (a metric must be a number): the index of the chosen label here.
+CHOICE_CODES = {label: i for i, label in enumerate(
+    [*CANDIDATES, *(f"{name}+compile" for name in CANDIDATES)])}
+#: plans kept per Auto (one per key); beyond it the latest choice serves new keys, with a warning.
+MAX_PLANS = 16
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
+def parse_bytes(value: int | float | str | None) -> int | None:
+    """``2GB`` -> 2e9 bytes (kB/MB/GB/TB decimal, KiB/MiB/GiB/TiB binary); an integer is bytes."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"memory_budget must be a size, got {value!r}")
+    if isinstance(value, (int, float)):
+        if not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"memory_budget must be a positive number of bytes, got {value!r}")
+        return int(value)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    if match is None or match.group(2).lower() not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(
+            f"memory_budget={value!r} is not a size: give bytes (an integer) or a positive number with a unit, "
+            f"e.g. 512MB, 2GB, 1.5GiB"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """``1.5e9`` -> ``"1.50 GB"`` (decimal units, as ``memory_budget`` reads them)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def available_memory(device: torch.device) -> int:
+    """What ``memory_budget=None`` means: the device's free memory (CUDA), or MemAvailable (CPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+class MemoryBudgetError(RuntimeError):
+    """No candidate's predicted peak fits ``memory_budget``; ``plan`` holds the measured table."""
+
+    def __init__(self, message: str, plan: Plan) -> None:
+        super().__init__(message)
+        self.plan = plan
+
+
+@dataclass
+class Row:
+    """One candidate of a plan: its prediction at the full ``N`` and whether it fits."""
+
+    label: str  # "direct", "checkpoint", ... ("+compile" for compiled variants)
+    peak_bytes: float  # predicted peak memory of one solve's forward and backward
+    seconds: float  # predicted seconds of one solve's forward and backward
+    fits: bool
+    snapshots: int | None = None  # Checkpoint: the snapshot count chosen (None: every step start)
+    note: str = ""  # out of memory while probing, a fallback, ...
+    probes: list[dict[str, float]] = dataclass_field(default_factory=list)  # the measurements
+
+
+@dataclass
+class Plan:
+    """What :class:`Auto` measured and chose for one key."""
+
+    key: str
+    steps: int  # N: the steps of the full solve (estimated for adaptive stepping)
+    estimated: bool  # N from a gradient-free solve (adaptive), not fixed by the grid
+    budget: int
+    device: str
+    rows: list[Row]
+    choice: str | None = None  # the chosen row's label
+    snapshots: int | None = None
+
+    @property
+    def chosen_row(self) -> Row | None:
+        return next((r for r in self.rows if r.label == self.choice), None)
+
+    def markdown(self) -> str:
+        """The table: candidate, predicted peak, seconds per step, fits?, and the choice."""
+        n = f"N = {self.steps}" + (" (estimated from one gradient-free adaptive solve)" if self.estimated else "")
+        head = [f"strategy=auto for {self.key}: {n}, memory budget {format_bytes(self.budget)} ({self.device})", "",
+                "| candidate | peak memory | s per step | s per solve | fits? |", "|---|--:|--:|--:|:-:|"]
+        lines = []
+        for r in self.rows:
+            label = r.label + (f" (snapshots={r.snapshots})" if r.snapshots is not None else "")
+            mark = "**chosen**" if r.label == self.choice else ("yes" if r.fits else "no")
+            per_step = r.seconds / max(self.steps, 1)
+            peak = "out of memory" if math.isinf(r.peak_bytes) else format_bytes(r.peak_bytes)
+            lines.append(f"| {label} | {peak} | {per_step:.3g} | {r.seconds:.3g} | {mark} |"
+                         + (f" {r.note}" if r.note else ""))
+        tail = [f"\nchoice: {self.choice}" + (f" with snapshots={self.snapshots}" if self.choice == "checkpoint"
+                                             and self.snapshots is not None else "")]
+        return "\n".join(head + lines + (tail if self.choice else ["\nchoice: none fits"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        rows = [Row(**r) for r in d.get("rows", [])]
+        return cls(**{**d, "rows": rows})
+
+
+@dataclass
+class _Probe:
+    """A candidate measured at one prefix of the grid."""
+
+    steps: int  # accepted steps of the probe solve
+    peak: float  # bytes
+    forward: float  # seconds
+    backward: float  # seconds
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def _fit(x1: float, y1: float, x2: float, y2: float, x: float) -> float:
+    """The line through two points at ``x`` (slope clamped at >= 0: memory does not shrink
+    with more steps, and round-off must not make it); one point: proportional."""
+    if x2 == x1:
+        return y2 * x / x2 if x2 else y2
+    slope = max(0.0, (y2 - y1) / (x2 - x1))
+    return y2 + slope * (x - x2)
+
+
+class Auto(ODEStrategy):
+    """Choose, by measuring, the fastest exact strategy whose memory fits ``memory_budget``.
+
+    Args:
+        solver, steps / step_size, rtol / atol / max_steps: as every ODE strategy; the chosen
+            strategy solves with these.
+        memory_budget: bytes (an integer) or a size such as ``"2GB"``, ``"512MB"``, ``"1.5GiB"``;
+            ``None``: what the device has free (CUDA) or the machine's available memory (CPU).
+            It bounds one solve's forward plus backward (module docstring: what is measured).
+        candidates: config names among ``direct``, ``checkpoint``, ``symplectic``, ``reversible``.
+        compile: ``True``/``"strict"``/``"reduce-overhead"`` adds the compiled variant of every
+            candidate (``direct+compile``, ...) for fixed steps (docs/compile.md).
+        probe_steps: ``k``, the longest prefix probed (``k/2`` and ``k`` steps; at most ``N``).
+
+    Gradient: exactly the chosen strategy's (all candidates are exact for the discretisation;
+    ``Reversible``'s discretisation is its own reversible scheme). Memory and time: the chosen
+    one's, plus one probe per key (a few steps of each candidate).
+    """
+
+    name = "auto"
+    compilable = True  # passes compile= to its candidates
+
+    def __init__(
+        self,
+        solver: str | ButcherTableau = "dopri5",
+        *,
+        steps: int | None = None,
+        step_size: float | None = None,
+        rtol: float | None = None,
+        atol: float | None = None,
+        max_steps: int = DEFAULT_MAX_STEPS,
+        memory_budget: int | float | str | None = None,
+        candidates: Sequence[str] = CANDIDATES,
+        compile: bool | str = False,
+        probe_steps: int = 8,
+    ) -> None:
+        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
+                         compile=compile)
+        self.memory_budget = parse_bytes(memory_budget)
+        if isinstance(candidates, str):
+            candidates = [c.strip() for c in candidates.split(",")]
+        candidates = tuple(str(c) for c in candidates)
+        unknown = [c for c in candidates if c not in CANDIDATES]
+        if unknown or not candidates:
+            raise ValueError(f"unknown candidate(s) {', '.join(unknown) or '(none given)'} for strategy=auto; "
+                             f"choose among {', '.join(CANDIDATES)} (exact strategies with their own memory shape)")
+        self.candidates = candidates
+        if int(probe_steps) != probe_steps or probe_steps < 2:
+            raise ValueError(f"probe_steps must be an integer >= 2, got {probe_steps!r}")
+        self.probe_steps = int(probe_steps)
+        self._stepping_args = {"steps": steps, "step_size": step_size, "rtol": rtol, "atol": atol,
+                               "max_steps": max_steps}
+        self.plans: dict[str, Plan] = {}
+        self._built: dict[str, ODEStrategy] = {}  # key -> the chosen strategy, built from its plan
+        self._latest: str | None = None  # the key of the latest choice
+        self._new_choice: str | None = None  # a key chosen during this training step (logged at its end)
+        self.probes = 0  # how many plans this Auto measured (a resumed run measures none for known keys)
+        self.announce = True  # log each new plan's table (``plan`` prints it itself)
+
+    # -- the public view ----------------------------------------------------------------------
+    @property
+    def chosen(self) -> ODEStrategy | None:
+        """The strategy the latest choice delegates to (``None`` before the first choice)."""
+        return None if self._latest is None else self._strategy_for(self._latest)
+
+    @property
+    def plan(self) -> Plan | None:
+        """The plan of the latest choice (its table: ``plan.markdown()``)."""
+        return None if self._latest is None else self.plans.get(self._latest)
+
+    # -- solving -------------------------------------------------------------------------------
+    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+        times = check_inputs(y0, ts)
+        key, steps = self._key(field, y0, times)
+        if key not in self.plans and torch.is_grad_enabled() and len(times) >= 2:
+            if len(self.plans) < MAX_PLANS:
+                self._decide(key, field, y0, ts, times, steps)
+            elif self._latest is not None:
+                log.warning("strategy=auto: more than %d distinct solves (batch shape, dtype, device, steps); "
+                            "%s reuses the latest choice (%s) without probing", MAX_PLANS, key,
+                            self.plans[self._latest].choice)
+                self.plans[key] = self.plans[self._latest]
+        if key in self.plans:
+            self._latest = key
+            strategy = self._strategy_for(key)
+        elif self._latest is not None:  # gradient-free: the latest choice's discretisation
+            strategy = self._strategy_for(self._latest)
+        else:  # gradient-free before any choice: keeps nothing for backward, any strategy fits
+            strategy = self._build("direct", None)
+        return self._record(strategy.solve(field, y0, ts))
+
+    def _key(self, field: Any, y0: Tensor, times: list[float]) -> tuple[str, int | None]:
+        if self.stepping.adaptive:
+            n, what = None, f"span [{times[0]:g}, {times[-1]:g}] with {len(times)} outputs"
+        else:
+            n = fixed_path(times, self.stepping).steps
+            what = f"{n} steps"
+        shape = "x".join(str(s) for s in y0.shape)
+        dtype = str(y0.dtype).removeprefix("torch.")
+        return f"{type(field).__name__} with a {shape} {dtype} state on {y0.device.type}, {what}", n
+
+    def _strategy_for(self, key: str) -> ODEStrategy:
+        if key not in self._built:
+            plan = self.plans[key]
+            assert plan.choice is not None
+            self._built[key] = self._build(plan.choice, plan.snapshots)
+        return self._built[key]
+
+    def _build(self, label: str, snapshots: int | None, stepping: dict[str, Any] | None = None) -> ODEStrategy:
+        name, _, compiled = label.partition("+")
+        kwargs = dict(self._stepping_args if stepping is None else stepping)
+        if name == "checkpoint" and snapshots is not None:
+            kwargs["snapshots"] = snapshots
+        return _CLASSES[name](self.tableau, compile=self.compile if compiled else False, **kwargs)
+
+    # -- deciding --------------------------------------------------------------------------------
+    def _decide(self, key: str, field: Any, y0: Tensor, ts: Tensor, times: list[float], steps: int | None) -> None:
+        """Probe (rank 0 under DDP), choose, and keep the plan; raise if nothing fits."""
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        plan = None
+        if not distributed or dist.get_rank() == 0:
+            plan = self.measure(field, y0, ts, times, steps, key)
+        if distributed:
+            box = [plan.to_dict() if plan is not None else None]
+            dist.broadcast_object_list(box, src=0)
+            plan = Plan.from_dict(box[0])
+        assert plan is not None
+        self.probes += 1
+        if plan.choice is None:
+            raise MemoryBudgetError(_no_fit_message(plan), plan)
+        self.plans[key] = plan
+        self._new_choice = key
+        if self.announce:
+            log.info("%s", plan.markdown())
+
+    def measure(self, field: Any, y0: Tensor, ts: Tensor, times: list[float] | None = None,
+                steps: int | None = None, key: str | None = None) -> Plan:
+        """Probe every candidate on ``(field, y0, ts)`` and return the plan (``plan.choice`` is
+        ``None`` when nothing fits). Called by :meth:`solve`; public for ``plan`` and the bench."""
+        times = check_inputs(y0, ts) if times is None else times
+        if key is None or (steps is None and not self.stepping.adaptive):
+            key, steps = self._key(field, y0, times)
+        budget = self.memory_budget if self.memory_budget is not None else available_memory(y0.device)
+        estimated = steps is None
+        if steps is None:  # adaptive: count the steps of one gradient-free solve (keeps nothing)
+            with torch.no_grad():
+                _, path, _ = odeint(field, y0.detach(), ts, self.tableau, self.stepping)
+            grid = path.times
+            steps = max(path.steps, 1)
+        else:
+            grid = fixed_path(times, self.stepping).times
+        k2 = min(steps, self.probe_steps)
+        k1 = max(1, k2 // 2)
+        labels = list(self.candidates)
+        if self.compile.enabled and not self.stepping.adaptive:
+            labels += [f"{c}+compile" for c in self.candidates if c in COMPILABLE]
+        rows = [self._predict(label, field, y0, ts, grid, k1, k2, steps, budget) for label in labels]
+        plan = Plan(key=key, steps=steps, estimated=estimated, budget=budget, device=str(y0.device), rows=rows)
+        fitting = [r for r in rows if r.fits]
+        if fitting:
+            best = min(fitting, key=lambda r: r.seconds)
+            plan.choice, plan.snapshots = best.label, best.snapshots
+        return plan
+
+    def _prefix(self, ts: Tensor, grid: list[float], k: int) -> tuple[Tensor, dict[str, Any]]:
+        """Output times and stepping of a probe over the first ``k`` steps of ``grid``."""
+        prefix = ts.new_tensor([grid[0], grid[k]])
+        stepping = dict(self._stepping_args)
+        if not self.stepping.adaptive:
+            stepping.update(steps=k, step_size=None)
+        return prefix, stepping
+
+    def _predict(self, label: str, field: Any, y0: Tensor, ts: Tensor, grid: list[float], k1: int, k2: int,
+                 steps: int, budget: int) -> Row:
+        name = label.partition("+")[0]
+        probes: list[_Probe] = []
+        try:
+            for k in dict.fromkeys((k1, k2)):  # one probe when k1 == k2
+                prefix, stepping = self._prefix(ts, grid, k)
+                # Checkpoint is probed keeping every step start: its memory is then linear in the
+                # snapshots it keeps, and the snapshot count that fits is chosen below.
+                probes.append(_measure(self._build(label, None, stepping), field, y0, prefix))
+        except torch.OutOfMemoryError:
+            if y0.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return Row(label, math.inf, math.inf, False, note="out of memory while probing",
+                       probes=[p.as_dict() for p in probes])
+        a, b = probes[0], probes[-1]
+
+        def line(attr: str, x: float) -> float:
+            if attr != "peak":  # seconds: proportional to the longer probe (a slope between two
+                return getattr(b, attr) * x / b.steps  # short timings is mostly noise)
+            return _fit(a.steps, a.peak, b.steps, b.peak, x)
+
+        recorded = [p.as_dict() for p in probes]
+        if name == "reversible":  # flat in N
+            peak = max(a.peak, b.peak)
+        else:
+            peak = line("peak", steps)
+        seconds = line("forward", steps) + line("backward", steps)
+        if name != "checkpoint" or self.stepping.adaptive:  # adaptive Checkpoint keeps every step start (ACA)
+            return Row(label, peak, seconds, peak <= budget, probes=recorded)
+        return self._choose_snapshots(label, line, steps, budget, recorded)
+
+    def _choose_snapshots(self, label: str, line: Any, steps: int, budget: int,
+                          recorded: list[dict[str, float]]) -> Row:
+        """Checkpoint: the most snapshots that fit (fewest recomputed steps), and its time.
+
+        Probed keeping every step start, its peak is linear in the states kept: ``peak(c)``.
+        Eager: ``c`` snapshots, the binomial schedule's recomputation. Compiled: the two-level
+        schedule keeps ``S = ceil(N / segment)`` states and recomputes ``segment`` at a time.
+        """
+        compiled = label.endswith("+compile")
+        per_step_forward = max(0.0, line("forward", steps) / steps)
+
+        def cost(c: int) -> tuple[float, float]:
+            if compiled:
+                segment = -(-steps // c)
+                kept, recomputed = -(-steps // segment) + segment, steps - (-(-steps // segment))
+            else:
+                kept, recomputed = c, binomial_recomputations(steps, c)
+            seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
+            return line("peak", kept), seconds
+
+        if line("peak", steps) <= budget:  # every step start fits: no recomputation
+            peak, seconds = cost(steps)
+            return Row(label, peak, seconds, True, snapshots=None, probes=recorded)
+        lo, hi = 1, steps  # the largest c with peak(c) <= budget (peak grows with c)
+        if cost(1)[0] > budget:
+            peak, seconds = cost(1)
+            return Row(label, peak, seconds, False, snapshots=1, probes=recorded)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid)[0] <= budget else (lo, mid - 1)
+        peak, seconds = cost(lo)
+        return Row(label, peak, seconds, True, snapshots=lo, probes=recorded)
+
+    # -- Lightning: log the choice, keep the plans -----------------------------------------------
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        chosen = self.chosen
+        if chosen is not None and chosen.programs.pending_seconds:
+            self.programs.pending_seconds += chosen.programs.pending_seconds
+            chosen.programs.pending_seconds = 0.0
+        if self._new_choice is not None:
+            plan = self.plans[self._new_choice]
+            pl_module.log("auto/choice", float(CHOICE_CODES[plan.choice or "direct"]), on_step=True,
+                          on_epoch=False, batch_size=1)
+            self._new_choice = None
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"plans": {k: p.to_dict() for k, p in self.plans.items()}, "latest": self._latest}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.plans = {k: Plan.from_dict(p) for k, p in state_dict.get("plans", {}).items()}
+        self._built.clear()
+        latest = state_dict.get("latest")
+        self._latest = latest if latest in self.plans else None
+
+    def __repr__(self) -> str:
+        budget = "available memory" if self.memory_budget is None else format_bytes(self.memory_budget)
+        chosen = f", chosen={self.plan.choice}" if self.plan is not None else ""
+        return (f"Auto(solver={self.tableau.name!r}, {self.stepping.describe()}, memory_budget={budget}, "
+                f"candidates={','.join(self.candidates)}{chosen})")
+
+
+def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, repeats: int = 3) -> _Probe:
+    """One solve's forward and backward (unit cotangent): peak memory, then the better of
+    ``repeats`` timed runs. Gradients go to ``torch.autograd.grad``, never into ``.grad``."""
+    params = field_parameters(field)
+    y0 = y0.detach().requires_grad_(y0.requires_grad)
+    inputs = ([y0] if y0.requires_grad else []) + params
+    cuda = y0.device.type == "cuda"
+
+    def run(measure: bool) -> tuple[int, float, float, float]:
+        if cuda:
+            torch.cuda.synchronize(y0.device)
+            base = torch.cuda.memory_allocated(y0.device)
+            torch.cuda.reset_peak_memory_stats(y0.device)
+        start = time.perf_counter()
+        solution = strategy.solve(field, y0, ts)
+        if cuda:
+            torch.cuda.synchronize(y0.device)
+        middle = time.perf_counter()
+        cotangent = torch.ones_like(solution.ys)
+        if inputs and solution.ys.requires_grad:
+            if measure and not cuda:
+                live = LiveSaved(params)
+                with live.hooks:
+                    torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
+                peak = solution.saved_bytes + live.peak
+            else:
+                torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
+                peak = solution.saved_bytes
+        else:
+            peak = 0
+        if cuda:
+            torch.cuda.synchronize(y0.device)
+            peak = torch.cuda.max_memory_allocated(y0.device) - base
+        end = time.perf_counter()
+        return solution.stats.accepted_steps, peak, middle - start, end - middle
+
+    steps, peak, forward, backward = run(measure=True)
+    for _ in range(repeats):
+        _, _, f, b = run(measure=False)
+        forward, backward = min(forward, f), min(backward, b)
+    return _Probe(steps=max(steps, 1), peak=float(peak), forward=forward, backward=backward)
+
+
+def _no_fit_message(plan: Plan) -> str:
+    smallest = min(plan.rows, key=lambda r: r.peak_bytes)
+    if math.isinf(smallest.peak_bytes):
+        return (f"strategy=auto: every candidate ran out of memory while probing {plan.key} on {plan.device} "
+                f"(a few steps each); use a smaller batch or a smaller field\n{plan.markdown()}")
+    flat = smallest.label.startswith("reversible")
+    fixes = ("a smaller batch or a larger budget (its memory does not grow with the number of steps)" if flat
+             else "fewer steps, a smaller batch, or a larger budget")
+    return (
+        f"strategy=auto: no candidate fits memory_budget={format_bytes(plan.budget)} for {plan.key} "
+        f"(N = {plan.steps}). The smallest predicted peak is {smallest.label}'s "
+        f"{format_bytes(smallest.peak_bytes)}; make it fit with {fixes}: e.g. "
+        f"strategy.memory_budget={math.ceil(smallest.peak_bytes * 1.1 / 1e6)}MB.\n{plan.markdown()}"
+    )

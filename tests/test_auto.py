@@ -1,0 +1,302 @@
+"""strategy=auto: the fastest exact strategy whose measured memory fits a budget (issue 17).
+
+The predictions are checked against full measurements, the choices against the budget, the
+gradients against the chosen strategy's own (float64), and the choice against probing again
+(new shapes), resuming, loading a checkpoint and DDP ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+
+import lightning
+import pytest
+import torch
+from torch import nn
+
+from nde_zoo.strategies import Auto, Checkpoint, Direct, MemoryBudgetError, Reversible, Symplectic
+from nde_zoo.strategies.auto import _measure, format_bytes, parse_bytes
+from nde_zoo.strategies.checkpoint import binomial_recomputations
+
+TS = torch.tensor([0.0, 1.0], dtype=torch.float64)
+
+
+class Field(nn.Module):
+    def __init__(self, dim: int = 2, width: int = 64) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(dim + 1, width), nn.Linear(width, dim)
+
+    def forward(self, t, y):
+        return self.l2(torch.tanh(self.l1(torch.cat([t.expand(y.shape[0], 1), y], dim=-1))))
+
+
+def _problem(batch: int = 64, width: int = 64, seed: int = 0):
+    torch.manual_seed(seed)
+    return Field(2, width).double(), torch.randn(batch, 2, dtype=torch.float64)
+
+
+def _peaks(steps: int = 24, **kwargs):
+    field, y0 = _problem()
+    plan = Auto("rk4", steps=steps, memory_budget="100GB", **kwargs).measure(field, y0, TS)
+    return field, y0, plan, {r.label: r.peak_bytes for r in plan.rows}
+
+
+def _grads(strategy, field, y0):
+    y0 = y0.clone().requires_grad_()
+    sol = strategy.solve(field, y0, TS)
+    params = list(field.parameters())
+    return torch.autograd.grad((sol.ys[-1] ** 2).sum(), [y0, *params])
+
+
+# -- sizes ---------------------------------------------------------------------------------------
+def test_parse_bytes():
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("512MB") == 512 * 10**6
+    assert parse_bytes("1.5GiB") == int(1.5 * 2**30)
+    assert parse_bytes(" 64 kB ") == 64_000
+    assert parse_bytes(4096) == 4096 and parse_bytes(None) is None
+    for bad in ("2 gigs", "-1GB", "GB", 0, True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            parse_bytes(bad)
+    assert format_bytes(2.5e9) == "2.50 GB" and format_bytes(12) == "12 B"
+
+
+def test_unknown_candidate_is_named():
+    with pytest.raises(ValueError, match=r"unknown candidate\(s\) adjoint.*direct, checkpoint, symplectic"):
+        Auto("rk4", steps=4, candidates=("direct", "adjoint"))
+
+
+# -- the model of each candidate's memory in N ---------------------------------------------------
+@pytest.mark.parametrize("stepping", [{"steps": 40}, {"rtol": 1e-7, "atol": 1e-9}], ids=["fixed", "adaptive"])
+def test_extrapolated_peak_matches_a_full_measurement(stepping):
+    """Probed on 4 and 8 steps, each candidate's peak at the full N is what a full solve measures."""
+    field, y0 = _problem(batch=32)
+    ts = torch.tensor([0.0, 6.0], dtype=torch.float64)
+    auto = Auto("dopri5", **stepping, memory_budget="100GB")
+    plan = auto.measure(field, y0, ts)
+    assert plan.estimated == ("rtol" in stepping) and plan.steps >= 12  # well beyond the 8-step probe
+    for row in plan.rows:
+        full = _measure(auto._build(row.label, row.snapshots), field, y0, ts, repeats=0)
+        # adaptive: N is an estimate (Reversible's own error estimate may take other steps)
+        assert full.steps == pytest.approx(plan.steps, rel=0.0 if "steps" in stepping else 0.1)
+        assert row.peak_bytes == pytest.approx(full.peak, rel=0.05 if "steps" in stepping else 0.1), row.label
+    if "rtol" in stepping:
+        assert "estimated from one gradient-free adaptive solve" in plan.markdown()
+
+
+def test_checkpoint_snapshots_the_most_that_fit_and_its_peak_is_measured():
+    field, y0, _, peaks = _peaks(candidates=("checkpoint",))
+    one = _measure(Checkpoint("rk4", steps=24, snapshots=1), field, y0, TS, repeats=0).peak
+    budget = int((one + peaks["checkpoint"]) / 2)  # every step start does not fit: fewer snapshots must
+    auto = Auto("rk4", steps=24, memory_budget=budget, candidates=("checkpoint",))
+    plan = auto.measure(field, y0, TS)
+    row = plan.rows[0]
+    assert plan.choice == "checkpoint" and row.snapshots is not None and 1 <= row.snapshots < 24
+    full = _measure(Checkpoint("rk4", steps=24, snapshots=row.snapshots), field, y0, TS, repeats=0)
+    assert full.peak <= budget and row.peak_bytes == pytest.approx(full.peak, rel=0.05)
+    # the largest count that fits by the prediction (the binomial spine may store fewer than c states)
+    assert row.peak_bytes + y0.nelement() * y0.element_size() > budget and row.snapshots >= 2
+
+
+@pytest.mark.parametrize("steps, snapshots", [(1, 1), (7, 1), (13, 2), (30, 3), (64, 4), (64, None)])
+def test_binomial_recomputations_counts_what_the_reversal_does(steps, snapshots):
+    field, y0 = _problem(batch=2, width=4)
+    strategy = Checkpoint("rk4", steps=steps, snapshots=snapshots)
+    sol = strategy.solve(field, y0.clone().requires_grad_(), TS)
+    sol.ys.sum().backward()
+    assert sol.stats.recomputed_steps == binomial_recomputations(steps, snapshots)
+
+
+# -- choosing ------------------------------------------------------------------------------------
+def test_a_budget_above_directs_peak_chooses_direct():
+    field, y0, _, peaks = _peaks()
+    auto = Auto("rk4", steps=24, memory_budget=int(peaks["direct"] * 1.5))
+    sol = auto.solve(field, y0, TS)
+    assert isinstance(auto.chosen, Direct) and auto.plan.choice == "direct"
+    assert torch.equal(sol.ys, Direct("rk4", steps=24).solve(field, y0, TS).ys)
+    assert "**chosen**" in auto.plan.markdown() and "| direct |" in auto.plan.markdown()
+
+
+def test_a_budget_below_directs_peak_chooses_a_lower_memory_exact_strategy_with_directs_gradient():
+    field, y0, _, peaks = _peaks()
+    smallest = min(peaks.values())
+    assert smallest < peaks["direct"] / 3
+    budget = int((smallest * peaks["direct"]) ** 0.5)
+    auto = Auto("rk4", steps=24, memory_budget=budget, candidates=("direct", "checkpoint", "symplectic"))
+    got = _grads(auto, field, y0)
+    assert isinstance(auto.chosen, (Checkpoint, Symplectic)), auto.plan.markdown()
+    assert auto.plan.chosen_row.peak_bytes <= budget
+    want = _grads(Direct("rk4", steps=24), field, y0)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_reversible_when_only_it_fits_and_gradients_are_its_own():
+    field, y0, _, peaks = _peaks(candidates=("direct", "reversible"))
+    budget = int(peaks["reversible"] * 1.2)
+    assert budget < peaks["direct"]
+    auto = Auto("rk4", steps=24, memory_budget=budget, candidates=("direct", "reversible"))
+    got = _grads(auto, field, y0)
+    assert isinstance(auto.chosen, Reversible)
+    want = _grads(Reversible("rk4", steps=24), field, y0)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+
+
+def test_a_budget_below_every_candidate_raises_naming_the_smallest_peak():
+    field, y0, _, peaks = _peaks()
+    smallest = min(peaks, key=peaks.get)
+    auto = Auto("rk4", steps=24, memory_budget=int(peaks[smallest] / 2))
+    with pytest.raises(MemoryBudgetError) as info:
+        auto.solve(field, y0, TS)
+    message = str(info.value)
+    assert f"smallest predicted peak is {smallest}'s {format_bytes(peaks[smallest])}" in message
+    assert re.search(r"strategy\.memory_budget=\d+MB", message)
+    assert "smaller batch" in message and "| fits? |" in message
+    assert info.value.plan.choice is None and auto.chosen is None
+
+
+def test_new_shapes_or_steps_probe_again_known_ones_do_not():
+    field, y0 = _problem()
+    auto = Auto("rk4", steps=12, memory_budget="10GB", candidates=("direct", "reversible"))
+    auto.solve(field, y0, TS)
+    auto.solve(field, y0, TS)
+    assert auto.probes == 1
+    auto.solve(field, y0[:16], TS)  # another batch shape
+    assert auto.probes == 2 and len(auto.plans) == 2
+    auto.solve(field, y0, TS)  # the first shape again: its plan is kept
+    assert auto.probes == 2
+    with torch.no_grad():  # gradient-free solves never probe
+        auto.solve(field, y0[:8], TS)
+    assert auto.probes == 2
+
+
+def test_compiled_variants_are_candidates(monkeypatch):
+    monkeypatch.setenv("NDE_ZOO_COMPILE_BACKEND", "aot_eager")
+    field, y0 = _problem(batch=8, width=8)
+    plan = Auto("rk4", steps=8, compile=True, candidates=("direct", "reversible")).measure(field, y0, TS)
+    assert [r.label for r in plan.rows] == ["direct", "reversible", "direct+compile", "reversible+compile"]
+    assert all(r.fits and r.seconds > 0 for r in plan.rows)
+
+
+# -- Lightning: logging, resume, checkpoints ------------------------------------------------------
+class _Regression(lightning.LightningModule):
+    def __init__(self, strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.field = Field(2, 16)
+
+    def configure_callbacks(self):
+        return [self.strategy]
+
+    def training_step(self, batch, batch_idx):
+        (y0,) = batch
+        ys = self.strategy.solve(self.field, y0, TS.float()).ys
+        return (ys[-1] - 0.5 * y0).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=1e-2)
+
+
+def _fit(tmp_path, strategy, max_epochs, ckpt_path=None):
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 2))
+    loader = torch.utils.data.DataLoader(data, batch_size=16)
+    model = _Regression(strategy)
+    trainer = lightning.Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(model, loader, ckpt_path=ckpt_path)
+    return trainer, model
+
+
+def test_resume_keeps_the_choice_without_probing(tmp_path):
+    first = Auto("rk4", steps=8, memory_budget="10GB", candidates=("symplectic", "reversible"))
+    trainer, _ = _fit(tmp_path, first, max_epochs=1)
+    assert first.probes == 1
+    ckpt = trainer.checkpoint_callback.best_model_path
+    again = Auto("rk4", steps=8, memory_budget="10GB", candidates=("symplectic", "reversible"))
+    _fit(tmp_path, again, max_epochs=2, ckpt_path=ckpt)
+    assert again.probes == 0 and again.plan.choice == first.plan.choice
+    assert type(again.chosen) is type(first.chosen)
+
+
+def test_the_choice_is_logged(tmp_path):
+    from nde_zoo.strategies.auto import CHOICE_CODES
+
+    auto = Auto("rk4", steps=8, memory_budget="10GB", candidates=("reversible",))
+    trainer, _ = _fit(tmp_path, auto, max_epochs=1)
+    assert auto.plan.choice == "reversible"
+    assert trainer.callback_metrics["auto/choice"] == CHOICE_CODES["reversible"] == 3  # logged at the first step
+    assert trainer.callback_metrics["memory/saved_bytes"] > 0  # the chosen strategy's solves are recorded
+
+
+def test_a_models_checkpoint_brings_the_choice(tmp_path):
+    from nde_zoo.models import ODEClassifier
+
+    auto = Auto("rk4", steps=4, memory_budget="10GB", candidates=("direct", "reversible"))
+    model = ODEClassifier(strategy=auto, state_dim=4, width=8)
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    trainer = lightning.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_progress_bar=False,
+                                enable_model_summary=False, default_root_dir=str(tmp_path))
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    trainer.fit(model, loader)
+    path = tmp_path / "auto.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = ODEClassifier.load_from_checkpoint(path)
+    assert isinstance(loaded.strategy, Auto) and loaded.strategy.plan.choice == auto.plan.choice
+    loaded.strategy.solve(loaded.field, torch.randn(16, 4), TS.float())  # the same key: no probing
+    assert loaded.strategy.probes == 0
+
+
+# -- DDP: rank 0 decides --------------------------------------------------------------------------
+def _ddp_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        field, y0 = _problem()
+        # rank 1 alone would choose another strategy: its budget is below Direct's peak
+        budget = "100GB" if rank == 0 else "1MB"
+        auto = Auto("rk4", steps=24, memory_budget=budget, candidates=("direct", "symplectic"))
+        auto.solve(field, y0, TS)
+        torch.save({"choice": auto.plan.choice, "probes": auto.probes, "budget": auto.plan.budget},
+                   f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_choose_the_same(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert results[0]["choice"] == results[1]["choice"] == "direct"
+    assert results[1]["budget"] == 100 * 10**9  # rank 0's plan, broadcast
+
+
+# -- the command line -----------------------------------------------------------------------------
+def test_plan_prints_the_table_and_the_choice(cli):
+    out = cli("plan", "model=ode_classifier", "data.batch_size=32", "model.state_dim=4", "model.width=8",
+              "strategy.solver=rk4", "strategy.steps=6", "memory_budget=1GB")
+    assert out.returncode == 0, out.stderr
+    assert "| candidate | peak memory | s per step | s per solve | fits? |" in out.stdout
+    assert "**chosen**" in out.stdout and "memory budget 1.00 GB" in out.stdout
+    assert re.search(r"choice: (direct|checkpoint|symplectic|reversible)", out.stdout)
+
+
+def test_plan_with_a_budget_nothing_fits_exits_with_the_reason(cli):
+    out = cli("plan", "model=ode_classifier", "data.batch_size=32", "model.state_dim=4", "model.width=8",
+              "strategy.solver=rk4", "strategy.steps=6", "memory_budget=10")
+    assert out.returncode != 0
+    assert "no candidate fits memory_budget=10 B" in out.stderr and "| fits? |" in out.stdout
+
+
+def test_fit_with_strategy_auto_from_the_cli(cli, tmp_path):
+    out = cli("fit", "strategy=auto", "strategy.solver=rk4", "strategy.steps=4", "strategy.memory_budget=1GB",
+              "model.state_dim=4", "model.width=8", "data.batch_size=64", "trainer.max_epochs=1",
+              "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1")
+    assert out.returncode == 0, out.stderr
+    assert "strategy=auto for" in out.stderr + out.stdout and "choice:" in out.stderr + out.stdout
