@@ -26,7 +26,7 @@ MODELS = {  # model -> overrides that make one step cheap
                    "model.context_dim=2", "model.width=8", "model.encoder_hidden=4"],
 }
 SDE_MODELS = {"sde", "latent_sde"}  # solve SDEs: direct, adjoint, reversible, ernode (configs/model/*.yaml)
-STRATEGIES = ["direct", "checkpoint", "adjoint", "seminorm", "reversible", "symplectic", "ernode"]
+STRATEGIES = ["direct", "checkpoint", "adjoint", "seminorm", "reversible", "symplectic", "ernode", "auto"]
 SOLVERS = {  # solver -> stepping overrides
     "rk4": ["steps=3", "rtol=null", "atol=null"],
     "midpoint": ["steps=3", "rtol=null", "atol=null"],
@@ -44,7 +44,7 @@ def expected(model: str, strategy: str, solver: str) -> str | None:
         return rf"Could not find 'strategy/{strategy}'"
     if strategy in ("adjoint", "seminorm") and solver not in TORCHDIFFEQ:
         return rf"torchdiffeq, which has no '{solver}' solver"
-    if model in SDE_MODELS and strategy in ("checkpoint", "seminorm", "symplectic"):
+    if model in SDE_MODELS and strategy in ("checkpoint", "seminorm", "symplectic", "auto"):
         return (rf"gradient strategy '{strategy}' does not support SDEs, which model '\w+' solves; "
                 r"strategies that do: adjoint, direct, ernode, reversible")
     if model == "latent_sde" and strategy == "reversible" and "steps=3" in SOLVERS[solver]:
@@ -75,7 +75,8 @@ def train_one_step(args: list[str], tmp_path) -> None:
 # Every solver on the first two models (the torchdiffeq rule is model-independent); a fixed-step
 # and an adaptive one on the others.
 CELL_SOLVERS = {m: list(SOLVERS) if m in ("ode_classifier", "cnf") else ["midpoint", "dopri5"] for m in MODELS}
-CELLS = [(m, s, v) for m in MODELS for s in STRATEGIES for v in (["rk4"] if s == "ernode" else CELL_SOLVERS[m])]
+# ernode and auto wrap or choose among the others, whose solvers are covered: one cell each per model
+CELLS = [(m, s, v) for m in MODELS for s in STRATEGIES for v in (["rk4"] if s in ("ernode", "auto") else CELL_SOLVERS[m])]
 CELLS += [("bogus_model", "direct", "rk4"), ("ode_classifier", "bogus_strategy", "rk4")]
 
 

@@ -13,5 +13,6 @@ BENCHMARKS: dict[str, str] = {
     "cnf_memory": "McCallum & Foster 2024: reversible vs backprop (+ symplectic, adjoint) FFJORD on two moons, midpoint/rk4/dopri5: NLL and memory",
     "seminorm": "Kidger et al. 2021: RMS vs torchdiffeq's mixed default vs seminorm adjoint norms on a Neural CDE and a Neural ODE",
     "compiled": "eager vs compile=True per strategy: s per training step, compile cost, memory (white dwarf, CNF, memory-bound)",
+    "auto": "strategy=auto's plan (predicted peak, choice) against real training steps of every candidate, two budgets",
     "cde_memory": "McCallum & Foster 2024: reversible vs backprop Neural CDE with midpoint/rk4/dopri5: accuracy and memory",
 }

@@ -36,7 +36,7 @@ from nde_zoo.strategies._autograd import _detached, _identity, check_determinist
 from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
-__all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations"]
+__all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations", "binomial_stored"]
 
 
 def binomial_repetitions(steps: int, snapshots: int) -> int:
@@ -61,6 +61,12 @@ def binomial_split(steps: int, free: int) -> int:
     c = free + 1
     r = binomial_repetitions(steps, c)
     return max(1, min(comb(c + r - 1, c), steps - 1))
+
+
+def binomial_stored(steps: int, snapshots: int | None) -> int:
+    """States an eager fixed-step solve keeps for backward with ``snapshots`` (at most that many:
+    the first descent of the schedule may need fewer); ``None``: every step start."""
+    return steps if snapshots is None else 1 + len(_spine(steps, snapshots))
 
 
 def binomial_recomputations(steps: int, snapshots: int | None) -> int:
