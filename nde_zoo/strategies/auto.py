@@ -161,7 +161,9 @@ class Plan:
                 "| candidate | peak memory | s per step | s per solve | fits? |", "|---|--:|--:|--:|:-:|"]
         lines = []
         for r in self.rows:
-            label = r.label + (f" (snapshots={r.snapshots})" if r.snapshots is not None else "")
+            label = r.label + (f" (snapshots={r.snapshots})" if r.snapshots is not None else
+                               " (every step start)" if r.label.startswith("checkpoint") and not self.estimated
+                               else "")
             mark = "**chosen**" if r.label == self.choice else ("yes" if r.fits else "no")
             per_step = r.seconds / max(self.steps, 1)
             peak = "out of memory" if math.isinf(r.peak_bytes) else format_bytes(r.peak_bytes)
