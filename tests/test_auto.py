@@ -302,3 +302,10 @@ def test_fit_with_strategy_auto_from_the_cli(cli, tmp_path):
               "+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1")
     assert out.returncode == 0, out.stderr
     assert "strategy=auto for" in out.stderr + out.stdout and "choice:" in out.stderr + out.stdout
+
+
+def test_plan_refuses_another_strategy_and_says_how(cli):
+    out = cli("plan", "strategy=reversible", "model.state_dim=4", "model.width=8")
+    assert out.returncode != 0
+    assert "plan measures strategy=auto's candidates, but strategy=reversible was given" in out.stderr
+    assert "strategy.candidates=" in out.stderr
