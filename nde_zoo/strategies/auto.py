@@ -325,14 +325,20 @@ class Auto(ODEStrategy):
         import torch.distributed as dist
 
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        plan = None
-        if not distributed or dist.get_rank() == 0:
+        if not distributed:
             plan = self.measure(field, y0, ts, times, steps, key)
-        if distributed:
-            box = [plan.to_dict() if plan is not None else None]
+        else:  # rank 0 probes; the others wait for its plan (or its error: no rank may hang)
+            box: list[Any] = [None]
+            if dist.get_rank() == 0:
+                try:
+                    box = [self.measure(field, y0, ts, times, steps, key).to_dict()]
+                except Exception as exc:
+                    dist.broadcast_object_list([f"{type(exc).__name__}: {exc}"], src=0)
+                    raise
             dist.broadcast_object_list(box, src=0)
+            if isinstance(box[0], str):
+                raise RuntimeError(f"strategy=auto: probing failed on rank 0 ({box[0]})")
             plan = Plan.from_dict(box[0])
-        assert plan is not None
         self.probes += 1
         if plan.choice is None:
             raise MemoryBudgetError(_no_fit_message(plan), plan)
