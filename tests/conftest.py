@@ -9,6 +9,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # tests/run_tests.sh runs two workers on two cores: one thread each
+    import torch
+
+    torch.set_num_threads(1)
+
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
     """Run ``python -m nde_zoo ARGS`` in a subprocess; returns the CompletedProcess."""

@@ -9,7 +9,7 @@ candidate (``Checkpoint`` with the snapshot count the plan gave it) runs real tr
 
 - the **peak** of a training step the way the plan measures a solve (CPU: the bytes the solve
   kept for backward after the forward pass, plus the most the backward pass of the whole step
-  held at once; the loss's and the model's own saved tensors are not the solve's and not in the
+  held at once, plus the recomputed snapshots a checkpointing reversal held, ``held_bytes``; the loss's and the model's own saved tensors are not the solve's and not in the
   budget. CUDA: ``max_memory_allocated`` above what was allocated before the step, everything);
 - the **seconds** of a training step (median of interleaved repeats).
 
@@ -129,12 +129,14 @@ def _peak(problem: Problem, strategy: GradientStrategy) -> float:
     strategy._recording = True  # the solves' own saved bytes (their hooks shadow the outer count)
     try:
         loss = problem.step(strategy)
-        kept = sum(r.saved_bytes for r in strategy._solutions)  # the solve's share, as the plan counts it
+        records = list(strategy._solutions)
+        kept = sum(r.saved_bytes for r in records)  # the solve's share, as the plan counts it
     finally:
         strategy._stop_recording()
     live = LiveSaved(params)
     with live.hooks:
         loss.backward()
+    kept += sum(r.stats.held_bytes for r in records)  # a checkpointing reversal's snapshots
     problem.module.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize(problem.device)

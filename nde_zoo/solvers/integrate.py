@@ -47,6 +47,9 @@ class SolveStats:
     rejected_steps: int = 0
     #: steps recomputed without a graph during backward (checkpointing schedules)
     recomputed_steps: int = 0
+    #: the most bytes of recomputed states the backward pass held at once outside autograd's saved
+    #: tensors (the checkpointing reversal's snapshots): memory a saved-bytes count does not see
+    held_bytes: int = 0
 
 
 @dataclass

@@ -51,7 +51,7 @@ from torch import Tensor
 from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies.base import COMPILABLE, GradientStrategy, LiveSaved, ODEStrategy, Solution, field_parameters
-from nde_zoo.strategies.checkpoint import Checkpoint, binomial_recomputations, binomial_stored
+from nde_zoo.strategies.checkpoint import Checkpoint, binomial_peak_states, binomial_recomputations
 from nde_zoo.strategies.direct import Direct
 from nde_zoo.strategies.reversible import Reversible
 from nde_zoo.strategies.symplectic import Symplectic
@@ -414,29 +414,28 @@ class Auto(ODEStrategy):
         seconds = line("forward", steps) + line("backward", steps)
         if name != "checkpoint" or self.stepping.adaptive:  # adaptive Checkpoint keeps every step start (ACA)
             return Row(label, peak, seconds, peak <= budget, probes=recorded)
-        return self._choose_snapshots(label, line, steps, budget, recorded, y0.device)
+        return self._choose_snapshots(label, line, steps, budget, recorded)
 
     def _choose_snapshots(self, label: str, line: Any, steps: int, budget: int,
-                          recorded: list[dict[str, float]], device: torch.device) -> Row:
+                          recorded: list[dict[str, float]]) -> Row:
         """Checkpoint: the most snapshots that fit (fewest recomputed steps), and its time.
 
         Probed keeping every step start, its peak is linear in the states kept: ``peak(c)``.
-        Eager: the states the binomial schedule stores for ``c`` snapshots, and its recomputation
+        Eager: the states the forward pass stores plus those the reversal holds at once
+        (:func:`~nde_zoo.strategies.checkpoint.binomial_peak_states`; up to about ``2c``), and the
+        binomial schedule's recomputation
         (:func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`). Compiled: the two-level
         schedule keeps ``S = ceil(N / segment)`` states and recomputes ``segment`` at a time.
         """
         compiled = label.endswith("+compile")
-        cuda = device.type == "cuda"
         per_step_forward = max(0.0, line("forward", steps) / steps)
 
         def cost(c: int) -> tuple[float, float]:
             if compiled:
                 segment = -(-steps // c)
                 kept, recomputed = -(-steps // segment) + segment, steps - (-(-steps // segment))
-            else:  # the states the binomial spine stores (at most c; the CPU's count), or c on CUDA,
-                # whose allocator also sees the states the reversal holds while it recurses
-                kept = c if cuda else binomial_stored(steps, c)
-                recomputed = binomial_recomputations(steps, c)
+            else:  # the states the forward pass stores plus those the reversal holds at once
+                kept, recomputed = binomial_peak_states(steps, c), binomial_recomputations(steps, c)
             seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
             return line("peak", kept), seconds
 
@@ -506,7 +505,8 @@ def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, rep
                 live = LiveSaved(params)
                 with live.hooks:
                     torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
-                peak = solution.saved_bytes + live.peak
+                # plus the recomputed states a checkpointing backward holds outside autograd
+                peak = solution.saved_bytes + live.peak + solution.stats.held_bytes
             else:
                 torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
                 peak = solution.saved_bytes

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
+import weakref
 from math import comb
 from typing import Any
 
@@ -36,7 +37,7 @@ from nde_zoo.strategies._autograd import _detached, _identity, check_determinist
 from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
 
-__all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations", "binomial_stored"]
+__all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations", "binomial_peak_states"]
 
 
 def binomial_repetitions(steps: int, snapshots: int) -> int:
@@ -63,12 +64,6 @@ def binomial_split(steps: int, free: int) -> int:
     return max(1, min(comb(c + r - 1, c), steps - 1))
 
 
-def binomial_stored(steps: int, snapshots: int | None) -> int:
-    """States an eager fixed-step solve keeps for backward with ``snapshots`` (at most that many:
-    the first descent of the schedule may need fewer); ``None``: every step start."""
-    return steps if snapshots is None else 1 + len(_spine(steps, snapshots))
-
-
 def binomial_recomputations(steps: int, snapshots: int | None) -> int:
     """Steps advanced without a graph during the backward pass of an eager fixed-step solve of
     ``steps`` steps with ``snapshots`` stored states (``None``: every step start, no recomputation).
@@ -77,22 +72,36 @@ def binomial_recomputations(steps: int, snapshots: int | None) -> int:
     checks they agree) without running anything: :class:`~nde_zoo.strategies.Auto` uses it to
     predict the time of a schedule it has not run.
     """
+    return _binomial_walk(steps, snapshots)[0]
+
+
+def binomial_peak_states(steps: int, snapshots: int | None) -> int:
+    """The most states an eager fixed-step solve keeps alive at once for its backward pass: the
+    ones its forward pass stored plus the recomputed ones the reversal holds while it recurses
+    (``SolveStats.held_bytes``; a test checks they agree). ``None``: every step start."""
+    return _binomial_walk(steps, snapshots)[1]
+
+
+def _binomial_walk(steps: int, snapshots: int | None) -> tuple[int, int]:
+    """``(recomputed steps, peak states alive)`` of :class:`_Reverser`'s walk, simulated."""
     if snapshots is None or steps <= 1:
-        return 0
+        return 0, steps
     stored = {0, *_spine(steps, snapshots)}
-    total = 0
-    spans = [(0, steps, snapshots - 1)]  # (a, b, free): what _Reverser.revolve is called with
-    while spans:
-        a, b, free = spans.pop()
+
+    def walk(a: int, b: int, free: int, held: int) -> tuple[int, int]:  # mirrors _Reverser.revolve
         if b - a == 1:
-            continue
-        if free == 0:  # each step of the span replayed from its start
-            total += sum(k - a for k in range(a + 1, b) if k not in stored)
-            continue
+            return 0, held
+        if free == 0:  # each step of the span replayed from its start, one state at a time
+            replayed = [k - a for k in range(a + 1, b) if k not in stored]
+            return sum(replayed), held + (1 if replayed else 0)
         m = a + binomial_split(b - a, free)
-        total += 0 if m in stored else m - a
-        spans += [(m, b, free - 1), (a, m, free)]
-    return total
+        new = 0 if m in stored else 1
+        right, right_peak = walk(m, b, free - 1, held + new)
+        left, left_peak = walk(a, m, free, held)
+        return new * (m - a) + right + left, max(right_peak, left_peak, held + new)
+
+    recomputed, held = walk(0, steps, snapshots - 1, 0)
+    return recomputed, len(stored) + held
 
 
 @dataclass
@@ -268,6 +277,9 @@ def _backward_compiled(problem: _Problem, stored: Tensor, grad_ys: Tensor) -> li
     ybar, pbars = result
     total = segments * segment
     problem.stats.recomputed_steps += total - segments
+    if segment > 1:  # the program recomputes a segment's step starts and holds them at once
+        state_bytes = stored[0].nelement() * stored.element_size()
+        problem.stats.held_bytes = max(problem.stats.held_bytes, segment * state_bytes)
     problem.stats.nfe_backward += tableau.stages * (2 * total - segments)
     return [ybar, *pbars]
 
@@ -288,6 +300,7 @@ class _Reverser:
         self.param_grads: list[Tensor | None] = [None] * len(problem.params)
         self.checked = False
         self.ybar = torch.zeros_like(grad_ys[0])
+        self._held = 0  # bytes of recomputed snapshots alive (SolveStats.held_bytes: their peak)
         self._add_outputs(self.path.steps)
 
     def _add_outputs(self, position: int) -> None:
@@ -305,7 +318,14 @@ class _Reverser:
             for n in range(a, b):
                 state = rk_step(self.counted, self._time(n), state, self.path.sizes[n], self.p.tableau).y
         self.p.stats.recomputed_steps += b - a
+        if b != a:  # a snapshot the recursion holds until it returns: count it while it lives
+            self._held += state.untyped_storage().nbytes()
+            self.p.stats.held_bytes = max(self.p.stats.held_bytes, self._held)
+            weakref.finalize(state, self._release, state.untyped_storage().nbytes())
         return state
+
+    def _release(self, nbytes: int) -> None:
+        self._held -= nbytes
 
     def reverse_step(self, n: int, state: Tensor) -> None:
         """Recompute step ``n`` with a graph and pull the cotangent back through it."""
