@@ -311,3 +311,11 @@ def test_plan_refuses_another_strategy_and_says_how(cli):
     assert out.returncode != 0
     assert "plan measures strategy=auto's candidates, but strategy=reversible was given" in out.stderr
     assert "strategy.candidates=" in out.stderr
+
+
+def test_checkpoint_with_a_thousand_snapshots_does_not_overflow_the_stack():
+    """The reversal once recursed as deep as its snapshot count (Python's limit is about 1000)."""
+    field, y0 = _problem(batch=2, width=4)
+    sol = Checkpoint("euler", steps=2000, snapshots=1500).solve(field, y0.clone().requires_grad_(), TS)
+    sol.ys.sum().backward()
+    assert sol.stats.recomputed_steps == binomial_recomputations(2000, 1500)

@@ -88,20 +88,23 @@ def _binomial_walk(steps: int, snapshots: int | None) -> tuple[int, int]:
         return 0, steps
     stored = {0, *_spine(steps, snapshots)}
 
-    def walk(a: int, b: int, free: int, held: int) -> tuple[int, int]:  # mirrors _Reverser.revolve
+    recomputed, peak = 0, 0
+    spans = [(0, steps, snapshots - 1, 0)]  # (a, b, free, states held): as _Reverser.revolve walks
+    while spans:
+        a, b, free, held = spans.pop()
         if b - a == 1:
-            return 0, held
-        if free == 0:  # each step of the span replayed from its start, one state at a time
+            peak = max(peak, held)
+        elif free == 0:  # each step of the span replayed from its start, one state at a time
             replayed = [k - a for k in range(a + 1, b) if k not in stored]
-            return sum(replayed), held + (1 if replayed else 0)
-        m = a + binomial_split(b - a, free)
-        new = 0 if m in stored else 1
-        right, right_peak = walk(m, b, free - 1, held + new)
-        left, left_peak = walk(a, m, free, held)
-        return new * (m - a) + right + left, max(right_peak, left_peak, held + new)
-
-    recomputed, held = walk(0, steps, snapshots - 1, 0)
-    return recomputed, len(stored) + held
+            recomputed += sum(replayed)
+            peak = max(peak, held + (1 if replayed else 0))
+        else:
+            m = a + binomial_split(b - a, free)
+            new = 0 if m in stored else 1
+            recomputed += new * (m - a)
+            peak = max(peak, held + new)
+            spans += [(a, m, free, held), (m, b, free - 1, held + new)]
+    return recomputed, len(stored) + peak
 
 
 @dataclass
@@ -343,15 +346,25 @@ class _Reverser:
         self._add_outputs(n)
 
     def revolve(self, a: int, b: int, state: Tensor, free: int) -> None:
-        if b - a == 1:
-            self.reverse_step(a, state)
-        elif free == 0:
-            for k in reversed(range(a, b)):
-                self.reverse_step(k, self.advance(state, a, k))
-        else:
-            m = a + binomial_split(b - a, free)
-            self.revolve(m, b, self.advance(state, a, m), free - 1)
-            self.revolve(a, m, state, free)
+        """Reverse steps ``[a, b)`` from ``state`` (at ``a``) with ``free`` snapshots to spare.
+
+        Depth first, right span before left, with an explicit stack (the recursion's depth grows
+        with the snapshots: a thousand overflowed Python's stack). A pending span holds its start
+        state exactly as long as the recursive call's frame would.
+        """
+        spans = [(a, b, state, free)]
+        while spans:
+            a, b, state, free = spans.pop()
+            if b - a == 1:
+                self.reverse_step(a, state)
+            elif free == 0:
+                for k in reversed(range(a, b)):
+                    self.reverse_step(k, self.advance(state, a, k))
+            else:
+                m = a + binomial_split(b - a, free)
+                spans.append((a, m, state, free))
+                spans.append((m, b, self.advance(state, a, m), free - 1))
+            del state  # the pending spans hold what is still needed
 
     def run(self) -> list[Tensor | None]:
         steps = self.path.steps
