@@ -133,7 +133,7 @@ def _peak(problem: Problem, strategy: GradientStrategy) -> float:
         kept = sum(r.saved_bytes for r in records)  # the solve's share, as the plan counts it
     finally:
         strategy._stop_recording()
-    live = LiveSaved(params)
+    live = LiveSaved(params + LiveSaved.kept_by(loss))
     with live.hooks:
         loss.backward()
     kept += sum(r.stats.held_bytes for r in records)  # a checkpointing reversal's snapshots

@@ -12,7 +12,7 @@ of guessing:
    forward solve and one backward pass with a unit cotangent, measuring the peak memory the
    way the benches do (CUDA: ``max_memory_allocated`` above what was allocated before; CPU:
    bytes the forward pass kept for backward plus the most the backward pass held at once) and
-   the seconds (the better of two timed runs after the measured one).
+   the seconds (the best of three timed runs of the longer prefix, interleaved across candidates).
 2. It extrapolates each candidate to the full ``N`` with the known shape of its memory, fitted
    to the two probes: ``Direct`` and ``Symplectic`` linear in ``N`` (the graph of every step;
    ``N`` states plus one stage), ``Reversible`` flat, ``Checkpoint`` linear in its snapshot
@@ -68,6 +68,8 @@ _CLASSES: dict[str, type[ODEStrategy]] = {
 #: ``auto/choice`` as logged (a metric must be a number): the index of the chosen label here.
 CHOICE_CODES = {label: i for i, label in enumerate(
     [*CANDIDATES, *(f"{name}+compile" for name in CANDIDATES)])}
+#: timed runs of each candidate's longer probe, interleaved across candidates (the best counts)
+TIMING_ROUNDS = 3
 #: plans kept per Auto (one per key); beyond it the latest choice serves new keys, with a warning.
 MAX_PLANS = 16
 
@@ -368,7 +370,17 @@ class Auto(ODEStrategy):
         labels = list(self.candidates)
         if self.compile.enabled and not self.stepping.adaptive:
             labels += [f"{c}+compile" for c in self.candidates if c in COMPILABLE]
-        rows = [self._predict(label, field, y0, ts, grid, k1, k2, steps, budget) for label in labels]
+        probed = {label: self._probe(label, field, y0, ts, grid, k1, k2) for label in labels}
+        # Seconds: the longer probe of every candidate again, interleaved round by round (so a
+        # busy moment of the machine hits all alike), the best of TIMING_ROUNDS.
+        prefix, stepping = self._prefix(ts, grid, k2)
+        timed = {label: self._build(label, None, stepping) for label, probes in probed.items() if probes}
+        for _ in range(TIMING_ROUNDS):
+            for label, strategy in timed.items():
+                run = _measure(strategy, field, y0, prefix, repeats=0, memory=False)
+                longer = probed[label][-1]
+                longer.forward, longer.backward = min(longer.forward, run.forward), min(longer.backward, run.backward)
+        rows = [self._predict(label, probed[label], steps, budget) for label in labels]
         plan = Plan(key=key, steps=steps, estimated=estimated, budget=budget, device=str(y0.device), rows=rows)
         fitting = [r for r in rows if r.fits]
         if fitting:
@@ -384,21 +396,26 @@ class Auto(ODEStrategy):
             stepping.update(steps=k, step_size=None)
         return prefix, stepping
 
-    def _predict(self, label: str, field: Any, y0: Tensor, ts: Tensor, grid: list[float], k1: int, k2: int,
-                 steps: int, budget: int) -> Row:
-        name = label.partition("+")[0]
+    def _probe(self, label: str, field: Any, y0: Tensor, ts: Tensor, grid: list[float], k1: int,
+               k2: int) -> list[_Probe] | None:
+        """Peak memory of ``label`` on the first ``k1`` and ``k2`` steps; ``None``: out of memory."""
         probes: list[_Probe] = []
         try:
             for k in dict.fromkeys((k1, k2)):  # one probe when k1 == k2
                 prefix, stepping = self._prefix(ts, grid, k)
                 # Checkpoint is probed keeping every step start: its memory is then linear in the
                 # snapshots it keeps, and the snapshot count that fits is chosen below.
-                probes.append(_measure(self._build(label, None, stepping), field, y0, prefix))
+                probes.append(_measure(self._build(label, None, stepping), field, y0, prefix, repeats=0))
         except torch.OutOfMemoryError:
             if y0.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return Row(label, math.inf, math.inf, False, note="out of memory while probing",
-                       probes=[p.as_dict() for p in probes])
+            return None
+        return probes
+
+    def _predict(self, label: str, probes: list[_Probe] | None, steps: int, budget: int) -> Row:
+        name = label.partition("+")[0]
+        if probes is None:
+            return Row(label, math.inf, math.inf, False, note="out of memory while probing")
         a, b = probes[0], probes[-1]
 
         def line(attr: str, x: float) -> float:
@@ -481,9 +498,11 @@ class Auto(ODEStrategy):
                 f"candidates={','.join(self.candidates)}{chosen})")
 
 
-def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, repeats: int = 3) -> _Probe:
-    """One solve's forward and backward (unit cotangent): peak memory, then the better of
-    ``repeats`` timed runs. Gradients go to ``torch.autograd.grad``, never into ``.grad``."""
+def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, repeats: int = 3,
+             memory: bool = True) -> _Probe:
+    """One solve's forward and backward (unit cotangent): its peak memory (unless ``memory`` is
+    false: one timed run only), then the better of ``repeats`` timed runs. Gradients go to
+    ``torch.autograd.grad``, never into ``.grad``."""
     params = field_parameters(field)
     y0 = y0.detach().requires_grad_(y0.requires_grad)
     inputs = ([y0] if y0.requires_grad else []) + params
@@ -502,7 +521,7 @@ def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, rep
         cotangent = torch.ones_like(solution.ys)
         if inputs and solution.ys.requires_grad:
             if measure and not cuda:
-                live = LiveSaved(params)
+                live = LiveSaved(params + LiveSaved.kept_by(solution.ys))
                 with live.hooks:
                     torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
                 # plus the recomputed states a checkpointing backward holds outside autograd
@@ -518,7 +537,7 @@ def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, rep
         end = time.perf_counter()
         return solution.stats.accepted_steps, peak, middle - start, end - middle
 
-    steps, peak, forward, backward = run(measure=True)
+    steps, peak, forward, backward = run(measure=memory)
     for _ in range(repeats):
         _, _, f, b = run(measure=False)
         forward, backward = min(forward, f), min(backward, b)

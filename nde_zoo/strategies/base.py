@@ -127,6 +127,31 @@ class LiveSaved:
 
         self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
 
+    @staticmethod
+    def kept_by(outputs: Tensor) -> list[Tensor]:
+        """The tensors the custom autograd Functions in ``outputs``' graph saved for backward.
+
+        A strategy's backward rebuilds step graphs from the states it saved (a recomputed step
+        saves its input, which shares the stored state's storage, or the whole buffer the states
+        are views of): those bytes are already in ``Solution.saved_bytes``, so pass these to
+        ``ignore`` to count only what the backward holds *on top*.
+        """
+        found: list[Tensor] = []
+        seen: set[int] = set()
+        stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if isinstance(node, torch.autograd.function.BackwardCFunction):
+                try:
+                    found.extend(t for t in node.saved_tensors if isinstance(t, Tensor))
+                except RuntimeError:  # already freed
+                    pass
+            stack.extend(next_node for next_node, _ in node.next_functions)
+        return found
+
 
 def field_parameters(field: Any) -> list[nn.Parameter]:
     """The trainable parameters of a field (an ``nn.Module``), or none for a plain function."""
