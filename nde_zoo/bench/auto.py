@@ -2,7 +2,7 @@
 
 For three problems (the white dwarf of McCallum & Foster, the CNF of the main job on two moons,
 and a memory-bound batch of 2048 x 64) and two budgets each (the machine's available memory,
-and a tight one: a quarter of ``Direct``'s predicted peak), :class:`~nde_zoo.strategies.Auto`
+and a tight one: a tenth of ``Direct``'s predicted peak), :class:`~nde_zoo.strategies.Auto`
 probes its candidates inside the first training step, as in training, and chooses. Then every
 candidate (``Checkpoint`` with the snapshot count the plan gave it) runs real training steps
 (forward, loss, backward, optimiser step) at the full ``N``, interleaved, and we measure:
@@ -40,7 +40,7 @@ GOALS = {
     "time": "the chosen strategy's training step within 10% of the fastest candidate that fits, in hindsight",
 }
 PEAK_TOLERANCE, TIME_TOLERANCE = 0.2, 0.1
-TIGHT = 0.25  # the tight budget: this fraction of Direct's predicted peak
+TIGHT = 0.1  # the tight budget: this fraction of Direct's predicted peak
 
 
 @dataclass
