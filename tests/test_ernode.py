@@ -124,7 +124,7 @@ def test_schedule_decays_exponentially():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(inner="ernode"), "cannot wrap itself"),
-    (dict(inner="bogus"), "unknown inner strategy 'bogus' for ernode; valid inner strategies: adjoint, checkpoint"),
+    (dict(inner="bogus"), "unknown inner strategy 'bogus' for ernode; valid inner strategies: adjoint, auto, checkpoint"),
     (dict(sampling="random"), "sampling must be one of unbiased, biased"),
     (dict(coef_start=1.0, coef_end=2.0), "coef_start >= coef_end > 0"),
     (dict(error_solver="rk4"), "no embedded error estimate"),
