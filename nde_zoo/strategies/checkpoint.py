@@ -381,7 +381,10 @@ class Checkpoint(ODEStrategy):
     """Backprop one step at a time from stored states: exact, with memory you choose.
 
     Gradient: exact for the discretisation (equal to :class:`Direct` up to round-off).
-    Memory: ``snapshots`` stored states plus one step's graph (``s`` stages); time: the
+    Memory: the states the forward pass stores (at most ``snapshots``) plus the recomputed ones
+    the reversal holds at once, up to about ``2 * snapshots`` in all (the stored ones live until
+    backward ends; :func:`binomial_peak_states` counts them, ``solution.stats.held_bytes`` measures
+    the held ones), plus one step's graph (``s`` stages); time: the
     forward solve, the recomputation the binomial schedule needs (grows as ``snapshots``
     shrinks; ``solution.stats.recomputed_steps`` tells after backward), and ``N`` steps with a
     graph.
