@@ -50,8 +50,9 @@ from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.strategies._autograd import NonDeterministicFieldError
 from nde_zoo.strategies.base import COMPILABLE, GradientStrategy, LiveSaved, ODEStrategy, Solution, field_parameters
-from nde_zoo.strategies.checkpoint import Checkpoint, binomial_peak_states, binomial_recomputations
+from nde_zoo.strategies.checkpoint import Checkpoint, _binomial_walk
 from nde_zoo.strategies.direct import Direct
 from nde_zoo.strategies.reversible import Reversible
 from nde_zoo.strategies.symplectic import Symplectic
@@ -84,7 +85,7 @@ def parse_bytes(value: int | float | str | None) -> int | None:
     if isinstance(value, bool):
         raise ValueError(f"memory_budget must be a size, got {value!r}")
     if isinstance(value, (int, float)):
-        if not (value > 0 and math.isfinite(value)):
+        if not (value >= 1 and math.isfinite(value)):
             raise ValueError(f"memory_budget must be a positive number of bytes, got {value!r}")
         return int(value)
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
@@ -93,7 +94,10 @@ def parse_bytes(value: int | float | str | None) -> int | None:
             f"memory_budget={value!r} is not a size: give bytes (an integer) or a positive number with a unit, "
             f"e.g. 512MB, 2GB, 1.5GiB"
         )
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    size = int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+    if size < 1:
+        raise ValueError(f"memory_budget={value!r} is less than one byte; give e.g. 512MB or 2GB")
+    return size
 
 
 def format_bytes(n: float) -> str:
@@ -171,8 +175,8 @@ class Plan:
             peak = "out of memory" if math.isinf(r.peak_bytes) else format_bytes(r.peak_bytes)
             lines.append(f"| {label} | {peak} | {per_step:.3g} | {r.seconds:.3g} | {mark} |"
                          + (f" {r.note}" if r.note else ""))
-        tail = [f"\nchoice: {self.choice}" + (f" with snapshots={self.snapshots}" if self.choice == "checkpoint"
-                                             and self.snapshots is not None else "")]
+        tail = [f"\nchoice: {self.choice}" + (f" with snapshots={self.snapshots}" if self.snapshots is not None
+                                             else "")]
         return "\n".join(head + lines + (tail if self.choice else ["\nchoice: none fits"]))
 
     def to_dict(self) -> dict[str, Any]:
@@ -264,6 +268,7 @@ class Auto(ODEStrategy):
         self._new_choice: str | None = None  # a key chosen during this training step (logged at its end)
         self.probes = 0  # how many plans this Auto measured (a resumed run measures none for known keys)
         self.announce = True  # log each new plan's table (``plan`` prints it itself)
+        self._overflow_warned = False
 
     # -- the public view ----------------------------------------------------------------------
     @property
@@ -280,14 +285,13 @@ class Auto(ODEStrategy):
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         times = check_inputs(y0, ts)
         key, steps = self._key(field, y0, times)
-        if key not in self.plans and torch.is_grad_enabled() and len(times) >= 2:
-            if len(self.plans) < MAX_PLANS:
+        if torch.is_grad_enabled() and len(times) >= 2 and len(self.plans) < MAX_PLANS:
+            if _any_rank(key not in self.plans, y0.device):  # under DDP every rank decides together
                 self._decide(key, field, y0, ts, times, steps)
-            elif self._latest is not None:
-                log.warning("strategy=auto: more than %d distinct solves (batch shape, dtype, device, steps); "
-                            "%s reuses the latest choice (%s) without probing", MAX_PLANS, key,
-                            self.plans[self._latest].choice)
-                self.plans[key] = self.plans[self._latest]
+        elif key not in self.plans and torch.is_grad_enabled() and not self._overflow_warned:
+            self._overflow_warned = True
+            log.warning("strategy=auto: %d distinct solves (batch shape, dtype, device, steps) have been "
+                        "planned; new ones (%s) use the latest choice without probing", MAX_PLANS, key)
         if key in self.plans:
             self._latest = key
             strategy = self._strategy_for(key)
@@ -317,7 +321,8 @@ class Auto(ODEStrategy):
     def _build(self, label: str, snapshots: int | None, stepping: dict[str, Any] | None = None) -> ODEStrategy:
         name, _, compiled = label.partition("+")
         kwargs = dict(self._stepping_args if stepping is None else stepping)
-        if name == "checkpoint" and snapshots is not None:
+        # snapshots set a fixed-step schedule (a plan loaded from a fixed-step run may carry them)
+        if name == "checkpoint" and snapshots is not None and not self.stepping.adaptive:
             kwargs["snapshots"] = snapshots
         return _CLASSES[name](self.tableau, compile=self.compile if compiled else False, **kwargs)
 
@@ -374,7 +379,8 @@ class Auto(ODEStrategy):
         # Seconds: the longer probe of every candidate again, interleaved round by round (so a
         # busy moment of the machine hits all alike), the best of TIMING_ROUNDS.
         prefix, stepping = self._prefix(ts, grid, k2)
-        timed = {label: self._build(label, None, stepping) for label, probes in probed.items() if probes}
+        timed = {label: self._build(label, None, stepping) for label, probes in probed.items()
+                 if not isinstance(probes, str)}
         for _ in range(TIMING_ROUNDS):
             for label, strategy in timed.items():
                 run = _measure(strategy, field, y0, prefix, repeats=0, memory=False)
@@ -409,13 +415,15 @@ class Auto(ODEStrategy):
         except torch.OutOfMemoryError:
             if y0.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return None
+            return "out of memory while probing"
+        except (ValueError, NonDeterministicFieldError) as exc:  # this candidate refuses the field
+            return f"refused: {str(exc).splitlines()[0]}"
         return probes
 
-    def _predict(self, label: str, probes: list[_Probe] | None, steps: int, budget: int) -> Row:
+    def _predict(self, label: str, probes: list[_Probe] | str, steps: int, budget: int) -> Row:
         name = label.partition("+")[0]
-        if probes is None:
-            return Row(label, math.inf, math.inf, False, note="out of memory while probing")
+        if isinstance(probes, str):
+            return Row(label, math.inf, math.inf, False, note=probes)
         a, b = probes[0], probes[-1]
 
         def line(attr: str, x: float) -> float:
@@ -437,7 +445,8 @@ class Auto(ODEStrategy):
                           recorded: list[dict[str, float]]) -> Row:
         """Checkpoint: the most snapshots that fit (fewest recomputed steps), and its time.
 
-        Probed keeping every step start, its peak is linear in the states kept: ``peak(c)``.
+        Probed keeping every step start, its peak is linear in the states kept: ``peak(c)``; the
+        counts of :func:`_snapshot_grid` are costed and the fastest that fits is chosen.
         Eager: the states the forward pass stores plus those the reversal holds at once
         (:func:`~nde_zoo.strategies.checkpoint.binomial_peak_states`; up to about ``2c``), and the
         binomial schedule's recomputation
@@ -452,22 +461,22 @@ class Auto(ODEStrategy):
                 segment = -(-steps // c)
                 kept, recomputed = -(-steps // segment) + segment, steps - (-(-steps // segment))
             else:  # the states the forward pass stores plus those the reversal holds at once
-                kept, recomputed = binomial_peak_states(steps, c), binomial_recomputations(steps, c)
+                recomputed, kept = _binomial_walk(steps, c)
             seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
             return line("peak", kept), seconds
 
         if line("peak", steps) <= budget:  # every step start fits: no recomputation
-            peak, seconds = cost(steps)
-            return Row(label, peak, seconds, True, snapshots=None, probes=recorded)
-        lo, hi = 1, steps  # the largest c with peak(c) <= budget (peak grows with c)
-        if cost(1)[0] > budget:
-            peak, seconds = cost(1)
-            return Row(label, peak, seconds, False, snapshots=1, probes=recorded)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if cost(mid)[0] <= budget else (lo, mid - 1)
-        peak, seconds = cost(lo)
-        return Row(label, peak, seconds, True, snapshots=lo, probes=recorded)
+            return Row(label, line("peak", steps), line("forward", steps) + line("backward", steps), True,
+                       snapshots=None, probes=recorded)
+        # Neither the peak nor the recomputation is monotone in c (the binomial spine, the compiled
+        # segments), so every count on a grid is costed and the fastest that fits wins.
+        costed = {c: cost(c) for c in _snapshot_grid(steps)}
+        fitting = {c: v for c, v in costed.items() if v[0] <= budget}
+        if not fitting:
+            c = min(costed, key=lambda k: costed[k][0])
+            return Row(label, *costed[c], False, snapshots=c, probes=recorded)
+        c = min(fitting, key=lambda k: (fitting[k][1], -k))
+        return Row(label, *fitting[c], True, snapshots=c, probes=recorded)
 
     # -- Lightning: log the choice, keep the plans -----------------------------------------------
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -544,12 +553,38 @@ def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, rep
     return _Probe(steps=max(steps, 1), peak=float(peak), forward=forward, backward=backward)
 
 
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or-ed over the ranks of a process group (just ``flag`` outside one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _snapshot_grid(steps: int) -> list[int]:
+    """Snapshot counts Checkpoint is costed at: every count up to 16, then 15% apart."""
+    counts = set(range(1, min(steps, 16) + 1))
+    c = 16.0
+    while c < steps:
+        counts.add(int(c))
+        c *= 1.15
+    counts.add(steps)
+    return sorted(counts)
+
+
 def _no_fit_message(plan: Plan) -> str:
     smallest = min(plan.rows, key=lambda r: r.peak_bytes)
     if math.isinf(smallest.peak_bytes):
-        return (f"strategy=auto: every candidate ran out of memory while probing {plan.key} on {plan.device} "
-                f"(a few steps each); use a smaller batch or a smaller field\n{plan.markdown()}")
-    flat = smallest.label.startswith("reversible")
+        why = "; ".join(f"{r.label}: {r.note}" for r in plan.rows)
+        return (f"strategy=auto: no candidate could be measured on {plan.key} on {plan.device} ({why}); "
+                f"out of memory: use a smaller batch or a smaller field\n{plan.markdown()}")
+    # Reversible's memory, and Checkpoint's with one snapshot, do not grow with the number of steps
+    flat = smallest.label.startswith("reversible") or smallest.snapshots == 1
     fixes = ("a smaller batch or a larger budget (its memory does not grow with the number of steps)" if flat
              else "fewer steps, a smaller batch, or a larger budget")
     return (

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field as dataclass_field
+import functools
 import weakref
 from math import comb
 from typing import Any
@@ -82,6 +83,7 @@ def binomial_peak_states(steps: int, snapshots: int | None) -> int:
     return _binomial_walk(steps, snapshots)[1]
 
 
+@functools.lru_cache(maxsize=1024)
 def _binomial_walk(steps: int, snapshots: int | None) -> tuple[int, int]:
     """``(recomputed steps, peak states alive)`` of :class:`_Reverser`'s walk, simulated."""
     if snapshots is None or steps <= 1:
