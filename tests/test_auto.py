@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nde_zoo.strategies import Auto, Checkpoint, Direct, MemoryBudgetError, Reversible, Symplectic
+from nde_zoo.strategies._autograd import NonDeterministicFieldError
 from nde_zoo.strategies.auto import _measure, format_bytes, parse_bytes
 from nde_zoo.strategies.checkpoint import binomial_peak_states, binomial_recomputations
 
@@ -66,6 +67,8 @@ def test_parse_bytes():
 def test_unknown_candidate_is_named():
     with pytest.raises(ValueError, match=r"unknown candidate\(s\) adjoint.*direct, checkpoint, symplectic"):
         Auto("rk4", steps=4, candidates=("direct", "adjoint"))
+    with pytest.raises(ValueError, match=r"probe_steps must be an integer >= 2, got 1"):
+        Auto("rk4", steps=4, probe_steps=1)
 
 
 # -- the model of each candidate's memory in N ---------------------------------------------------
@@ -275,11 +278,36 @@ def _ddp_rank(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_ranks_choose_the_same(tmp_path):
+def _ddp_rank_failing(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        field, y0 = _problem()
+        if rank == 0:  # only rank 0's field is broken: rank 1 must hear of it, not wait
+            field.forward = lambda t, y: y.reshape(-1)
+        try:
+            Auto("rk4", steps=8, memory_budget="1GB", candidates=("direct",)).solve(field, y0, TS)
+        except Exception as exc:  # noqa: BLE001 (what each rank raised is the result)
+            torch.save(f"{type(exc).__name__}: {exc}", f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2, join=True)
+        return s.getsockname()[1]
+
+
+def test_ddp_a_probe_that_fails_on_rank_0_fails_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_ddp_rank_failing, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert "shape" in torch.load(tmp_path / "rank0.pt")
+    assert torch.load(tmp_path / "rank1.pt").startswith("RuntimeError: strategy=auto: probing failed on rank 0")
+
+
+def test_ddp_ranks_choose_the_same(tmp_path):
+    torch.multiprocessing.spawn(_ddp_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert results[0]["choice"] == results[1]["choice"] == "direct"
     assert results[1]["budget"] == 100 * 10**9  # rank 0's plan, broadcast
@@ -341,6 +369,9 @@ def test_a_candidate_that_refuses_the_field_is_a_row_not_a_crash():
     assert auto.plan.choice == "direct"
     assert not rows["checkpoint"].fits and rows["checkpoint"].note.startswith("refused:")
     assert "refused:" in auto.plan.markdown()
+    only_recomputing = Auto("rk4", steps=8, memory_budget="1GB", candidates=("checkpoint", "reversible"))
+    with pytest.raises(NonDeterministicFieldError, match="checkpoint"):  # refused by all: the refusal itself
+        only_recomputing.solve(field, y0, TS)
 
 
 def test_past_max_plans_new_keys_reuse_the_latest_choice_and_nothing_grows(caplog):
@@ -366,3 +397,26 @@ def test_a_fixed_step_plan_loaded_into_an_adaptive_auto_ignores_its_snapshots():
         sol = adaptive.solve(field, y0, TS)
     assert isinstance(adaptive.chosen, Checkpoint) and adaptive.chosen.snapshots is None
     assert torch.isfinite(sol.ys).all()
+
+
+def test_out_of_memory_while_probing_means_does_not_fit(monkeypatch):
+    """On CUDA an out-of-memory error while probing marks the candidate unfit (simulated here)."""
+    from nde_zoo.strategies import auto as auto_module
+
+    real = auto_module._measure
+
+    def measure(strategy, *args, **kwargs):
+        if isinstance(strategy, (Direct, Symplectic)):
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(strategy, *args, **kwargs)
+
+    monkeypatch.setattr(auto_module, "_measure", measure)
+    field, y0 = _problem()
+    auto = Auto("rk4", steps=8, memory_budget="1GB", candidates=("direct", "reversible"))
+    auto.solve(field, y0, TS)
+    rows = {r.label: r for r in auto.plan.rows}
+    assert auto.plan.choice == "reversible" and rows["direct"].note == "out of memory while probing"
+    assert "| direct | not measured |" in auto.plan.markdown()
+    with pytest.raises(MemoryBudgetError, match=r"no candidate could be measured .*direct: out of memory while "
+                                                r"probing.*smaller batch"):
+        Auto("rk4", steps=8, memory_budget="1GB", candidates=("direct", "symplectic")).solve(field, y0, TS)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 from nde_zoo.strategies import Auto, MemoryBudgetError
 from nde_zoo.strategies.auto import format_bytes
-from nde_zoo.strategies.base import GradientStrategy, LiveSaved
+from nde_zoo.bench.autograd_memory import peak_autograd_bytes
+from nde_zoo.strategies.base import GradientStrategy
 
 __all__ = ["run", "GOALS"]
 
@@ -133,15 +134,13 @@ def _peak(problem: Problem, strategy: GradientStrategy) -> float:
         kept = sum(r.saved_bytes for r in records)  # the solve's share, as the plan counts it
     finally:
         strategy._stop_recording()
-    live = LiveSaved(params + LiveSaved.kept_by(loss))
-    with live.hooks:
-        loss.backward()
-    kept += sum(r.stats.held_bytes for r in records)  # a checkpointing reversal's snapshots
+    peak = peak_autograd_bytes(loss, kept, params)
+    peak += sum(r.stats.held_bytes for r in records)  # a checkpointing reversal's snapshots
     problem.module.zero_grad(set_to_none=True)
     if cuda:
         torch.cuda.synchronize(problem.device)
         return float(torch.cuda.max_memory_allocated(problem.device) - base)
-    return float(kept + live.peak)
+    return float(peak)
 
 
 def _seconds(problem: Problem, strategies: dict[str, GradientStrategy], repeats: int) -> dict[str, float]:

@@ -17,8 +17,13 @@ __all__ = ["LiveSaved", "peak_autograd_bytes"]
 
 def peak_autograd_bytes(loss: Tensor, kept: int, ignore: list[Tensor]) -> int:
     """Run ``loss.backward()`` and return ``kept`` (what the forward pass left for backward)
-    plus the most that the backward pass held at once on top; ``ignore``: the parameters."""
-    live = LiveSaved(ignore)
+    plus the most that the backward pass held at once on top; ``ignore``: the parameters.
+
+    What the strategies' own backward passes save again from the states they kept (a recomputed
+    step's input shares the stored state's storage) is in ``kept`` already: not counted twice
+    (:meth:`LiveSaved.kept_by`).
+    """
+    live = LiveSaved(ignore + LiveSaved.kept_by(loss))
     with live.hooks:
         loss.backward()
     return kept + live.peak

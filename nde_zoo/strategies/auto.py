@@ -52,7 +52,7 @@ from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import NonDeterministicFieldError
 from nde_zoo.strategies.base import COMPILABLE, GradientStrategy, LiveSaved, ODEStrategy, Solution, field_parameters
-from nde_zoo.strategies.checkpoint import Checkpoint, _binomial_walk
+from nde_zoo.strategies.checkpoint import Checkpoint, binomial_peak_states, binomial_recomputations
 from nde_zoo.strategies.direct import Direct
 from nde_zoo.strategies.reversible import Reversible
 from nde_zoo.strategies.symplectic import Symplectic
@@ -172,7 +172,7 @@ class Plan:
                                else "")
             mark = "**chosen**" if r.label == self.choice else ("yes" if r.fits else "no")
             per_step = r.seconds / max(self.steps, 1)
-            peak = "out of memory" if math.isinf(r.peak_bytes) else format_bytes(r.peak_bytes)
+            peak = "not measured" if math.isinf(r.peak_bytes) else format_bytes(r.peak_bytes)  # the note says why
             lines.append(f"| {label} | {peak} | {per_step:.3g} | {r.seconds:.3g} | {mark} |"
                          + (f" {r.note}" if r.note else ""))
         tail = [f"\nchoice: {self.choice}" + (f" with snapshots={self.snapshots}" if self.snapshots is not None
@@ -376,11 +376,14 @@ class Auto(ODEStrategy):
         if self.compile.enabled and not self.stepping.adaptive:
             labels += [f"{c}+compile" for c in self.candidates if c in COMPILABLE]
         probed = {label: self._probe(label, field, y0, ts, grid, k1, k2) for label in labels}
+        refusals = [p for p in probed.values() if isinstance(p, Exception)]
+        if len(refusals) == len(probed):  # refused by all: the field's own error (a wrong shape, ...)
+            raise refusals[0]
         # Seconds: the longer probe of every candidate again, interleaved round by round (so a
         # busy moment of the machine hits all alike), the best of TIMING_ROUNDS.
         prefix, stepping = self._prefix(ts, grid, k2)
         timed = {label: self._build(label, None, stepping) for label, probes in probed.items()
-                 if not isinstance(probes, str)}
+                 if isinstance(probes, list)}
         for _ in range(TIMING_ROUNDS):
             for label, strategy in timed.items():
                 run = _measure(strategy, field, y0, prefix, repeats=0, memory=False)
@@ -417,11 +420,13 @@ class Auto(ODEStrategy):
                 torch.cuda.empty_cache()
             return "out of memory while probing"
         except (ValueError, NonDeterministicFieldError) as exc:  # this candidate refuses the field
-            return f"refused: {str(exc).splitlines()[0]}"
+            return exc
         return probes
 
-    def _predict(self, label: str, probes: list[_Probe] | str, steps: int, budget: int) -> Row:
+    def _predict(self, label: str, probes: list[_Probe] | str | Exception, steps: int, budget: int) -> Row:
         name = label.partition("+")[0]
+        if isinstance(probes, Exception):
+            return Row(label, math.inf, math.inf, False, note=f"refused: {str(probes).splitlines()[0]}")
         if isinstance(probes, str):
             return Row(label, math.inf, math.inf, False, note=probes)
         a, b = probes[0], probes[-1]
@@ -461,7 +466,7 @@ class Auto(ODEStrategy):
                 segment = -(-steps // c)
                 kept, recomputed = -(-steps // segment) + segment, steps - (-(-steps // segment))
             else:  # the states the forward pass stores plus those the reversal holds at once
-                recomputed, kept = _binomial_walk(steps, c)
+                kept, recomputed = binomial_peak_states(steps, c), binomial_recomputations(steps, c)  # cached
             seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
             return line("peak", kept), seconds
 
@@ -582,7 +587,7 @@ def _no_fit_message(plan: Plan) -> str:
     if math.isinf(smallest.peak_bytes):
         why = "; ".join(f"{r.label}: {r.note}" for r in plan.rows)
         return (f"strategy=auto: no candidate could be measured on {plan.key} on {plan.device} ({why}); "
-                f"out of memory: use a smaller batch or a smaller field\n{plan.markdown()}")
+                f"for those out of memory use a smaller batch or a smaller field\n{plan.markdown()}")
     # Reversible's memory, and Checkpoint's with one snapshot, do not grow with the number of steps
     flat = smallest.label.startswith("reversible") or smallest.snapshots == 1
     fixes = ("a smaller batch or a larger budget (its memory does not grow with the number of steps)" if flat
