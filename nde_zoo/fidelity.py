@@ -72,12 +72,12 @@ class _BackpropReversible(ODEStrategy):
         super().__init__(solver, **stepping)
         self.coupling = coupling
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Any = None) -> Solution:
         from nde_zoo.solvers import check_inputs
         from nde_zoo.strategies.base import field_parameters
         from nde_zoo.strategies.reversible import _forward, _Problem
 
-        problem = _Problem(field, field_parameters(field), self.tableau, self.stepping, self.coupling,
+        problem = _Problem(field, field_parameters(field, params), self.tableau, self.stepping, self.coupling,
                            check_inputs(y0, ts), self.name, {})
         ys, _, _ = _forward(problem, y0)  # with a graph: the reference backpropagates through it
         return Solution(ys, ts, problem.stats, problem.path)

@@ -237,18 +237,25 @@ class _ClosesOver(nn.Module):
     def __init__(self, hidden: torch.Tensor) -> None:
         super().__init__()
         self.inner = TimeMLP()
-        self.hidden = hidden  # a plain attribute, not a parameter: its gradient would be lost
+        self.hidden = hidden  # a plain attribute, not a parameter: found by the graph walk
 
     def forward(self, t, y):
         return self.inner(t, y) * self.hidden
 
 
-def test_hidden_input_is_an_error():
-    field = _ClosesOver(torch.randn(3, requires_grad=True))
-    y0 = torch.randn(2, 3, requires_grad=True)
-    sol = Symplectic(solver="rk4", steps=3).solve(field, y0, torch.tensor([0.0, 1.0]))
-    with pytest.raises(RuntimeError, match=r"shape \(3,\) that requires grad but is neither the state"):
-        sol.ys.sum().backward()
+def test_a_tensor_closed_over_gets_its_gradient():
+    """A plain attribute requiring grad (not a parameter) is found by the graph walk and gets
+    Direct's gradient exactly (it used to be refused in backward)."""
+    torch.manual_seed(0)
+    field = _ClosesOver(torch.randn(3, dtype=torch.float64, requires_grad=True)).double()
+    y0, ts = torch.randn(2, 3, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
+    grads = []
+    for strategy in (Direct(solver="rk4", steps=3), Symplectic(solver="rk4", steps=3)):
+        field.hidden.grad = None
+        strategy.solve(field, y0, ts).ys.sum().backward()
+        grads.append(field.hidden.grad.clone())
+    assert float(grads[1].abs().max()) > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-10, atol=1e-12)
 
 
 def test_config_mirrors_constructor():

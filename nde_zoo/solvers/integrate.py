@@ -164,13 +164,36 @@ def check_inputs(y0: Tensor, ts: Tensor) -> list[float]:
     return times
 
 
-def check_finite_outputs(ys: Tensor, ts: list[float]) -> None:
-    """One sync per solve: name the first output time whose state is not finite."""
+def check_finite_outputs(ys: Tensor, ts: list[float], field: Any = None) -> None:
+    """One sync per solve: name the first output time whose state is not finite.
+
+    The cause is named: a NaN/inf ``y0`` is bad input; with ``field`` given, a field that returns
+    NaN/inf at the last finite output state (NaN weights, NaN data it reads) is the field's fault,
+    not a blow-up of the dynamics (one extra evaluation, only on this error path).
+    """
     finite = torch.isfinite(ys.detach().reshape(ys.shape[0], -1)).all(dim=1)
     if bool(finite.all()):
         return
     j = int((~finite).nonzero()[0])
-    since = f" (it was finite at t={ts[j - 1]})" if j > 0 else ""
+    if j == 0:  # the first output is y0 itself: bad input, not a blow-up
+        rows = torch.isfinite(ys[0].detach().reshape(ys.shape[1], -1)).all(dim=1) if ys.ndim > 1 else finite[:1]
+        bad = (~rows).nonzero().flatten().tolist() or [0]
+        raise NonFiniteStateError(
+            f"the initial state y0 is NaN or infinite at t={ts[0]} in {len(bad)} of {len(rows)} batch entries "
+            f"(first: index {bad[0]}): the input data (or the encoder that produced y0) has NaN/inf; clean or "
+            f"impute the data, e.g. torch.nan_to_num, or mask the missing values"
+        )
+    if field is not None:
+        with torch.no_grad():
+            t_last = torch.as_tensor(ts[j - 1], dtype=ys.dtype, device=ys.device)
+            out = field(t_last, ys[j - 1].detach())
+        if isinstance(out, Tensor) and not bool(torch.isfinite(out).all()):
+            raise NonFiniteStateError(
+                f"the vector field returned NaN or infinity at t={ts[j - 1]} for a finite state (the state became "
+                f"NaN by t={ts[j]}): its parameters or the tensors it reads hold NaN/inf (a diverged training "
+                f"step?); check the field's weights and any data it reads"
+            )
+    since = f" (it was finite at t={ts[j - 1]})"
     raise NonFiniteStateError(
         f"the state became NaN or infinite by t={ts[j]}{since}; the dynamics blew up or the step is "
         f"too large: reduce the step size, use an adaptive solver, or check the data for NaN/inf"
@@ -405,6 +428,8 @@ def odeint(
     times = check_inputs(y0, ts)
     counted = CountedField(field)
     t_like = ts[0]
+    if stepping.adaptive:  # a NaN y0 would otherwise surface as a step-size underflow
+        check_finite_outputs(y0.unsqueeze(0), times[:1])
     first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
     step = rk_stepper(counted, tableau) if step_factory is None else step_factory(counted)
     outputs, path, stats = integrate(
@@ -412,6 +437,6 @@ def odeint(
         first_step=first_step, record_states=record_states,
     )
     ys = torch.stack(outputs)
-    check_finite_outputs(ys, times)
+    check_finite_outputs(ys, times, field)
     stats.nfe_forward = counted.nfe
     return ys, path, stats

@@ -2,8 +2,9 @@
 
 Rule (ECOSYSTEM.md 3.2): a custom ``autograd.Function`` takes the field's parameters as
 *explicit inputs* and returns their gradients from ``backward``, so DDP's reducer hooks
-fire. A field that closes over some other tensor requiring grad would silently lose that
-gradient; :func:`check_no_hidden_inputs` turns that into an error.
+fire. Which tensors those are is found before the solve (:mod:`nde_zoo.strategies.fields`);
+:func:`check_no_hidden_inputs` is the backstop in backward for one that still escaped (read
+only on a branch the forward check did not take).
 """
 
 from __future__ import annotations
@@ -12,9 +13,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-__all__ = ["_detached", "_identity", "NonDeterministicFieldError", "check_deterministic", "check_no_hidden_inputs", "vjp"]
+# Re-exported: the determinism check moved to nde_zoo.strategies.fields (inspect_field).
+from nde_zoo.strategies.fields import NonDeterministicFieldError
+
+__all__ = ["_detached", "_identity", "NonDeterministicFieldError", "check_no_hidden_inputs", "vjp"]
 
 
 def _detached(tensor: Tensor) -> Tensor:
@@ -31,44 +35,6 @@ def _detached(tensor: Tensor) -> Tensor:
 
 def _identity(tensor: Tensor) -> Tensor:
     return tensor
-
-
-class NonDeterministicFieldError(RuntimeError):
-    """The field gives different outputs for the same input, so a strategy that recomputes it
-    would compute a wrong gradient."""
-
-
-def check_deterministic(field: Any, t0: Tensor, y0: Tensor, strategy: str) -> None:
-    """Refuse a non-deterministic field for a strategy that recomputes the field in backward.
-
-    ``Checkpoint``, ``Symplectic`` and ``Reversible`` evaluate the field again during backward and
-    assume it returns what it returned forward. Dropout in training mode, or noise drawn inside
-    the field, breaks that and the gradient is silently wrong (measured: 13-15% off ``Direct``).
-    Two checks, only when gradients are being computed: dropout modules in training mode, and two
-    evaluations at ``(t0, y0)`` that differ (two extra evaluations per solve, not counted in NFE).
-    """
-    if not torch.is_grad_enabled():
-        return
-    if isinstance(field, nn.Module):
-        dropouts = [name or type(field).__name__ for name, m in field.named_modules()
-                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
-        if dropouts:
-            raise NonDeterministicFieldError(
-                f"the vector field is non-deterministic: dropout in training mode ({', '.join(dropouts)}). "
-                f"Strategy {strategy!r} recomputes the field during backward and would get a different mask, "
-                f"so its gradient would be wrong. Move dropout out of the field (before or after the solve), "
-                f"or use strategy=direct or adjoint, which do not replay the forward's evaluations"
-            )
-    with torch.no_grad():
-        first, second = field(t0, y0), field(t0, y0)
-    if isinstance(first, Tensor) and isinstance(second, Tensor) and first.shape == second.shape \
-            and not torch.equal(first, second):
-        raise NonDeterministicFieldError(
-            f"the vector field is non-deterministic: two evaluations at the same (t, y) differ by up to "
-            f"{float((first - second).abs().max()):.3g}. Strategy {strategy!r} recomputes the field during "
-            f"backward and its gradient would be wrong. Draw any noise once per solve outside the field "
-            f"(as a buffer set before the solve), or use strategy=direct"
-        )
 
 
 def check_no_hidden_inputs(output: Tensor, allowed: Sequence[Tensor], strategy: str) -> None:

@@ -15,6 +15,7 @@ seminorm (docs/seminorm.md).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +34,7 @@ from nde_zoo.solvers import (
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS, fixed_grid, rms_norm
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Adjoint", "Seminorm", "TORCHDIFFEQ_METHODS"]
@@ -217,9 +219,11 @@ class Adjoint(ODEStrategy):
             return dict(grid_constructor=_OnGrid(grid))
         return dict(_pinned_to_grid(grid), max_num_steps=st.max_steps)
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         times = check_inputs(y0, ts)
-        _check_finite_y0(y0, times[0], self.name)
+        # torchdiffeq differentiates only adjoint_params: give it every tensor the field reads
+        # (a closure's module included), or refuse what it cannot differentiate, before solving.
+        params = inspect_field(field, ts[0], y0, self.name, params=params, recomputes=False)
         stats = SolveStats()
         wrapped = _CountingField(field, stats)
         options = self._options(times)
@@ -241,31 +245,19 @@ class Adjoint(ODEStrategy):
             elif self.adjoint_norm == "torchdiffeq_2020":
                 adjoint_options["norm"] = _torchdiffeq_2020_norm
         kwargs["adjoint_options"] = adjoint_options
+        kwargs["adjoint_params"] = tuple(params)
         try:
             with SavedBytes() as saved:
                 ys = torchdiffeq.odeint_adjoint(wrapped, y0, ts, **kwargs)
         except AssertionError as exc:
             raise _translate(exc, self, field, y0, ts) from exc
         wrapped.forward_done = True
-        check_finite_outputs(ys, times)
+        check_finite_outputs(ys, times, field)
         return self._record(Solution(ys, ts, stats, None, saved_bytes=saved.nbytes))
 
     def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:
         """An SDE by torchsde's stochastic adjoint, ``sdeint_adjoint`` (see :mod:`nde_zoo.strategies.sde`)."""
         return solve_sde(self, sde, y0, ts, bm, route="adjoint", dt=dt)
-
-
-def _check_finite_y0(y0: Tensor, t0: float, name: str) -> None:
-    """A NaN/inf initial state makes torchdiffeq's step size underflow ("stiff"): name the real cause."""
-    finite = torch.isfinite(y0.detach().reshape(len(y0), -1)).all(dim=1)
-    if bool(finite.all()):
-        return
-    bad = (~finite).nonzero().flatten().tolist()
-    raise NonFiniteStateError(
-        f"the initial state y0 of the {name} solve is NaN or infinite at t={t0} in {len(bad)} of {len(y0)} "
-        f"batch entries (first: index {bad[0]}): the input data (or the encoder that produced y0) has NaN/inf; "
-        f"clean or impute the data, e.g. torch.nan_to_num, or mask the missing values"
-    )
 
 
 def _translate(exc: AssertionError, strategy: Adjoint, field: Any, y0: Tensor, ts: Tensor) -> Exception:

@@ -282,7 +282,7 @@ class Auto(ODEStrategy):
         return None if self._latest is None else self.plans.get(self._latest)
 
     # -- solving -------------------------------------------------------------------------------
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         times = check_inputs(y0, ts)
         key, steps = self._key(field, y0, times)
         if torch.is_grad_enabled() and len(times) >= 2 and len(self.plans) < MAX_PLANS:
@@ -299,7 +299,7 @@ class Auto(ODEStrategy):
             strategy = self._strategy_for(self._latest)
         else:  # gradient-free before any choice: keeps nothing for backward, any strategy fits
             strategy = self._build("direct", None)
-        return self._record(strategy.solve(field, y0, ts))
+        return self._record(strategy.solve(field, y0, ts, params=params))
 
     def _key(self, field: Any, y0: Tensor, times: list[float]) -> tuple[str, int | None]:
         if self.stepping.adaptive:

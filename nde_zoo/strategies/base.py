@@ -12,14 +12,16 @@ import abc
 import weakref
 import warnings
 from dataclasses import dataclass, field as dataclass_field
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import lightning
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.strategies.fields import field_parameters
 
 __all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "LiveSaved", "field_parameters"]
 
@@ -153,13 +155,6 @@ class LiveSaved:
         return found
 
 
-def field_parameters(field: Any) -> list[nn.Parameter]:
-    """The trainable parameters of a field (an ``nn.Module``), or none for a plain function."""
-    if isinstance(field, nn.Module):
-        return [p for p in field.parameters() if p.requires_grad]
-    return []
-
-
 @dataclass(frozen=True)
 class _Record:
     """What a training step's figures need from one solve: never its tensors or its graph.
@@ -206,8 +201,13 @@ class GradientStrategy(lightning.Callback, abc.ABC):
         self._history_stride = 1
 
     @abc.abstractmethod
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
-        """Solve ``dy/dt = field(t, y)`` from ``y0`` at ``ts[0]``; outputs at every ``ts``."""
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
+        """Solve ``dy/dt = field(t, y)`` from ``y0`` at ``ts[0]``; outputs at every ``ts``.
+
+        ``field`` may be an ``nn.Module`` or any callable (a closure, a ``functools.partial``, a
+        bound method): the parameters it reads are found (:mod:`nde_zoo.strategies.fields`), or
+        given as ``params`` (like torchdiffeq's ``adjoint_params``).
+        """
 
     def regularisation(self, solution: Solution) -> Tensor:
         """A term to add to the training loss; zero unless the strategy adds one."""

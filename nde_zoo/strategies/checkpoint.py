@@ -10,7 +10,7 @@ step is recomputed once with a graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field as dataclass_field
 import functools
 import weakref
@@ -34,9 +34,10 @@ from nde_zoo.solvers import (
     rk_stepper,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import _detached, _identity, check_deterministic, check_no_hidden_inputs
+from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs
 from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
-from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
+from nde_zoo.strategies.fields import inspect_field
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 
 __all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations", "binomial_peak_states"]
 
@@ -217,7 +218,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tenso
     if result is None:
         return None
     ys, stored = result
-    check_finite_outputs(ys, problem.times_out)
+    check_finite_outputs(ys, problem.times_out, problem.field)
     nfe = (tableau.stages - 1) * steps + 1 if tableau.fsal else tableau.stages * steps
     problem.path, problem.segment = path, segment
     problem.stats = SolveStats(nfe_forward=nfe, accepted_steps=steps)
@@ -425,10 +426,9 @@ class Checkpoint(ODEStrategy):
                 raise ValueError(f"snapshots must be a positive integer (y0 counts as one), got {snapshots!r}")
         self.snapshots = None if snapshots is None else int(snapshots)
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         times = check_inputs(y0, ts)
-        check_deterministic(field, ts[0], y0, self.name)
-        params = field_parameters(field)
+        params = inspect_field(field, ts[0], y0, self.name, params=params)
         problem = _Problem(field, params, self.tableau, self.stepping, self.snapshots, times, self.name,
                            programs=self.programs if self._compiles() else None,
                            step_factory=self._compiled_rk_step(field))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -28,7 +28,8 @@ class Direct(ODEStrategy):
     kinds = frozenset({"ode", "sde"})
     compilable = True
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
+        # params= is not needed: autograd records every tensor the field reads, wherever it lives.
         with SavedBytes() as saved:
             compiled = self._solve_compiled(field, y0, ts) if self._compiles() else None
             if compiled is None:
@@ -63,7 +64,7 @@ class Direct(ODEStrategy):
         ys = self.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
         if ys is None:
             return None
-        check_finite_outputs(ys, times)
+        check_finite_outputs(ys, times, field)
         nfe = (tableau.stages - 1) * grid.steps + 1 if tableau.fsal else tableau.stages * grid.steps
         return ys, path, SolveStats(nfe_forward=nfe if grid.steps else 0, accepted_steps=grid.steps)
 

@@ -25,6 +25,7 @@ test and predict loops run without gradients), so inference is untouched and pay
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -162,9 +163,11 @@ class LocalERNODE(GradientStrategy):
             return grid[min(int(u * (len(grid) - 1)), len(grid) - 2)]
         return t0 + u * (t1 - t0)
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
+        # params= only when given: an inner strategy written before it existed keeps working
+        named = {} if params is None else {"params": params}
         if not torch.is_grad_enabled() or ts.numel() < 2:
-            return self.inner.solve(field, y0, ts)
+            return self.inner.solve(field, y0, ts, **named)
         times = ts.tolist()
         t_reg = self._sample_time(times)
         if t_reg in times:
@@ -173,7 +176,7 @@ class LocalERNODE(GradientStrategy):
             increasing = times[-1] > times[0]
             index = sum(1 for t in times if (t < t_reg if increasing else t > t_reg))
             ts_aug = torch.cat([ts[:index], ts.new_tensor([t_reg]), ts[index:]])
-        solution = self.inner.solve(field, y0, ts_aug)
+        solution = self.inner.solve(field, y0, ts_aug, **named)
         ys = solution.ys if ts_aug is ts else torch.cat([solution.ys[:index], solution.ys[index + 1:]])
         path = solution.path
         if path is not None:

@@ -62,8 +62,9 @@ from nde_zoo.strategies._compiled import (
     trainable_names,
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import _detached, _identity, check_deterministic, check_no_hidden_inputs
-from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
+from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs
+from nde_zoo.strategies.fields import inspect_field
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Reversible"]
@@ -126,7 +127,7 @@ def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         problem.times_out, t_like, stepping, tableau.order, first_step=first_step,
     )
     ys = torch.stack(outputs)  # (len(ts), batch, *state)
-    check_finite_outputs(ys, problem.times_out)
+    check_finite_outputs(ys, problem.times_out, problem.field)
     stats.nfe_forward = counted.nfe
     y_last, z_last = path.final_state
     path.final_state = None
@@ -233,7 +234,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Te
     if result is None:
         return None
     ys, y_last, z_last = result
-    check_finite_outputs(ys, problem.times_out)
+    check_finite_outputs(ys, problem.times_out, problem.field)
     stats = SolveStats(nfe_forward=2 * tableau.stages * grid.steps, accepted_steps=grid.steps)
     problem.path, problem.stats, problem.grid = path, stats, grid
     return ys, y_last, z_last
@@ -401,7 +402,7 @@ class Reversible(ODEStrategy):
             )
         self.coupling = float(coupling)
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         if y0.is_floating_point() and torch.finfo(y0.dtype).bits < 32:
             raise TypeError(
                 f"the reversible strategy needs a state of at least float32, got {y0.dtype}: in "
@@ -410,8 +411,7 @@ class Reversible(ODEStrategy):
                 f"field's layers use lower precision"
             )
         times = check_inputs(y0, ts)
-        check_deterministic(field, ts[0], y0, self.name)
-        params = field_parameters(field)
+        params = inspect_field(field, ts[0], y0, self.name, params=params)
         extras: dict[str, Any] = {}
         problem = _Problem(field, params, self.tableau, self.stepping, self.coupling, times, self.name, extras,
                            programs=self.programs if self._compiles() else None,

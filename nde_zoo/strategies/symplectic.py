@@ -70,8 +70,9 @@ from nde_zoo.strategies._compiled import (
     scan_forward,
     trainable_names,
 )
-from nde_zoo.strategies._autograd import _detached, _identity, check_deterministic, check_no_hidden_inputs, vjp
-from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, field_parameters
+from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs, vjp
+from nde_zoo.strategies.fields import inspect_field
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 
 __all__ = ["Symplectic"]
 
@@ -145,7 +146,7 @@ def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]
         first_step=first_step, record_states=True,
     )
     ys = torch.stack(outputs)  # (len(ts), batch, *state)
-    check_finite_outputs(ys, problem.times_out)
+    check_finite_outputs(ys, problem.times_out, problem.field)
     stats.nfe_forward = counted.nfe
     states = path.states
     problem.path = Path(times=path.times, output_steps=path.output_steps, sizes=path.sizes)
@@ -313,7 +314,7 @@ def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor] | 
     if result is None:
         return None
     ys, states = result
-    check_finite_outputs(ys, problem.times_out)
+    check_finite_outputs(ys, problem.times_out, problem.field)
     nfe = (tableau.stages - 1) * grid.steps + 1 if tableau.fsal else tableau.stages * grid.steps
     problem.path = path
     problem.stats = SolveStats(nfe_forward=nfe if grid.steps else 0, accepted_steps=grid.steps)
@@ -393,11 +394,10 @@ class Symplectic(ODEStrategy):
     name = "symplectic"
     compilable = True
 
-    def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
+    def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         times = check_inputs(y0, ts)
         self.stepping.check(self.tableau)
-        check_deterministic(field, ts[0], y0, self.name)
-        params = field_parameters(field)
+        params = inspect_field(field, ts[0], y0, self.name, params=params)
         problem = _Problem(
             field=field, params=params, tableau=self.tableau, stepping=self.stepping,
             times_out=times, time_dtype=ts.dtype, time_device=ts.device, strategy=self.name,
