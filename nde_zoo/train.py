@@ -100,9 +100,9 @@ def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
 def run(sub: str, cfg: DictConfig) -> Any:
     """Run ``fit``/``validate``/``test``/``predict``/``gradcheck`` on the composed config."""
     ckpt_path = _check_ckpt_path(sub, cfg) if sub not in ("gradcheck", "plan") else None
-    if sub == "plan" and cfg.get("memory_budget") is not None and "memory_budget" in cfg.strategy:
-        # plan's shorthand for strategy.memory_budget (another strategy is refused by _plan)
-        cfg.strategy.memory_budget = cfg.memory_budget
+    from nde_zoo.shorthands import apply_memory_budget
+
+    apply_memory_budget(sub, cfg)  # memory_budget= is strategy.memory_budget (auto), in every subcommand
     if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # `lightning` has its own too
             logging.getLogger(name).handlers.clear()
