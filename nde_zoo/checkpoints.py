@@ -10,17 +10,28 @@
   writer swallows a ``PermissionError``, so an unwritable ``checkpoints/`` folder used to train to the
   end, exit 0 and leave no checkpoint. On load it verifies the checksum too.
 - :func:`claim_run_dir` makes a ``fit`` refuse a run directory that holds another run's checkpoints
-  (or that another fit has claimed), unless it resumes a checkpoint of that very directory.
+  (or that another fit has claimed), unless it resumes a checkpoint of that very directory. The
+  command line claims it from :class:`ClaimRunDir`, a Hydra callback that runs before Hydra writes
+  ``.hydra/`` or ``cli.log``, so a refused ``fit`` leaves the directory byte for byte as it was.
+- :func:`remove_stale_temp_files` removes the ``.<name>.<pid>.tmp`` files that a process killed
+  mid-save left behind (a resume or a new fit in that directory calls it).
+- :func:`migrate_checkpoint` brings a checkpoint written by an older nde_zoo up to this one (each
+  checkpoint records the version that wrote it) and warns about one written by a newer nde_zoo.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,11 +41,17 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
 
+from nde_zoo import __version__
+
 __all__ = [
     "CHECKSUM_KEY",
     "CheckpointError",
+    "ClaimRunDir",
     "VerifiedCheckpointIO",
+    "checkpoint_version",
     "claim_run_dir",
+    "migrate_checkpoint",
+    "remove_stale_temp_files",
     "tensor_checksum",
     "verify_checksum",
     "verify_checkpoint_file",
@@ -44,6 +61,8 @@ __all__ = [
 CHECKSUM_KEY = "nde_zoo_checksum"
 #: the file in a run directory naming the fit that owns it.
 CLAIM_FILE = ".nde_zoo_run.json"
+
+log = logging.getLogger("nde_zoo")
 
 
 class CheckpointError(RuntimeError):
@@ -142,6 +161,92 @@ def verify_checkpoint_file(path: str | os.PathLike[str], *, weights_only: bool =
     return checkpoint
 
 
+# -- versions and migrations -------------------------------------------------------------------------
+#: the version a checkpoint without a ``version`` in its ``"nde_zoo"`` entry was written by.
+UNVERSIONED = "0.1.0"
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    """``"1.2.3rc1"`` -> ``(1, 2, 3)``: the release numbers (pre-release tags ignored)."""
+    out = []
+    for part in str(version).split("."):
+        digits = re.match(r"[0-9]*", part)[0]
+        if not digits:
+            break
+        out.append(int(digits))
+    return tuple(out)
+
+
+def checkpoint_version(checkpoint: Any) -> str | None:
+    """The nde_zoo version that wrote ``checkpoint`` (``checkpoint["nde_zoo"]["version"]``), or None.
+
+    None for a checkpoint written before checkpoints recorded it (nde_zoo 0.1.0) or by
+    something other than an nde_zoo model.
+    """
+    identity = checkpoint.get("nde_zoo") if isinstance(checkpoint, Mapping) else None
+    version = identity.get("version") if isinstance(identity, Mapping) else None
+    return str(version) if version is not None else None
+
+
+def _from_unversioned(checkpoint: dict[str, Any]) -> None:
+    """nde_zoo 0.1.0 wrote no version: record it. Nothing else changed, so the rest loads as it is."""
+    checkpoint["nde_zoo"]["version"] = UNVERSIONED
+
+
+#: ``(from version, to version, step)`` in order; ``None`` is a checkpoint without a version.
+#: A release that changes what a checkpoint holds appends its step here, with a test that loads a
+#: checkpoint of the version before it.
+MIGRATIONS: list[tuple[str | None, str, Callable[[dict[str, Any]], None]]] = [
+    (None, UNVERSIONED, _from_unversioned),
+]
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, key: str, log_only: bool = False) -> None:
+    """A ``UserWarning`` (``log_only``: a warning on the ``nde_zoo`` logger instead), once per ``key``."""
+    if key in _warned:
+        return
+    _warned.add(key)
+    if log_only:
+        log.warning("%s", message)
+    else:
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def migrate_checkpoint(checkpoint: Any, where: str = "this checkpoint", log_only: bool = False) -> list[str]:
+    """Bring ``checkpoint`` (in place) from the nde_zoo version that wrote it to this one.
+
+    Returns the steps applied (``["unversioned -> 0.1.0"]``), also listed under
+    ``checkpoint["nde_zoo"]["migrations"]``. A checkpoint written by a newer nde_zoo is left as it is,
+    with a warning naming both versions (it may hold state this version does not know). A
+    checkpoint that is not an nde_zoo model's (no ``"nde_zoo"`` entry) is left alone. ``log_only``:
+    the warning goes to the ``nde_zoo`` logger only (the command line, whose log is ``cli.log``).
+    """
+    identity = checkpoint.get("nde_zoo") if isinstance(checkpoint, dict) else None
+    if not isinstance(identity, dict):
+        return []
+    version = checkpoint_version(checkpoint)
+    if version is not None and _version_tuple(version) > _version_tuple(__version__):
+        _warn_once(
+            f"{where} was written by nde_zoo {version}, which is newer than this nde_zoo {__version__}; it "
+            f"is loaded as {__version__} understands it, and what {version} added to it (state, settings) "
+            f"may be ignored or misread. Upgrade nde_zoo to {version} or later to load it fully",
+            key=f"newer:{version}",
+            log_only=log_only,
+        )
+        return []
+    applied = []
+    for source, target, step in MIGRATIONS:
+        if checkpoint_version(checkpoint) == source:
+            step(checkpoint)
+            identity["version"] = target
+            applied.append(f"{source or 'unversioned'} -> {target}")
+    if applied:
+        identity["migrations"] = [*identity.get("migrations", []), *applied]
+    return applied
+
+
 # -- the Lightning plugin ----------------------------------------------------------------------------
 class VerifiedCheckpointIO(TorchCheckpointIO):
     """Write checkpoints atomically, read each one back and check it; verify checksums on load.
@@ -197,20 +302,44 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
     ) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         verify_checksum(checkpoint, f"checkpoint {path}")
+        migrate_checkpoint(checkpoint, f"checkpoint {path}")
         return checkpoint
+
+
+def _temp_path(path: Path) -> Path:
+    """Where ``path`` is written before the rename: ``.<name>.<pid>.tmp`` beside it."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+#: a ``_temp_path`` file: ``.<name>.<pid>.tmp``.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.(?P<pid>[0-9]+)\.tmp$")
+
+
+def _open_for_write(tmp: Path) -> Any:
+    return open(tmp, "wb")  # noqa: SIM115  (closed by the caller's ``with``)
 
 
 def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = _temp_path(path)
     try:
-        with open(tmp, "wb") as fh:
+        with _open_for_write(tmp) as fh:
             torch.save(checkpoint, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
+        free = _free_bytes(path.parent)  # before the partial file goes: what the write ran into
         tmp.unlink(missing_ok=True)
+        full = _out_of_space(exc, free, checkpoint)
+        if full is not None:
+            raise CheckpointError(
+                f"{full} while writing {path} ({free} bytes free). The checkpoint needs about "
+                f"{_payload_bytes(checkpoint)} bytes; nothing was written and the previous {path.name}, if "
+                f"any, is unchanged. Training stops here, at the first save that failed: free disk space "
+                f"(or start the run on a disk with room with hydra.run.dir=) and resume from the last good "
+                f"checkpoint with ckpt_path=<run dir>/checkpoints/last.ckpt"
+            ) from exc
         raise
     try:  # the rename itself survives a crash only once the directory entry is on disk
         fd = os.open(path.parent, os.O_RDONLY)
@@ -220,6 +349,105 @@ def _write_atomically(checkpoint: dict[str, Any], path: Path) -> None:
             os.close(fd)
     except OSError:  # pragma: no cover  (directories cannot be fsynced on some filesystems)
         pass
+
+
+#: errors of a full filesystem, as the message names them.
+_NO_SPACE = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _free_bytes(folder: Path) -> int:
+    """Bytes this process may still write on ``folder``'s filesystem (-1 if it cannot be asked)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return -1
+
+
+def _payload_bytes(obj: Any) -> int:
+    """The bytes of every tensor and array in ``obj``: about what ``torch.save`` writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, np.ndarray):
+        return obj.nbytes
+    if isinstance(obj, Mapping):
+        return sum(_payload_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_payload_bytes(v) for v in obj)
+    return 0
+
+
+def _out_of_space(exc: BaseException, free: int, checkpoint: Any) -> str | None:
+    """``"no space left on device"`` (or a quota's) when ``exc`` is a full filesystem, else None.
+
+    ``torch.save`` reports a full disk as ``[enforce fail at inline_container.cc] unexpected pos``
+    with the ``OSError`` (ENOSPC) only as its context; either is recognised, and so is that
+    enforce failure with less room left than the checkpoint needs.
+    """
+    seen: set[int] = set()
+    err: BaseException | None = exc
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, OSError) and err.errno in _NO_SPACE:
+            return _NO_SPACE[err.errno]
+        err = err.__cause__ or err.__context__
+    torch_writer = isinstance(exc, RuntimeError) and "unexpected pos" in str(exc)
+    if torch_writer and 0 <= free < _payload_bytes(checkpoint):
+        return _NO_SPACE[errno.ENOSPC]
+    return None
+
+
+def _process_gone(pid: int) -> bool:
+    """Whether no process with ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary checkpoint files in ``folder`` whose writing process is gone; return them.
+
+    A process killed while saving leaves ``.<name>.<pid>.tmp`` beside the checkpoint it was
+    writing (the checkpoint itself stays whole: the rename never happened). A file is removed
+    only when no process ``<pid>`` runs on this host and the run that owns ``folder`` (its
+    ``.nde_zoo_run.json``, if any) ran on this host too: a pid names nothing on another machine.
+    Each removal is logged on the ``nde_zoo`` logger, with the files and their size.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    try:
+        owner = json.loads((folder.parent / CLAIM_FILE).read_text())
+    except (OSError, ValueError):
+        owner = {}
+    host = owner.get("host") if isinstance(owner, dict) else None
+    if host not in (None, socket.gethostname()):
+        return []
+    removed: list[Path] = []
+    size = 0
+    for entry in sorted(folder.iterdir()):
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or not entry.is_file():
+            continue
+        pid = int(match["pid"])
+        if pid == os.getpid() or not _process_gone(pid):
+            continue
+        try:
+            size += entry.stat().st_size
+            entry.unlink()
+        except FileNotFoundError:  # another fit removed it first
+            continue
+        removed.append(entry)
+    if removed:
+        names = ", ".join(p.name for p in removed[:5]) + (" ..." if len(removed) > 5 else "")
+        log.warning(
+            "removed %d temporary checkpoint file(s) from %s, left by processes that are gone (killed while "
+            "saving): %s (%d bytes)", len(removed), folder, names, size,
+        )
+    return removed
 
 
 # -- run directories ----------------------------------------------------------------------------------
@@ -262,6 +490,7 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
     if resuming_here:
         run_dir.mkdir(parents=True, exist_ok=True)
         claim.write_text(json.dumps(record))
+        _CLAIMED.add(run_dir)
         return
     existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
     fix = (
@@ -293,6 +522,56 @@ def claim_run_dir(run_dir: Path, ckpt_path: str | None) -> None:
             ) from None
     with os.fdopen(fd, "w") as fh:
         json.dump(record, fh)
+    _CLAIMED.add(run_dir)
+
+
+#: the run directories this process has claimed (:func:`claimed_here`).
+_CLAIMED: set[Path] = set()
+
+
+def claimed_here(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether this process has claimed ``run_dir`` already (the command line claims it before Hydra runs)."""
+    return Path(run_dir).resolve() in _CLAIMED
+
+
+try:
+    from hydra.experimental.callback import Callback as _HydraCallback
+except ImportError:  # pragma: no cover  (hydra-core is a dependency)
+    _HydraCallback = object  # type: ignore[assignment,misc]
+
+
+class ClaimRunDir(_HydraCallback):  # type: ignore[misc,valid-type]
+    """A Hydra callback: a ``fit`` claims its run directory before Hydra writes into it.
+
+    Hydra creates ``hydra.run.dir``, appends to its ``cli.log`` and writes ``.hydra/`` before the
+    task starts, so a ``fit`` refused there would already have changed a directory that is not
+    its own. This callback's ``on_run_start`` comes first: it resolves ``hydra.run.dir`` (and
+    writes the resolved path back, so a ``${now:...}`` in it names the same directory when Hydra
+    creates it) and calls :func:`claim_run_dir`, whose refusal (``SystemExit``) stops the run
+    before Hydra touches the directory. The command line adds it to every ``fit``
+    (``++hydra.callbacks.claim_run_dir._target_=nde_zoo.checkpoints.ClaimRunDir``). Multiruns
+    (``-m``) claim each job's directory in the task, as before: their directories are new.
+    """
+
+    def on_run_start(self, config: Any, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf, read_write
+
+        if OmegaConf.select(config, "subcommand", default=None) != "fit":
+            return
+        hydra_config = HydraConfig.instance()
+        before = hydra_config.cfg
+        hydra_config.set_config(config)  # ``${hydra:runtime.choices.model}`` in the directory's name
+        try:
+            run_dir = str(OmegaConf.select(config, "hydra.run.dir"))
+        finally:
+            hydra_config.cfg = before
+        with read_write(config.hydra.run):
+            config.hydra.run.dir = run_dir
+        ckpt_path = OmegaConf.select(config, "ckpt_path", default=None, throw_on_missing=False)
+        given = ckpt_path not in (None, "", "???")
+        ckpt = str(Path(str(ckpt_path)).expanduser().absolute()) if given else None
+        claim_run_dir(Path(run_dir).absolute(), ckpt)
 
 
 def _take_over(claim: Path, owner: dict[str, Any]) -> bool:
@@ -321,10 +600,4 @@ def _dead_here(owner: dict[str, Any]) -> bool:
     pid = owner.get("pid")
     if owner.get("host") != socket.gethostname() or not isinstance(pid, int) or pid == os.getpid():
         return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
+    return _process_gone(pid)

@@ -88,8 +88,14 @@ def main(argv: list[str] | None = None) -> Any:
     if sub in ("validate", "test", "predict"):
         rest = [*saved_overrides(rest), *rest]
     argv = [prog, sub, *rest]
-    sys.argv = [prog, *rest]  # Hydra parses sys.argv[1:]
+    # Hydra parses sys.argv[1:]; a fit claims its run directory before Hydra writes into it
+    completing = args[:1] in (["-sc"], ["--shell-completion"])
+    sys.argv = [prog, *rest, *([CLAIM_CALLBACK] if sub == "fit" and not completing else [])]
     return _hydra_app(sub, argv)
+
+
+#: the Hydra callback that makes ``fit`` claim its run directory first (nde_zoo.checkpoints.ClaimRunDir).
+CLAIM_CALLBACK = "++hydra.callbacks.claim_run_dir._target_=nde_zoo.checkpoints.ClaimRunDir"
 
 
 def _inner_strategy_override(arg: str) -> str:

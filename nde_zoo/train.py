@@ -12,9 +12,18 @@ import lightning
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from nde_zoo.checkpoints import CheckpointError, VerifiedCheckpointIO, claim_run_dir, verify_checksum
+from nde_zoo.checkpoints import (
+    CheckpointError,
+    VerifiedCheckpointIO,
+    _process_rank,
+    claim_run_dir,
+    claimed_here,
+    migrate_checkpoint,
+    remove_stale_temp_files,
+    verify_checksum,
+)
 
 log = logging.getLogger("nde_zoo")
 
@@ -58,6 +67,7 @@ def _check_ckpt_path(sub: str, cfg: DictConfig) -> str | None:
         verify_checksum(checkpoint, f"ckpt_path={cfg.ckpt_path} ({path})")
     except CheckpointError as exc:
         raise SystemExit(f"error: {exc}") from None
+    migrate_checkpoint(checkpoint, f"ckpt_path={cfg.ckpt_path} ({path})", log_only=True)  # newer: say so
     return str(path)
 
 
@@ -75,12 +85,114 @@ def _check_checkpoint_model(ckpt_path: str, model: Any) -> None:
             raise SystemExit(f"error: {exc}") from None
 
 
-def build(cfg: DictConfig) -> tuple[Any, Any, Any]:
-    """Instantiate ``(datamodule, model, strategy)`` from a composed config."""
+def build(cfg: DictConfig, resume_from: str | None = None) -> tuple[Any, Any, Any]:
+    """Instantiate ``(datamodule, model, strategy)`` from a composed config.
+
+    ``resume_from``: the checkpoint a ``fit`` resumes; when its gradient strategy differs from the
+    config's, :func:`_resume_strategy` decides which one the model gets and says so.
+    """
     datamodule = hydra.utils.instantiate(cfg.data)
     strategy = hydra.utils.instantiate(cfg.strategy)
+    inherited = None
+    if resume_from is not None:
+        strategy, inherited = _resume_strategy(resume_from, strategy)
     model = hydra.utils.instantiate(cfg.model, strategy=strategy)
+    if inherited is not None:  # the checkpoint's strategy was kept: the run's config and checkpoints say so
+        from nde_zoo.strategies.config import strategy_config
+
+        model._inherited_overrides = inherited
+        with open_dict(cfg):
+            cfg.strategy = strategy_config(strategy)
     return datamodule, model, strategy
+
+
+def _is_strategy_override(override: str) -> bool:
+    key = str(override).split("=", 1)[0].lstrip("+~")
+    return key == "strategy" or key.startswith(("strategy.", "strategy/", "strategy@"))
+
+
+def _same_config(a: Any, b: Any) -> bool:
+    import json
+
+    def canonical(x: Any) -> str:
+        return json.dumps(x, sort_keys=True, default=repr)
+
+    return canonical(a) == canonical(b)
+
+
+def _describe_state(name: str, state: Any) -> str:
+    """What a strategy's saved state holds, in words."""
+    if not isinstance(state, dict) or not state:
+        return f"{name}'s state (empty)"
+    if "plans" in state:  # Auto
+        plans = state.get("plans") or {}
+        chosen = sorted({str(p["choice"]) for p in plans.values() if isinstance(p, dict) and p.get("choice")})
+        which = f", chosen: {', '.join(chosen)}" if chosen else ""
+        return f"Auto's plan ({len(plans)} planned solve(s){which})"
+    if "previous_times" in state:  # LocalERNODE
+        inner = state.get("inner")
+        return (
+            f"ERNODE's regulariser state (its coefficient schedule at training step {state.get('step')}, its "
+            f"sampling RNG and {len(state.get('previous_times') or [])} previous solve times"
+            + (f"; and its inner strategy's: {_describe_state('the inner strategy', inner)}" if inner else "")
+            + ")"
+        )
+    return f"{name}'s state ({', '.join(map(str, state))})"
+
+
+def _resume_strategy(ckpt_path: str, strategy: Any) -> tuple[Any, list[str] | None]:
+    """The gradient strategy a resumed ``fit`` trains with, and (when it is the checkpoint's, not the
+    config's) the checkpoint's overrides that name it.
+
+    A checkpoint names the strategy it was trained with (its hyperparameters hold its config).
+    When the config's strategy differs from it: without a ``strategy`` override on the command
+    line the checkpoint's is kept (the config's is only the default); with one, the given strategy
+    is used. Either way a warning names both, and a change says what strategy state is dropped
+    (ERNODE's regulariser schedule, Auto's plan). Called from Python without Hydra, the config's
+    strategy counts as given.
+    """
+    import torch
+
+    from nde_zoo.strategies.config import strategy_config, strategy_from_config
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    hparams = (checkpoint.get("hyper_parameters") or {}) if isinstance(checkpoint, dict) else {}
+    saved = hparams.get("strategy")
+    if not isinstance(saved, dict) or "_target_" not in saved:
+        return strategy, None  # not a zoo model's checkpoint: nothing to compare with
+    if _same_config(saved, strategy_config(strategy)):
+        return strategy, None
+    try:
+        old = strategy_from_config(saved)
+        old_text, old_key, old_name = repr(old), old.state_key, type(old).__name__
+    except Exception as exc:  # its class is gone or changed
+        old, old_name = None, str(saved["_target_"]).rpartition(".")[2]
+        old_text = f"{saved['_target_']} (cannot be built here: {type(exc).__name__}: {exc})"
+        old_key = f"GradientStrategy[{old_name}]"
+    given = [str(o) for o in HydraConfig.get().overrides.task if _is_strategy_override(o)] \
+        if HydraConfig.initialized() else None
+    if not given and old is not None:
+        log.warning(
+            "ckpt_path=%s was trained with gradient strategy %s, and the config's is %s: resuming with the "
+            "checkpoint's, since no strategy= was given. To change it, pass strategy=<name> (and its "
+            "settings); the state the checkpoint's strategy saved is then dropped",
+            ckpt_path, old_text, repr(strategy),
+        )
+        overrides = ((checkpoint.get("nde_zoo") or {}).get("overrides") or [])
+        return old, [str(o) for o in overrides if _is_strategy_override(o)]
+    state = (checkpoint.get("callbacks") or {}).get(old_key)
+    if old_key == strategy.state_key:
+        what = (f"the state it saved, {_describe_state(old_name, state)}, is loaded into the new one" if state
+                else "it saved no state")
+    else:
+        what = (f"dropped: {_describe_state(old_name, state)}" if state
+                else "it saved no state, so none is dropped")
+    log.warning(
+        "resuming ckpt_path=%s with gradient strategy %s instead of the checkpoint's %s (%s); %s",
+        ckpt_path, repr(strategy), old_text,
+        f"given: {' '.join(given)}" if given else "the config's strategy was given from Python", what,
+    )
+    return strategy, None
 
 
 def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
@@ -112,7 +224,7 @@ def run(sub: str, cfg: DictConfig) -> Any:
 
         torch.set_num_threads(int(cfg.cpu_threads))
     lightning.seed_everything(cfg.seed, workers=True)
-    datamodule, model, strategy = build(cfg)
+    datamodule, model, strategy = build(cfg, resume_from=ckpt_path if sub == "fit" else None)
     if ckpt_path is not None:
         _check_checkpoint_model(ckpt_path, model)
     if sub == "gradcheck":
@@ -120,8 +232,15 @@ def run(sub: str, cfg: DictConfig) -> Any:
     if sub == "plan":
         return _plan(cfg, datamodule, model, strategy)
     run_dir = _run_dir()
-    if sub == "fit" and HydraConfig.initialized():  # never into another run's directory
-        claim_run_dir(run_dir, ckpt_path)
+    if sub == "fit" and HydraConfig.initialized() and not claimed_here(run_dir):  # never into another run's
+        claim_run_dir(run_dir, ckpt_path)  # directory (the command line claims it before Hydra writes there)
+    if hasattr(model, "_inherited_overrides") and HydraConfig.initialized():  # the strategy it trains with
+        _rewrite_saved_config(cfg)
+    if sub == "fit" and _process_rank() == 0:  # what processes killed mid-save left behind
+        folders = {run_dir / "checkpoints"} if HydraConfig.initialized() else set()
+        folders |= {Path(ckpt_path).parent} if ckpt_path is not None else set()
+        for folder in sorted(folders):
+            remove_stale_temp_files(folder)
     model.picture_dir = run_dir  # pictures next to checkpoints and logs, as the README says
     trainer = _trainer(cfg, run_dir)
     log.info("model %s with gradient strategy %r; outputs in %s", type(model).__name__, strategy, run_dir)
@@ -149,6 +268,18 @@ def run(sub: str, cfg: DictConfig) -> Any:
     torch.save(predictions, out)
     log.info("predictions written to %s", out)
     return predictions
+
+
+def _rewrite_saved_config(cfg: DictConfig) -> None:
+    """Hydra saved ``.hydra/config.yaml`` before the run kept its checkpoint's strategy: write it again."""
+    subdir = HydraConfig.get().output_subdir
+    if subdir is None or _process_rank() != 0:
+        return
+    path = Path(HydraConfig.get().runtime.output_dir) / subdir / "config.yaml"
+    try:
+        OmegaConf.save(cfg, path)
+    except Exception as exc:  # noqa: BLE001  (the run goes on; its checkpoints name the strategy)
+        log.warning("could not record the checkpoint's strategy in %s: %s: %s", path, type(exc).__name__, exc)
 
 
 def _stopped_by_sigterm(trainer: lightning.Trainer) -> int:

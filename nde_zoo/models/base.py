@@ -136,13 +136,16 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         return {"model": f"{cls.__module__}.{cls.__qualname__}", "config_name": name}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Name the model class (and, under the CLI, the run's config overrides) in the checkpoint."""
-        identity = self._identity()
+        """Name the model class, the nde_zoo version (and, under the CLI, the run's config overrides)."""
+        from nde_zoo import __version__
+
+        identity = {**self._identity(), "version": __version__}
         try:
             from hydra.core.hydra_config import HydraConfig
 
-            if HydraConfig.initialized():
-                identity["overrides"] = list(HydraConfig.get().overrides.task)
+            if HydraConfig.initialized():  # a resume that kept its checkpoint's strategy keeps its overrides
+                identity["overrides"] = [*getattr(self, "_inherited_overrides", ()),
+                                         *HydraConfig.get().overrides.task]
         except (ImportError, ValueError):  # pragma: no cover
             pass
         checkpoint["nde_zoo"] = identity
@@ -151,6 +154,9 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         add_checksum(checkpoint, scope="state_dict")  # the weights of every zoo checkpoint verifiable on load
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from nde_zoo.checkpoints import migrate_checkpoint
+
+        migrate_checkpoint(checkpoint)  # an older nde_zoo's checkpoint brought up to this one; a newer warns
         self.check_checkpoint_model(checkpoint, type(self), "this checkpoint")
         if self._trainer is None:  # load_from_checkpoint: no trainer restores the callbacks, so the
             # strategy's own state (Auto's choice, the ERNODE schedule) comes back with the weights here
@@ -199,6 +205,9 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
             from nde_zoo.checkpoints import verify_checksum
 
             verify_checksum(checkpoint, f"checkpoint {checkpoint_path}")  # flipped bytes: CheckpointError
+            from nde_zoo.checkpoints import migrate_checkpoint
+
+            migrate_checkpoint(checkpoint, f"checkpoint {checkpoint_path}")  # warns here, naming the file
             NeuralDE.check_checkpoint_model(checkpoint, cls, f"checkpoint {checkpoint_path}")
         return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
                                             hparams_file=hparams_file, strict=strict,
