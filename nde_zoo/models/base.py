@@ -255,6 +255,35 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
             return self.strategy.solve(field, y0, ts)
 
     # -- Lightning ---------------------------------------------------------------------------
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's ``log``, except that a figure aggregated over the epoch is synced across ranks.
+
+        Under DDP each rank would otherwise report the mean over its own shard: ``val/loss`` (which
+        selects the best checkpoint), ``val/nfe``, ``train/nfe``, ``test/loss``... would differ between
+        ranks, and a checkpoint improving the global mean could be refused because one rank saw no
+        improvement. Unless the call says ``sync_dist=`` itself, an epoch-level figure (Lightning's
+        default in validation and test, ``on_epoch=True`` in training) that is not also logged per step
+        gets ``sync_dist=True``: the batch-size-weighted mean over every rank, one all-reduce at the end
+        of the epoch. Step-level figures and torchmetrics objects (which sync themselves) are unchanged.
+        """
+        if not args and "sync_dist" not in kwargs and self._epoch_level_only(value, kwargs):
+            kwargs["sync_dist"] = True
+        super().log(name, value, *args, **kwargs)
+
+    def _epoch_level_only(self, value: Any, kwargs: dict[str, Any]) -> bool:
+        from lightning.pytorch.trainer.connectors.logger_connector.fx_validator import _FxValidator
+        from torchmetrics import Metric
+
+        fx = getattr(self, "_current_fx_name", None)
+        if isinstance(value, Metric) or fx is None or self._trainer is None:
+            return False
+        try:
+            on_step, on_epoch = _FxValidator.get_default_logging_levels(fx, kwargs.get("on_step"),
+                                                                        kwargs.get("on_epoch"))
+        except (AssertionError, KeyError):  # a hook Lightning does not log from: its own error follows
+            return False
+        return bool(on_epoch) and not on_step
+
     def configure_callbacks(self) -> list[lightning.Callback]:
         return [self.strategy]
 
