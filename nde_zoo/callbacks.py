@@ -1,6 +1,7 @@
 """Lightning callbacks of the zoo that are not gradient strategies.
 
-Both make a resumed ``fit`` end where the uninterrupted run ends (configs/callbacks/default.yaml
+:class:`StepTimer` logs the seconds per training step, the compile seconds and the peak memory
+once per epoch (the columns of the sweep table, nde_zoo/sweeps.py). The other two make a resumed ``fit`` end where the uninterrupted run ends (configs/callbacks/default.yaml
 registers them): :class:`ResumableSeeds` makes every random draw of training a function of
 ``(seed, epoch, batch)``; :class:`ResumableCheckpoint` keeps ranking the best checkpoints
 across a resume into a new run directory.
@@ -9,6 +10,8 @@ across a resume into a new run directory.
 from __future__ import annotations
 
 import random
+import statistics
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
 
-__all__ = ["ResumableCheckpoint", "ResumableSeeds", "derived_seed"]
+__all__ = ["ResumableCheckpoint", "ResumableSeeds", "StepTimer", "compile_seconds", "derived_seed"]
 
 
 def derived_seed(seed: int, *key: int) -> int:
@@ -139,3 +142,77 @@ class ResumableCheckpoint(ModelCheckpoint):
         self.best_k_models = dict(state_dict.get("best_k_models", {}))
         self.kth_best_model_path = state_dict.get("kth_best_model_path", "")
         self.kth_value = state_dict.get("kth_value", self.kth_value)
+
+
+def compile_seconds(strategy: Any) -> float:
+    """Seconds a strategy spent compiling so far: its own programs', its inner strategy's (ERNODE) and
+    its chosen candidate's (Auto)."""
+    total, seen, todo = 0.0, set(), [strategy]
+    while todo:
+        s = todo.pop()
+        if s is None or id(s) in seen:
+            continue
+        seen.add(id(s))
+        programs = getattr(s, "programs", None)
+        total += float(getattr(programs, "compile_seconds", 0.0) or 0.0)
+        todo += [getattr(s, "inner", None), getattr(s, "chosen", None)]
+    return total
+
+
+class StepTimer(lightning.Callback):
+    """Log, once per training epoch, what a sweep compares runs by.
+
+    - ``time/step_s``: the median wall-clock seconds of the epoch's training steps (from the start
+      of a batch to its end: forward, backward, optimiser; on a GPU after a synchronisation). The
+      median leaves out a step that compiled or warmed up;
+    - ``time/compile_s``: the seconds the gradient strategy has spent compiling so far
+      (``strategy.compile=true``; 0 otherwise), cumulative;
+    - ``memory/peak_bytes``: the largest memory figure of any training step of the epoch: the CUDA
+      peak (``memory/cuda_peak_bytes``) on a GPU, the bytes autograd kept for backward
+      (``memory/saved_bytes``) on the CPU.
+
+    Epoch-level, so the CSV logger writes every epoch's value whatever ``log_every_n_steps`` is.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._start = 0.0
+        self._steps: list[float] = []
+        self._peak = 0.0
+
+    @staticmethod
+    def _sync(pl_module: Any) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def _read_memory(self, trainer: Any) -> None:
+        metrics = trainer.callback_metrics
+        for key in ("memory/cuda_peak_bytes", "memory/saved_bytes"):
+            if key in metrics:
+                self._peak = max(self._peak, float(metrics[key]))
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self._steps, self._peak = [], 0.0
+
+    def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module)
+        self._steps.append(time.perf_counter() - self._start)
+        self._read_memory(trainer)  # this step's figures, or the previous one's (callback order)
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not self._steps:
+            return
+        self._read_memory(trainer)
+        figures = {"time/step_s": statistics.median(self._steps),
+                   "time/compile_s": compile_seconds(getattr(pl_module, "strategy", None))}
+        if self._peak:
+            figures["memory/peak_bytes"] = self._peak
+        for key, value in figures.items():
+            pl_module.log(key, float(value), on_step=False, on_epoch=True, batch_size=1)
+
+    def __repr__(self) -> str:
+        return "StepTimer()"

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")
-OTHER_SUBCOMMANDS = ("bench", "gradcheck", "plan")
+OTHER_SUBCOMMANDS = ("bench", "gradcheck", "plan", "table")
 USAGE = """usage: nde-zoo <subcommand> [hydra overrides...]
 
 subcommands:
@@ -30,6 +30,7 @@ subcommands:
   gradcheck  compare one batch's gradient with float64 backprop, per parameter group
   plan       which strategy fits a memory budget: probe strategy=auto's candidates on one batch
   bench      run a benchmark: nde-zoo bench NAME [--quick]  (nde-zoo bench --list)
+  table      one table (sweep.csv, sweep.md) of every run under a folder: nde-zoo table multirun/fit/<time>
 
 examples:
   nde-zoo fit model=cnf strategy=reversible
@@ -76,6 +77,10 @@ def main(argv: list[str] | None = None) -> Any:
         from nde_zoo.bench.runner import main as bench_main
 
         return bench_main(args[1:])
+    elif args[0] == "table":
+        from nde_zoo.sweeps import main as table_main
+
+        raise SystemExit(table_main(args[1:]))
     elif args[0] not in TRAIN_SUBCOMMANDS + ("gradcheck", "plan"):
         _fail(
             f"unknown subcommand {args[0]!r}; choose one of "
