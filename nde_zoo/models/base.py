@@ -362,27 +362,46 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
             return None
         return Path(trainer.log_dir)
 
+    def nfe_figure(self, plt: Any) -> Any:
+        """Forward/backward NFE per training step, or None where the NFE never changed (fixed steps:
+        two flat lines say nothing the title does not)."""
+        history = self.strategy.history
+        if not history:
+            return None
+        from nde_zoo.pictures import nfe_varies, run_title
+
+        if not nfe_varies(history):
+            import logging
+
+            last = history[-1]
+            logging.getLogger("nde_zoo").info(
+                "nfe_curve.png not drawn: the NFE was the same at every training step (%g forward, %g backward)",
+                last.get("nfe/forward", 0.0), last.get("nfe/backward", 0.0))
+            return None
+        steps = [h["step"] for h in history]
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for key in ("nfe/forward", "nfe/backward"):
+            ax.plot(steps, [h[key] for h in history], label=key)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("function evaluations per step")
+        ax.set_title(run_title(self, "NFE per training step"), fontsize=7)
+        ax.legend()
+        fig.tight_layout()
+        return fig
+
     def on_fit_end(self) -> None:
-        """Plot forward/backward NFE per training step (skipped without matplotlib)."""
+        """Plot forward/backward NFE per training step where it varies (skipped without matplotlib)."""
         out = self.output_dir()
         if out is None or not self.strategy.history or self.trainer.global_rank != 0:
             return
-        try:
-            import matplotlib
+        from nde_zoo.pictures import pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:  # the [plots] extra is optional
+        plt = pyplot()
+        if plt is None:  # the [plots] extra is optional
             return
-        steps = [h["step"] for h in self.strategy.history]
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key in ("nfe/forward", "nfe/backward"):
-            ax.plot(steps, [h[key] for h in self.strategy.history], label=key)
-        ax.set_xlabel("training step")
-        ax.set_ylabel("function evaluations")
-        ax.set_title(f"{type(self).__name__} with {self.strategy!r}", fontsize=8)
-        ax.legend()
+        fig = self.nfe_figure(plt)
+        if fig is None:
+            return
         out.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
         fig.savefig(out / "nfe_curve.png", dpi=120)
         plt.close(fig)

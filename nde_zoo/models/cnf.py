@@ -301,20 +301,27 @@ class CNF(NeuralDE):
         datamodule = getattr(self.trainer, "datamodule", None)
         if out is None or self.dim != 2 or self.trainer.global_rank != 0 or datamodule is None:
             return
-        try:
-            import matplotlib
+        from nde_zoo.pictures import pyplot
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
+        plt = pyplot()
+        if plt is None:
             return
-        data = datamodule.test_dataloader().dataset.tensors[0][:2000]
-        samples = self.sample(2000, torch.Generator(device=self.ts.device).manual_seed(0)).cpu()
+        fig = self.samples_figure(datamodule, plt)
+        out.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out / "cnf_samples.png", dpi=110)
+        plt.close(fig)
+
+    @torch.no_grad()
+    def samples_figure(self, datamodule: Any, plt: Any, n: int = 2000) -> Any:
+        """Data (test split), samples and the learned log-density, on equal axes (2-D flows)."""
+        from nde_zoo.pictures import run_title
+
+        data = datamodule.test_dataloader().dataset.tensors[0][:n]
+        samples = self.sample(n, torch.Generator(device=self.ts.device).manual_seed(0)).cpu()
         lo, hi = data.min(0).values - 0.5, data.max(0).values + 0.5
         gx, gy = torch.meshgrid(torch.linspace(lo[0], hi[0], 120), torch.linspace(lo[1], hi[1], 120), indexing="xy")
         grid = torch.stack([gx.reshape(-1), gy.reshape(-1)], dim=1).to(self.ts)
-        with torch.no_grad():
-            log_density = torch.cat([self(chunk) for chunk in grid.split(4096)]).reshape(gx.shape).cpu()
+        log_density = torch.cat([self(chunk) for chunk in grid.split(4096)]).reshape(gx.shape).cpu()
         # log scale, clipped DENSITY_RANGE nats below the peak: one sharp spike cannot wash out the rest
         log_density = log_density.clamp(min=float(log_density.max()) - DENSITY_RANGE)
         fig, axes = plt.subplots(1, 3, figsize=(12, 4))
@@ -322,14 +329,15 @@ class CNF(NeuralDE):
         axes[0].set_title("data (test split)")
         axes[1].scatter(samples[:, 0], samples[:, 1], s=2, color="tab:orange")
         axes[1].set_title("samples")
-        mesh = axes[2].pcolormesh(gx, gy, log_density, shading="auto", cmap="viridis")
-        fig.colorbar(mesh, ax=axes[2], fraction=0.046, pad=0.04)
+        mesh = axes[2].pcolormesh(gx.numpy(), gy.numpy(), log_density.numpy(), shading="auto", cmap="viridis")
+        fig.colorbar(mesh, ax=axes[2], fraction=0.046, pad=0.04, label="log p(x) (nats)")
         axes[2].set_title(f"learned log-density (clipped {DENSITY_RANGE:g} nats below its peak)", fontsize=9)
         for ax in axes:
             ax.set_xlim(float(lo[0]), float(hi[0]))
             ax.set_ylim(float(lo[1]), float(hi[1]))
             ax.set_aspect("equal")
-        fig.suptitle(f"CNF with {self.strategy!r}", fontsize=8)
+            ax.set_xlabel("x1")
+            ax.set_ylabel("x2")
+        fig.suptitle(run_title(self), fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "cnf_samples.png", dpi=110)
-        plt.close(fig)
+        return fig

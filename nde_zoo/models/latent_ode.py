@@ -376,6 +376,7 @@ class LatentODE(NeuralDE):
         rows = math.ceil(len(indices) / cols)
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
         before = dense <= t_split
+        planar = False
         for k, (ax, record) in enumerate(zip(axes.flat, records, strict=False)):
             seen = record.times <= t_split
             if self.data_dim == 2 and hasattr(datamodule, "truth"):  # a trajectory in the plane
@@ -396,7 +397,10 @@ class LatentODE(NeuralDE):
                     color="tab:red",
                     label="held out",
                 )
-                ax.set_aspect("equal", adjustable="datalim")
+                ax.set_aspect("equal")  # a spiral is a shape: one unit is as long on both axes
+                ax.set_xlabel("x1 (channel 0)")
+                ax.set_ylabel("x2 (channel 1)")
+                planar = True
             else:  # channels against time: the two most observed
                 counts = record.mask.sum(0)
                 for c, color in zip(
@@ -410,14 +414,17 @@ class LatentODE(NeuralDE):
                     )
                 ax.axvline(t_split, color="0.5", lw=0.8)
                 ax.set_xlabel("t")
+                ax.set_ylabel("value")
+                ax.legend(fontsize=6)
             ax.set_title(f"{split} series {indices[k]}", fontsize=8)
         for ax in list(axes.flat)[len(records) :]:
             ax.axis("off")
-        axes.flat[0].legend(fontsize=6)
-        fig.suptitle(
-            f"LatentODE with {self.strategy!r}: reconstruction (solid) and extrapolation (dashed) "
-            f"beyond t = {t_split:g}",
-            fontsize=8,
-        )
-        fig.tight_layout()
+        if planar:  # the same five entries in every panel: one legend for the figure
+            handles, labels = axes.flat[0].get_legend_handles_labels()
+            fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
+        from nde_zoo.pictures import run_title
+
+        fig.suptitle(run_title(self, f"reconstruction (solid) and extrapolation (dashed) beyond t = {t_split:g}"),
+                     fontsize=8)
+        fig.tight_layout(rect=(0, 0.05 if planar else 0, 1, 1))
         return fig

@@ -91,6 +91,45 @@ class NeuralSDEModel(NeuralDE):
     def solve(self, field: Any, y0: Tensor, ts: Tensor) -> Solution:
         raise TypeError(f"{type(self).__name__} solves SDEs: use solve_sde(sde, y0, ts)")
 
+    # -- the picture at the end of fit ---------------------------------------------------------
+    #: the file :meth:`paths_figure`'s picture is written to, in the run directory.
+    picture_name = "sde_paths.png"
+
+    def paths_figure(self, datamodule: Any, plt: Any) -> Any:
+        """Sampled paths against the data (each model draws its own); None: no picture."""
+        return None
+
+    def on_fit_end(self) -> None:
+        """The base's NFE picture (only where NFE varies), then sampled paths against the data."""
+        super().on_fit_end()
+        out = self.output_dir()
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if out is None or datamodule is None or self.trainer.global_rank != 0:
+            return
+        from nde_zoo.pictures import pyplot
+
+        plt = pyplot()
+        if plt is None:
+            return
+        fig = self.paths_figure(datamodule, plt)
+        if fig is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            fig.savefig(out / self.picture_name, dpi=110)
+            plt.close(fig)
+
+    def _picture_grid(self, t0: float, t1: float) -> Tensor:
+        """Output times on the solve's own step grid from ``t0`` to ``t1`` (a path, not just its end)."""
+        from nde_zoo.strategies.sde import sde_step_size
+
+        try:
+            step = sde_step_size(getattr(self.strategy, "inner", self.strategy), [t0, t1], self.dt)
+        except (AttributeError, ValueError):
+            step = self.dt
+        n = max(1, round((t1 - t0) / step))
+        if abs(n * step - (t1 - t0)) > 1e-6 * step:
+            return torch.tensor([t0, t1])
+        return torch.linspace(t0, t1, n + 1)
+
 
 class ClassifierSDE(nn.Module):
     """``dz = f(t, z) dt + g(z) o dW``: MLP drift with time as an input, diagonal diffusion.
@@ -209,6 +248,55 @@ class SDEClassifier(NeuralSDEModel):
             f"{stage}/nfe", float(solution.stats.nfe_forward), on_step=False, on_epoch=True, batch_size=len(y)
         )
         return loss
+
+    @torch.no_grad()
+    def paths_figure(self, datamodule: Any, plt: Any, n_examples: int = 5, n_paths: int = 8) -> Any:
+        """``n_paths`` sampled state paths of ``n_examples`` test examples of different classes.
+
+        Left: the paths of ``z(t)`` projected on the two principal directions of the final states
+        (equal axes; o where every path of an example starts, x where each ends), coloured by the
+        example's label. Right: the probability the head gives the true label along each path, which
+        the model is trained to make large at ``t1``.
+        """
+        from nde_zoo.pictures import run_title
+
+        x, y = next(iter(datamodule.test_dataloader()))
+        picked = [int((y == c).nonzero()[0]) for c in torch.unique(y)[:n_examples]]
+        x, y = x[picked].to(self.device), y[picked].to(self.device)
+        xs, labels = x.repeat_interleave(n_paths, 0), y.repeat_interleave(n_paths, 0)
+        was_training = self.training
+        self.eval()
+        self._set_noise_key("predict", 0)
+        ts = self._picture_grid(float(self.ts[0]), float(self.ts[-1])).to(xs)
+        solution = self.solve_sde(self.sde, self.embed(xs), ts)
+        self.train(was_training)
+        zs = solution.ys.cpu()  # (T, examples * paths, state)
+        p_true = torch.softmax(self.head(solution.ys), -1).gather(
+            -1, labels.expand(len(ts), -1).unsqueeze(-1)).squeeze(-1).cpu()
+        final = zs[-1] - zs[-1].mean(0)
+        directions = torch.linalg.svd(final, full_matrices=False).Vh[:2].T  # (state, 2)
+        plane = (zs - zs[-1].mean(0)) @ directions  # (T, paths, 2)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
+        for e, label in enumerate(y.tolist()):
+            color = f"C{e % 10}"
+            for b in range(e * n_paths, (e + 1) * n_paths):
+                left.plot(plane[:, b, 0], plane[:, b, 1], color=color, lw=0.8, alpha=0.7,
+                          label=f"label {label}" if b == e * n_paths else None)
+                left.plot(plane[-1, b, 0], plane[-1, b, 1], "x", color=color, ms=4)
+                right.plot(ts.cpu(), p_true[:, b], color=color, lw=0.8, alpha=0.7)
+            left.plot(plane[0, e * n_paths, 0], plane[0, e * n_paths, 1], "o", color=color, ms=5)
+        left.set_aspect("equal")
+        left.set_xlabel("z on principal direction 1")
+        left.set_ylabel("z on principal direction 2")
+        left.set_title(f"{n_paths} sampled paths of z(t) per test example (o start, x end)", fontsize=8)
+        left.legend(fontsize=7)
+        right.set_xlabel("t")
+        right.set_ylabel("p(true label | z(t))")
+        right.set_ylim(0, 1)
+        right.set_title("the head's probability of the true label along each path", fontsize=8)
+        fig.suptitle(run_title(self, "sampled paths against the data", sde=solution.extras.get("sde")), fontsize=8)
+        fig.tight_layout()
+        return fig
 
 
 class LatentPosteriorSDE(nn.Module):
@@ -406,34 +494,29 @@ class LatentSDE(NeuralSDEModel):
         )
         return loss
 
-    def on_fit_end(self) -> None:
-        """NFE curve (the base's), plus data, posterior reconstructions and prior samples."""
-        super().on_fit_end()
-        out = self.output_dir()
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if out is None or datamodule is None or self.trainer.global_rank != 0:
-            return
-        try:
-            import matplotlib
+    picture_name = "latent_sde.png"
 
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return
+    @torch.no_grad()
+    def paths_figure(self, datamodule: Any, plt: Any, n_series: int = 4) -> Any:
+        """Validation series (dots) with their posterior paths, and prior samples, channel 0 against time."""
+        from nde_zoo.pictures import run_title
+
         t, x = next(iter(datamodule.val_dataloader()))
-        t, x = t[:4].to(self.device), x[:4].to(self.device)
+        t, x = t[:n_series].to(self.device), x[:n_series].to(self.device)
         self._set_noise_key("predict", 0)
-        with torch.no_grad():
-            recon = self.reconstruct(t, x).cpu()
-            prior = self.sample_prior(t[0], 4).cpu()
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+        _, _, _, solution = self.elbo_terms(t, x)
+        recon = self.decoder(solution.ys[..., : self.latent_dim]).transpose(0, 1).cpu()
+        prior = self.sample_prior(t[0], n_series).cpu()
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
         for i in range(len(x)):
             axes[0].plot(t[0].cpu(), x[i, :, 0].cpu(), "o", ms=3, color=f"C{i}")
             axes[0].plot(t[0].cpu(), recon[i, :, 0], "-", color=f"C{i}")
             axes[1].plot(t[0].cpu(), prior[i, :, 0], "-", color=f"C{i}")
-        axes[0].set_title("data (dots) and posterior paths")
-        axes[1].set_title("prior samples")
-        out.mkdir(parents=True, exist_ok=True)
+        axes[0].set_title("data (dots) and posterior sample paths", fontsize=9)
+        axes[1].set_title("prior sample paths", fontsize=9)
+        for ax in axes:
+            ax.set_xlabel("t")
+        axes[0].set_ylabel("x (channel 0)")
+        fig.suptitle(run_title(self, sde=solution.extras.get("sde")), fontsize=8)
         fig.tight_layout()
-        fig.savefig(out / "latent_sde.png", dpi=120)
-        plt.close(fig)
+        return fig
