@@ -160,15 +160,16 @@ def _resume_strategy(ckpt_path: str, strategy: Any) -> tuple[Any, list[str] | No
     saved = hparams.get("strategy")
     if not isinstance(saved, dict) or "_target_" not in saved:
         return strategy, None  # not a zoo model's checkpoint: nothing to compare with
-    if _same_config(saved, strategy_config(strategy)):
-        return strategy, None
     try:
         old = strategy_from_config(saved)
         old_text, old_key, old_name = repr(old), old.state_key, type(old).__name__
+        saved = strategy_config(old)  # with this version's defaults for arguments it did not save
     except Exception as exc:  # its class is gone or changed
         old, old_name = None, str(saved["_target_"]).rpartition(".")[2]
         old_text = f"{saved['_target_']} (cannot be built here: {type(exc).__name__}: {exc})"
         old_key = f"GradientStrategy[{old_name}]"
+    if _same_config(saved, strategy_config(strategy)):
+        return strategy, None
     given = [str(o) for o in HydraConfig.get().overrides.task if _is_strategy_override(o)] \
         if HydraConfig.initialized() else None
     if not given and old is not None:
@@ -187,10 +188,11 @@ def _resume_strategy(ckpt_path: str, strategy: Any) -> tuple[Any, list[str] | No
     else:
         what = (f"dropped: {_describe_state(old_name, state)}" if state
                 else "it saved no state, so none is dropped")
+    why = (f"given: {' '.join(given)}" if given else "the config's strategy was given from Python"
+           if given is None else "the checkpoint's cannot be built, so the config's is used")
     log.warning(
         "resuming ckpt_path=%s with gradient strategy %s instead of the checkpoint's %s (%s); %s",
-        ckpt_path, repr(strategy), old_text,
-        f"given: {' '.join(given)}" if given else "the config's strategy was given from Python", what,
+        ckpt_path, repr(strategy), old_text, why, what,
     )
     return strategy, None
 
