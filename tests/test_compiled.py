@@ -297,3 +297,46 @@ def test_cde_and_latent_ode_fields_compile(aot_eager):
     _, compiled = gradients(Symplectic("rk4", steps=6, compile="strict"), field, y0, ts, weights)
     for c, e in zip(compiled, eager):
         assert relative(c, e) <= 1e-12
+
+
+class _CountsItsCalls(nn.Module):
+    """torchdiffeq's examples' pattern: the field counts its own evaluations."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3).double()
+        self.nfe = 0
+
+    def forward(self, t, y):
+        self.nfe += 1
+        return torch.tanh(self.lin(y))
+
+
+def test_a_field_that_counts_its_calls_falls_back_naming_the_counter_and_the_fix(aot_eager):
+    field = _CountsItsCalls()
+    y0, ts = torch.randn(2, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
+    with pytest.warns(RuntimeWarning) as record:
+        sol = Direct("midpoint", steps=4, compile=True).solve(field, y0, ts)
+    message = " ".join(str(w.message) for w in record)
+    assert "Attribute 'nfe' on an outer-scope object was changed" in message
+    assert "torch.compiler.is_compiling()" in message
+    eager = Direct("midpoint", steps=4).solve(field, y0, ts)
+    torch.testing.assert_close(sol.ys, eager.ys, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["checkpoint", "reversible", "symplectic"])
+def test_a_closure_field_compiles_its_forward_and_warns_that_its_backward_is_eager(aot_eager, name):
+    net = nn.Linear(3, 3).double()
+    field = lambda t, y: torch.tanh(net(y))  # noqa: E731
+    y0, ts = torch.randn(2, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
+    grads = []
+    for compile in (False, True):
+        net.zero_grad()
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            STRATEGIES[name]("midpoint", steps=4, compile=compile, **kwargs_for(name)).solve(
+                field, y0, ts).ys.sum().backward()
+        grads.append(net.weight.grad.clone())
+    assert any("cannot take these, so the backward runs eagerly" in str(w.message) for w in record)
+    assert float(grads[0].abs().max()) > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)

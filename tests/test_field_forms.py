@@ -114,11 +114,11 @@ def test_every_field_form_gets_the_module_forms_gradients(strategy_name, form, y
     reference = _gradients(strategy_name, AsModule(net), net, y0_requires_grad)
     assert all(float(g.abs().max()) > 0 for g in reference)
     got = _gradients(strategy_name, _forms(net)[form], net, y0_requires_grad)
-    for g, r in zip(got, reference):
+    for g, r in zip(got, reference, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
     if strategy_name in ("checkpoint", "symplectic"):  # exact strategies: Direct's gradients too
         direct = _gradients("direct", _forms(net)[form], net, y0_requires_grad)
-        for g, r in zip(got, direct):
+        for g, r in zip(got, direct, strict=True):
             torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 
@@ -146,7 +146,7 @@ def test_params_argument_names_what_no_search_can_see(strategy_name):
     field = lambda t, y: _apply(registry[name], t, y)  # noqa: E731
     reference = _gradients(strategy_name, AsModule(net), net, False)
     got = _gradients(strategy_name, field, net, False, params=list(net.parameters()))
-    for g, r in zip(got, reference):
+    for g, r in zip(got, reference, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
 
 

@@ -68,6 +68,7 @@ __all__ = [
     "scan",
     "scan_forward",
     "trainable_names",
+    "functional_names",
 ]
 
 COMPILE_CHOICES = (False, True, "strict", "reduce-overhead")
@@ -332,17 +333,41 @@ def _on_cpu(args: Sequence[Any]) -> bool:
     return True
 
 
+#: what to do about the graph breaks users meet most, by a phrase of torch's message.
+_BREAK_HINTS = {
+    "outer-scope object was changed": (
+        "the field changes Python state on each call (e.g. a counter, self.nfe += 1), which a compiled "
+        "loop cannot replay; the strategy already counts evaluations (solution.stats.nfe_forward, the "
+        "nfe/forward metric), so drop the counter or skip it while compiling: "
+        "`if not torch.compiler.is_compiling(): self.nfe += 1`"
+    ),
+}
+
+
 def _reason(error: BaseException) -> str:
-    """One line that names why compilation failed: the outermost error and its root cause."""
+    """One line that names why compilation failed: the outermost error, its root cause with
+    torch's own explanation (a higher-order op's error puts it only in its cause), and a fix
+    for the graph breaks users meet most."""
 
-    def line(e: BaseException) -> str:
-        text = next((t.strip() for t in str(e).strip().splitlines() if t.strip()), "")
-        return f"{type(e).__name__}: {text[:240]}" if text else type(e).__name__
+    def line(e: BaseException, explain: bool = True) -> str:
+        text = str(e).strip()
+        first = next((t.strip() for t in text.splitlines() if t.strip()), "")
+        explanation = next((t.split("Explanation:", 1)[1].strip() for t in text.splitlines() if "Explanation:" in t), "")
+        if explain and explanation and explanation not in first:
+            first = f"{first.rstrip('.:')}: {explanation}" if first else explanation
+        return f"{type(e).__name__}: {first[:400]}" if first else type(e).__name__
 
-    root = error
-    while root.__cause__ is not None and root.__cause__ is not root:
-        root = root.__cause__
-    return line(error) if root is error else f"{line(error)} (cause: {line(root)})"
+    chain = [error]
+    while len(chain) < 16:
+        nxt = chain[-1].__cause__ or chain[-1].__context__
+        if nxt is None or nxt in chain:
+            break
+        chain.append(nxt)
+    root = chain[-1]
+    reason = line(error) if root is error else f"{line(error, explain=False)} (cause: {line(root)})"
+    text = " ".join(str(e) for e in chain)
+    hints = [hint for phrase, hint in _BREAK_HINTS.items() if phrase in text]
+    return f"{reason}. Fix: {hints[0]}" if hints else reason
 
 
 def functional_field(field: Any, names: Sequence[str]) -> Callable[[Sequence[Tensor], Tensor, Tensor], Tensor]:
@@ -365,6 +390,23 @@ def trainable_names(field: Any) -> list[str]:
     if not isinstance(field, nn.Module):
         return []
     return [n for n, p in field.named_parameters() if p.requires_grad]
+
+
+def functional_names(programs: Programs, field: Any, params: Sequence[Tensor]) -> list[str] | None:
+    """The names under which a compiled backward passes ``params`` to the field, or ``None`` (and a
+    warning, once) when they are not exactly the module's trainable parameters: a closure, or a
+    module that also reads tensors outside itself, cannot take them functionally, so that backward
+    runs eagerly (the same gradients)."""
+    names = trainable_names(field)
+    if len(names) == len(params):
+        return names
+    programs._warn(
+        f"the field ({type(field).__name__}) reads {len(params)} trainable tensors, of which {len(names)} are "
+        f"its own module parameters (a closure, a partial, or a module reading tensors outside itself): the "
+        f"compiled backward passes parameters functionally and cannot take these, so the backward runs eagerly "
+        f"(same gradients). Write the field as an nn.Module that owns every parameter it reads to compile it"
+    )
+    return None
 
 
 def func_vjp(

@@ -9,10 +9,11 @@ from ``configure_callbacks()``, and it logs its own figures (NFE, memory) per tr
 from __future__ import annotations
 
 import abc
-import weakref
 import warnings
-from dataclasses import dataclass, field as dataclass_field
+import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any, ClassVar
 
 import lightning

@@ -10,10 +10,11 @@ step is recomputed once with a graph.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field as dataclass_field
 import functools
 import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from math import comb
 from typing import Any
 
@@ -35,9 +36,19 @@ from nde_zoo.solvers import (
 )
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs
-from nde_zoo.strategies._compiled import Grid, Programs, _fresh, func_vjp, functional_field, row, scan, scan_forward, trainable_names
-from nde_zoo.strategies.fields import inspect_field
+from nde_zoo.strategies._compiled import (
+    Grid,
+    Programs,
+    _fresh,
+    func_vjp,
+    functional_field,
+    functional_names,
+    row,
+    scan,
+    scan_forward,
+)
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.fields import inspect_field
 
 __all__ = ["Checkpoint", "binomial_split", "binomial_repetitions", "binomial_recomputations", "binomial_peak_states"]
 
@@ -229,14 +240,14 @@ def _backward_compiled(problem: _Problem, stored: Tensor, grad_ys: Tensor) -> li
     """Reverse the segments in one compiled program; ``None`` if it fell back to eager."""
     assert problem.programs is not None and problem.path is not None
     path, tableau, field, segment = problem.path, problem.tableau, problem.field, problem.segment
-    names = trainable_names(field)
     params = tuple(problem.params)
-    if len(names) != len(params):
+    names = functional_names(problem.programs, field, params)
+    if names is None:
         return None
     segments = stored.shape[0]
     padding = segments * segment - path.steps  # identity steps (h = 0) after the end
     end = path.times[-1]
-    grid = Grid.of(path.times + [end] * padding, path.sizes + [0.0] * padding, path.output_steps, stored)
+    grid = Grid.of([*path.times, *[end] * padding], [*path.sizes, *[0.0] * padding], path.output_steps, stored)
 
     def build() -> Callable[..., Any]:
         def program(field, stored, grad_rows, times, sizes, slots, *params):

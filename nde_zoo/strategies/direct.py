@@ -8,7 +8,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nde_zoo.solvers import CountedField, SolveStats, check_finite_outputs, check_inputs, fixed_path, odeint, rk_stepper
+from nde_zoo.solvers import (
+    CountedField,
+    SolveStats,
+    check_finite_outputs,
+    check_inputs,
+    fixed_path,
+    odeint,
+    rk_stepper,
+)
 from nde_zoo.strategies._compiled import Grid, scan_forward
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 from nde_zoo.strategies.sde import solve_sde

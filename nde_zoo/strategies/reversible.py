@@ -49,22 +49,22 @@ from nde_zoo.solvers import (
     integrate,
     rk_increment,
 )
+from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs
 from nde_zoo.strategies._compiled import (
     Grid,
     Programs,
     _fresh,
     adaptive_step,
     func_vjp,
-    row,
     functional_field,
+    functional_names,
+    row,
     scan,
     scan_forward,
-    trainable_names,
 )
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs
-from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Reversible"]
@@ -246,9 +246,9 @@ def _backward_compiled(
     """The backward pass as one compiled reverse scan; ``None`` if it fell back to eager."""
     assert problem.programs is not None and problem.grid is not None
     grid, tableau, lam, field = problem.grid, problem.tableau, problem.coupling, problem.field
-    names = trainable_names(field)
     params = tuple(problem.params)
-    if len(names) != len(params):  # a field whose parameters are not its named_parameters
+    names = functional_names(problem.programs, field, params)
+    if names is None:
         return None
 
     def build() -> Callable[..., Any]:

@@ -59,20 +59,20 @@ from nde_zoo.solvers import (
     rk_stepper,
     stage_input,
 )
+from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs, vjp
 from nde_zoo.strategies._compiled import (
     Grid,
     Programs,
     _fresh,
     func_vjp,
     functional_field,
+    functional_names,
     row,
     scan,
     scan_forward,
-    trainable_names,
 )
-from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs, vjp
-from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.fields import inspect_field
 
 __all__ = ["Symplectic"]
 
@@ -326,9 +326,9 @@ def _backward_compiled(problem: _Problem, states: Tensor, grad_ys: Tensor) -> li
     """The discrete adjoint as one compiled reverse scan; ``None`` if it fell back to eager."""
     assert problem.programs is not None and problem.grid is not None and problem.stats is not None
     grid, tableau, field = problem.grid, problem.tableau, problem.field
-    names = trainable_names(field)
     params = tuple(problem.params)
-    if len(names) != len(params):
+    names = functional_names(problem.programs, field, params)
+    if names is None:
         return None
     needed = _stages_needed(tableau)
     last = max(i for i, n in enumerate(needed) if n)
