@@ -3,6 +3,7 @@
 from nde_zoo.datamodules.cde_spirals import CDESpiralsDataModule
 from nde_zoo.datamodules.density_tabular import DensityTabularDataModule
 from nde_zoo.datamodules.digits import DigitsDataModule
+from nde_zoo.datamodules.files import IrregularFileDataModule, PointsFileDataModule, SeriesFileDataModule
 from nde_zoo.datamodules.mnist import MNISTDataModule
 from nde_zoo.datamodules.physionet import PhysioNetDataModule
 from nde_zoo.datamodules.sde_series import SDESeriesDataModule
@@ -15,9 +16,12 @@ __all__ = [
     "CDESpiralsDataModule",
     "DensityTabularDataModule",
     "DigitsDataModule",
+    "IrregularFileDataModule",
     "MNISTDataModule",
     "PhysioNetDataModule",
+    "PointsFileDataModule",
     "SDESeriesDataModule",
+    "SeriesFileDataModule",
     "SpeechCommandsDataModule",
     "SpiralsDataModule",
     "Toy2DDataModule",

@@ -24,6 +24,7 @@ then the values, then the intensities. The model turns ``x`` into an interpolati
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import numpy as np
@@ -33,6 +34,8 @@ from torch.utils.data import TensorDataset
 from nde_zoo.datamodules.base import SplitDataModule
 
 __all__ = ["SeriesDataModule", "drop_observations", "fill_missing", "pad_forward", "series_to_knots"]
+
+log = logging.getLogger("nde_zoo")
 
 
 def drop_observations(series: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
@@ -142,6 +145,10 @@ class SeriesDataModule(SplitDataModule):
         """
         raise NotImplementedError
 
+    def source(self) -> str:
+        """Where :meth:`load` reads from, for the log line on load (a file, a folder, an embedded copy)."""
+        return f"{type(self).__name__}.load()"
+
     def observation_times(self, split: str, index: int) -> np.ndarray | None:
         """Times of series ``index`` of ``split`` (``"train"``/``"test"``, as :meth:`load` returned them),
         scaled to ``[0, 1]``; ``None`` (the default) for the knot grid ``i / (L - 1)``."""
@@ -174,9 +181,11 @@ class SeriesDataModule(SplitDataModule):
                 f"same channels; found channel counts {sorted(channels)}"
             )
         times = list(train_t) + list(test_t)
+        missing = [int(np.isnan(s).sum()) for s in everything]  # in the data as read
         if self.missing_rate > 0:
             drop_rng = np.random.default_rng([self.seed, 1])
             everything = [drop_observations(s, self.missing_rate, drop_rng) for s in everything]
+        self._log_load(everything, missing, n_train, next(iter(channels)), times)
         stacked = np.concatenate(everything[:n_train], axis=0)
         mean, std = np.nanmean(stacked, axis=0), np.nanstd(stacked, axis=0)
         std = np.where(std > 1e-8, std, 1.0)
@@ -196,6 +205,29 @@ class SeriesDataModule(SplitDataModule):
             "val": TensorDataset(x[val_idx], yt[val_idx]),
             "test": TensorDataset(x[test_idx], yt[test_idx]),
         }
+
+    def _log_load(self, series: list[np.ndarray], missing: list[int], n_train: int, channels: int,
+                  times: list[np.ndarray | None]) -> None:
+        """One line: what was read, and what was filled (or dropped by ``missing_rate``)."""
+        lengths = [len(s) for s in series]
+        total = sum(lengths) * channels
+        dropped = sum(int(np.isnan(s).sum()) for s in series) - sum(missing)
+        never = sum(int(np.isnan(s).all(axis=0).sum()) for s in series)
+        filled = sum(missing) + dropped
+        knots = 1 + channels * (2 if self.intensity else 1)
+        log.info(
+            "%s read %d series (%d train, %d test) of %d channel(s), lengths %d-%d, %d classes, from %s; times: %s; "
+            "missing values in the data: %d of %d, in %d series%s; %s; the path has %d channels (model.in_channels=%d)",
+            type(self).__name__, len(series), n_train, len(series) - n_train, channels, min(lengths), max(lengths),
+            len(self.classes), self.source(),
+            "the series' own" if any(t is not None for t in times) else "the knot grid i / (L - 1)",
+            sum(missing), total, sum(1 for m in missing if m),
+            f"; missing_rate={self.missing_rate:g} dropped {dropped} more" if dropped else "",
+            (f"filled {filled} by linear interpolation in time (the nearest observation before the first and after "
+             f"the last){f', and {never} channel(s) of a series never observed with 0' if never else ''}")
+            if filled else "nothing to fill",
+            knots, knots,
+        )
 
     @property
     def num_channels(self) -> int:

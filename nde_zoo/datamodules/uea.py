@@ -138,6 +138,12 @@ class UEADataModule(SeriesDataModule):
         self.root = Path(root)
         self.download = download
 
+    def source(self) -> str:
+        if aeon_ships(self.name):
+            return f"aeon's embedded copy of {self.name}"
+        files = self._files()
+        return f"{files['train']} and {files['test']}"
+
     def _files(self) -> dict[str, Path]:
         folder = self.root / self.name
         return {split: folder / f"{self.name}_{split.upper()}.ts" for split in ("train", "test")}
