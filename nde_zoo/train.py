@@ -214,8 +214,10 @@ def _trainer(cfg: DictConfig, run_dir: Path) -> lightning.Trainer:
 def run(sub: str, cfg: DictConfig) -> Any:
     """Run ``fit``/``validate``/``test``/``predict``/``gradcheck`` on the composed config."""
     ckpt_path = _check_ckpt_path(sub, cfg) if sub not in ("gradcheck", "plan") else None
+    from nde_zoo.quiet import install as quiet_third_party
     from nde_zoo.shorthands import apply_memory_budget
 
+    quiet_third_party()  # Lightning's litlogger tip and treespec deprecation, filtered by name (nde_zoo/quiet.py)
     apply_memory_budget(sub, cfg)  # memory_budget= is strategy.memory_budget (auto), in every subcommand
     if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # `lightning` has its own too

@@ -285,6 +285,11 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         return bool(on_epoch) and not on_step
 
     def configure_callbacks(self) -> list[lightning.Callback]:
+        """The strategy, once: a trainer that already holds it (``test`` after ``fit``) gets nothing new,
+        where Lightning would otherwise replace the strategy by itself and say so."""
+        trainer = self._trainer
+        if trainer is not None and any(c is self.strategy for c in trainer.callbacks):
+            return []
         return [self.strategy]
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
