@@ -1,10 +1,11 @@
 """Lightning callbacks of the zoo that are not gradient strategies.
 
 :class:`StepTimer` logs the seconds per training step, the compile seconds and the peak memory
-once per epoch (the columns of the sweep table, nde_zoo/sweeps.py). The other two make a resumed ``fit`` end where the uninterrupted run ends (configs/callbacks/default.yaml
-registers them): :class:`ResumableSeeds` makes every random draw of training a function of
-``(seed, epoch, batch)``; :class:`ResumableCheckpoint` keeps ranking the best checkpoints
-across a resume into a new run directory.
+once per epoch (the columns of the sweep table, nde_zoo/sweeps.py). The other two make a resumed
+``fit`` end where the uninterrupted run ends (configs/callbacks/default.yaml registers them):
+:class:`ResumableSeeds` makes every random draw of training a function of ``(seed, epoch, batch)``;
+:class:`ResumableCheckpoint` keeps ranking the best checkpoints across a resume into a new run
+directory.
 """
 
 from __future__ import annotations
@@ -198,7 +199,8 @@ class StepTimer(lightning.Callback):
         self._sync(pl_module)
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
         self._sync(pl_module)
         self._steps.append(time.perf_counter() - self._start)
         self._read_memory(trainer)  # this step's figures, or the previous one's (callback order)
@@ -207,10 +209,10 @@ class StepTimer(lightning.Callback):
         if not self._steps:
             return
         self._read_memory(trainer)
+        # the same keys on every rank (under DDP they are reduced together): 0 where nothing was measured
         figures = {"time/step_s": statistics.median(self._steps),
-                   "time/compile_s": compile_seconds(getattr(pl_module, "strategy", None))}
-        if self._peak:
-            figures["memory/peak_bytes"] = self._peak
+                   "time/compile_s": compile_seconds(getattr(pl_module, "strategy", None)),
+                   "memory/peak_bytes": self._peak}
         for key, value in figures.items():
             pl_module.log(key, float(value), on_step=False, on_epoch=True, batch_size=1)
 

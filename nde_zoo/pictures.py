@@ -53,8 +53,10 @@ def solver_as_run(strategy: Any, sde: Mapping[str, Any] | None = None) -> str:
         return f"strategy=ernode around {solver_as_run(inner)}"
     chosen = getattr(strategy, "chosen", None) if name == "auto" else None
     tableau = getattr(strategy, "tableau", None)
-    parts = [f"strategy={name}" + (f" (chose {getattr(chosen, 'name', '') or type(chosen).__name__})"
-                                   if chosen is not None else "")]
+    parts = [
+        f"strategy={name}"
+        + (f" (chose {getattr(chosen, 'name', '') or type(chosen).__name__})" if chosen is not None else "")
+    ]
     if tableau is not None:
         parts.append(tableau.name)
     if _stepping(strategy):
@@ -71,6 +73,8 @@ def run_title(model: Any, what: str = "", sde: Mapping[str, Any] | None = None) 
     return f"{title}: {what}" if what else title
 
 
-def nfe_varies(history: Sequence[Mapping[str, float]], keys: Sequence[str] = ("nfe/forward", "nfe/backward")) -> bool:
-    """Whether any of ``keys`` takes more than one value over ``history`` (the strategy's per-step figures)."""
+def nfe_varies(
+    history: Sequence[Mapping[str, float]], keys: Sequence[str] = ("nfe/forward", "nfe/backward")
+) -> bool:
+    """Whether any of ``keys`` takes more than one value over ``history`` (a strategy's per-step figures)."""
     return any(len({h.get(k) for h in history if k in h}) > 1 for k in keys)

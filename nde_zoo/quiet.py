@@ -19,7 +19,10 @@ __all__ = ["install", "LITLOGGER_TIP", "PYTREE_DEPRECATION"]
 #: the start of Lightning's litlogger tip.
 LITLOGGER_TIP = "💡 Tip: For seamless cloud logging"
 #: the message (a regular expression) and module of Lightning's treespec deprecation warning.
-PYTREE_DEPRECATION = (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree")
+PYTREE_DEPRECATION = (
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    r"lightning\.pytorch\.utilities\._pytree",
+)
 
 
 class _DropByPrefix(logging.Filter):

@@ -44,8 +44,8 @@ def apply_memory_budget(sub: str, cfg: DictConfig) -> None:
             return
         raise SystemExit(
             f"error: memory_budget={budget} is the memory budget of strategy=auto (strategy.memory_budget), "
-            f"but strategy={_strategy_name(cfg)} has none; pass strategy=auto memory_budget={budget} to choose "
-            f"the fastest strategy that fits it, or drop memory_budget="
+            f"but strategy={_strategy_name(cfg)} has none; pass strategy=auto memory_budget={budget} to "
+            f"choose the fastest strategy that fits it, or drop memory_budget="
         )
     own = target.get("memory_budget")
     if own is not None and str(own) != str(budget):

@@ -90,10 +90,17 @@ def summarise(run: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"overrides": _overrides(run)}
     finished = any(k.startswith("test/") for k in keys) or (run / "checkpoints" / "last.ckpt").is_file()
     out["status"] = "finished" if finished and rows else ("no metrics" if not rows else "unfinished")
-    epochs = [row["epoch"] for row in rows if "epoch" in row and any(k.startswith(("train/", "val/", "time/"))
-                                                                     for k in row)]
+    epochs = [
+        row["epoch"]
+        for row in rows
+        if "epoch" in row and any(k.startswith(("train/", "val/", "time/")) for k in row)
+    ]
     out["epochs"] = int(max(epochs)) + 1 if epochs else None
-    val = [(row["val/loss"], row.get("epoch")) for row in rows if "val/loss" in row and math.isfinite(row["val/loss"])]
+    val = [
+        (row["val/loss"], row.get("epoch"))
+        for row in rows
+        if "val/loss" in row and math.isfinite(row["val/loss"])
+    ]
     if val:
         best, epoch = min(val, key=lambda v: v[0])
         out["best val/loss"], out["best epoch"] = best, None if epoch is None else int(epoch)
@@ -102,7 +109,7 @@ def summarise(run: Path) -> dict[str, Any]:
     steps = [row["time/step_s"] for row in rows if "time/step_s" in row]
     out["s per step"] = statistics.median(steps) if steps else None
     out["compile s"] = _last(rows, "time/compile_s")
-    peaks = [row["memory/peak_bytes"] for row in rows if "memory/peak_bytes" in row]
+    peaks = [row["memory/peak_bytes"] for row in rows if row.get("memory/peak_bytes")]  # 0: not measured
     out["peak memory MB"] = max(peaks) / 1e6 if peaks else None
     return out
 
@@ -147,8 +154,13 @@ def markdown(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> str:
     An override every run gave with the same value is said once, above the table, not as a column.
     """
     overrides = columns[1 : columns.index(FIXED_COLUMNS[0])]
-    common = [k for k in overrides if len(rows) > 1 and "-" != _text(rows[0].get(k))
-              and all(_text(r.get(k)) == _text(rows[0].get(k)) for r in rows)]
+    common = [
+        k
+        for k in overrides
+        if len(rows) > 1
+        and "-" != _text(rows[0].get(k))
+        and all(_text(r.get(k)) == _text(rows[0].get(k)) for r in rows)
+    ]
     columns = [c for c in columns if c not in common]
     lines = [f"Every run: {' '.join(f'{k}={_text(rows[0][k])}' for k in common)}", ""] if common else []
     lines += ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
@@ -168,8 +180,8 @@ def write_table(folder: str | Path, out: str | Path | None = None) -> tuple[Path
     columns, rows = sweep_table(folder)
     if not rows:
         raise FileNotFoundError(
-            f"no runs under {folder}: a run directory holds .hydra/overrides.yaml (outputs/<subcommand>/... or "
-            f"multirun/<subcommand>/<time>/<job>)"
+            f"no runs under {folder}: a run directory holds .hydra/overrides.yaml (outputs/<subcommand>/... "
+            f"or multirun/<subcommand>/<time>/<job>)"
         )
     target = Path(out) if out is not None else folder
     target.mkdir(parents=True, exist_ok=True)
@@ -199,12 +211,13 @@ class SweepTable(Callback):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``nde-zoo table FOLDER [FOLDER...] [--out DIR]``: print the table and write ``sweep.csv``/``sweep.md``."""
+    """``nde-zoo table FOLDER [FOLDER...] [--out DIR]``: print the table, write sweep.csv and sweep.md."""
     parser = argparse.ArgumentParser(
         prog="nde-zoo table",
-        description="One table of every run under FOLDER (a multirun/<subcommand>/<time> sweep, outputs/, or a "
-                    "run directory): overrides, best and final metrics, seconds per step, compile seconds, "
-                    f"peak memory. Writes {CSV_NAME} and {MARKDOWN_NAME} into FOLDER (or --out) and prints it.",
+        description="One table of every run under FOLDER (a multirun/<subcommand>/<time> sweep, outputs/, "
+        "or a run directory): overrides, best and final metrics, seconds per step, compile "
+        f"seconds, peak memory. Writes {CSV_NAME} and {MARKDOWN_NAME} into FOLDER (or --out) and "
+        "prints it.",
     )
     parser.add_argument("folders", nargs="+", type=Path, metavar="FOLDER")
     parser.add_argument("--out", type=Path, default=None, help="where to write the files (one FOLDER only)")

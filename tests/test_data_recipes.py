@@ -19,9 +19,17 @@ from nde_zoo.configs_path import config_dir
 from nde_zoo.train import run
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "data.md"
-FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-        "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0", "logger=none", "~callbacks",
-        "strategy.solver=rk4", "strategy.steps=2"]
+FAST = [
+    "trainer.max_epochs=1",
+    "trainer.limit_train_batches=2",
+    "trainer.limit_val_batches=1",
+    "trainer.limit_test_batches=1",
+    "trainer.num_sanity_val_steps=0",
+    "logger=none",
+    "~callbacks",
+    "strategy.solver=rk4",
+    "strategy.steps=2",
+]
 
 
 def recipe(number: int) -> tuple[str, list[str]]:
@@ -62,15 +70,20 @@ def test_classification_series_with_missing_values_and_own_times(tmp_path, monke
     assert line.startswith(f"SeriesFileDataModule read {len(series)} series (")
     assert f"of 2 channel(s), lengths {min(map(len, series))}-{max(map(len, series))}, 2 classes" in line
     assert "times: the series' own" in line
-    assert f"missing values in the data: {sum(missing)} of {total}, in {sum(m > 0 for m in missing)} series" in line
+    assert (
+        f"missing values in the data: {sum(missing)} of {total}, in {sum(m > 0 for m in missing)} series"
+        in line
+    )
     assert f"filled {sum(missing)} by linear interpolation in time" in line and "model.in_channels=3" in line
     assert 0 <= results[0]["test/acc"] <= 1
 
 
 def test_a_2d_density_from_a_npy(tmp_path, monkeypatch, caplog):
     results, line = fit(2, tmp_path, monkeypatch, caplog)
-    assert line.startswith("PointsFileDataModule read 3000 points of dimension 2 from my_points.npy; dropped 5 "
-                           "row(s) holding NaN or inf; split 2096 train, 300 validation, 599 test")
+    assert line.startswith(
+        "PointsFileDataModule read 3000 points of dimension 2 from my_points.npy; dropped 5 "
+        "row(s) holding NaN or inf; split 2096 train, 300 validation, 599 test"
+    )
     assert math.isfinite(results[0]["test/nll"]) and math.isfinite(results[0]["test/gmm_nll"])
     assert (tmp_path / "cnf_samples.png").is_file()
 
@@ -81,10 +94,12 @@ def test_a_latent_ode_on_irregular_samples(tmp_path, monkeypatch, caplog):
     valid = ~np.isnan(saved["times"])
     values = saved["values"][valid]
     counts = valid.sum(1)
-    assert line.startswith(f"IrregularFileDataModule read 200 series of 2 channel(s) from my_irregular.npz: "
-                           f"{counts.min()}-{counts.max()} observation times each on [0, 5]; "
-                           f"{int((~np.isnan(values)).sum())} of {values.size} values observed "
-                           f"({int(np.isnan(values).sum())} not observed: masked out, not filled)")
+    assert line.startswith(
+        f"IrregularFileDataModule read 200 series of 2 channel(s) from my_irregular.npz: "
+        f"{counts.min()}-{counts.max()} observation times each on [0, 5]; "
+        f"{int((~np.isnan(values)).sum())} of {values.size} values observed "
+        f"({int(np.isnan(values).sum())} not observed: masked out, not filled)"
+    )
     assert "the encoder reads t <= 2.5" in line and "model.data_dim=2" in line
     assert math.isfinite(results[0]["test/loss"])
     assert (tmp_path / "latent_ode_extrapolation.png").is_file()
@@ -98,8 +113,12 @@ def test_uea_logs_what_it_read_and_filled(caplog):
     with caplog.at_level(logging.INFO, logger="nde_zoo"):
         UEADataModule(missing_rate=0.3).setup()
     (line,) = [r.getMessage() for r in caplog.records if " read " in r.getMessage()]
-    assert line.startswith("UEADataModule read 640 series (270 train, 370 test) of 12 channel(s), lengths 7-29, "
-                           "9 classes, from aeon's embedded copy of JapaneseVowels; times: the knot grid")
+    assert line.startswith(
+        "UEADataModule read 640 series (270 train, 370 test) of 12 channel(s), lengths 7-29, "
+        "9 classes, from aeon's embedded copy of JapaneseVowels; times: the knot grid"
+    )
     assert "missing values in the data: 0 of " in line and "missing_rate=0.3 dropped " in line
     dropped = int(re.search(r"dropped (\d+) more", line).group(1))
-    assert dropped > 0 and f"filled {dropped} by linear interpolation" in line and "model.in_channels=13" in line
+    assert (
+        dropped > 0 and f"filled {dropped} by linear interpolation" in line and "model.in_channels=13" in line
+    )

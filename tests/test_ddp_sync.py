@@ -89,23 +89,39 @@ class LocalFigures(lightning.Callback):
 
 def _trainer(**kwargs) -> lightning.Trainer:
     return lightning.Trainer(
-        accelerator="cpu", devices=WORLD, logger=False, enable_progress_bar=False, enable_model_summary=False,
-        strategy=lightning.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=90)), num_sanity_val_steps=0,
+        accelerator="cpu",
+        devices=WORLD,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        strategy=lightning.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=90)),
+        num_sanity_val_steps=0,
         **kwargs,
     )
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(WORLD))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        LOCAL_RANK=str(rank),
+        NODE_RANK="0",
+        WORLD_SIZE=str(WORLD),
+    )
     torch.set_num_threads(1)
     record: dict = {}
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             lightning.seed_everything(0, verbose=False)
-            best = ResumableCheckpoint(dirpath=os.path.join(out_dir, "checkpoints"), filename="epoch{epoch:03d}",
-                                       auto_insert_metric_name=False, monitor="val/loss", mode="min", save_top_k=1)
+            best = ResumableCheckpoint(
+                dirpath=os.path.join(out_dir, "checkpoints"),
+                filename="epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                monitor="val/loss",
+                mode="min",
+                save_top_k=1,
+            )
             trainer = _trainer(max_epochs=len(SCRIPTED[0]), callbacks=[best])
             trainer.fit(ScriptedValidation(Direct("euler", steps=1)), Scripted())
             record["best_path"] = os.path.basename(best.best_model_path)
@@ -115,8 +131,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             local = LocalFigures()
             model = ODEClassifier(Direct("dopri5", rtol=1e-3, atol=1e-5), state_dim=4, width=8)
             data = DigitsDataModule(batch_size=16)
-            trainer = _trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, limit_test_batches=1,
-                               enable_checkpointing=False, callbacks=[local])
+            trainer = _trainer(
+                max_epochs=1,
+                limit_train_batches=2,
+                limit_val_batches=1,
+                limit_test_batches=1,
+                enable_checkpointing=False,
+                callbacks=[local],
+            )
             trainer.fit(model, data)
             record["fit"] = {k: float(v) for k, v in trainer.callback_metrics.items()}
             record["test"] = {k: float(v) for k, v in trainer.test(model, data, verbose=False)[0].items()}
@@ -155,7 +177,9 @@ def test_both_ranks_select_the_checkpoint_of_the_best_mean_loss(ranks):
 def test_reported_figures_are_the_mean_over_ranks(ranks):
     local_val = [r["local_val"][0] for r in ranks]
     local_test = [r["local_test"][0] for r in ranks]
-    assert abs(local_val[0] - local_val[1]) > 1e-4 and abs(local_test[0] - local_test[1]) > 1e-4  # shards differ
+    assert (
+        abs(local_val[0] - local_val[1]) > 1e-4 and abs(local_test[0] - local_test[1]) > 1e-4
+    )  # shards differ
     for key in REPORTED:
         where = "test" if key.startswith("test/") else "fit"
         values = [r[where][key] for r in ranks]

@@ -49,9 +49,21 @@ def test_fit_through_the_entry_point_trains_auto_with_the_budget(tmp_path, monke
     monkeypatch.chdir(tmp_path)  # outside Hydra the run directory is the working directory
     from nde_zoo.train import run
 
-    cfg = _compose("fit", "strategy=auto", "memory_budget=1GB", "strategy.solver=rk4", "strategy.steps=2",
-                   "model.state_dim=4", "model.width=8", "data.batch_size=64", "trainer.max_steps=1",
-                   "+trainer.limit_val_batches=1", "test_after_fit=false", "logger=none", "~callbacks")
+    cfg = _compose(
+        "fit",
+        "strategy=auto",
+        "memory_budget=1GB",
+        "strategy.solver=rk4",
+        "strategy.steps=2",
+        "model.state_dim=4",
+        "model.width=8",
+        "data.batch_size=64",
+        "trainer.max_steps=1",
+        "+trainer.limit_val_batches=1",
+        "test_after_fit=false",
+        "logger=none",
+        "~callbacks",
+    )
     from omegaconf import open_dict
 
     with open_dict(cfg):

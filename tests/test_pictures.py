@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import lightning
 import pytest
-import torch
 
 from nde_zoo.datamodules import DigitsDataModule, SpiralsDataModule, Toy2DDataModule
 from nde_zoo.models import CNF, LatentODE, ODEClassifier
@@ -23,9 +22,16 @@ def _labelled(ax) -> bool:
 
 def _fit(model, datamodule, tmp_path, steps=1):
     model.picture_dir = tmp_path
-    trainer = lightning.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, enable_checkpointing=False,
-                                enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-                                inference_mode=False)
+    trainer = lightning.Trainer(
+        max_steps=steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        inference_mode=False,
+    )
     trainer.fit(model, datamodule)
     return trainer
 
@@ -34,7 +40,9 @@ def test_the_sde_draws_sample_paths_against_the_data_with_its_real_solver(tmp_pa
     pytest.importorskip("torchsde")
     from nde_zoo.models import SDEClassifier
 
-    model = SDEClassifier(Direct(), state_dim=8, width=16)  # Direct's settings say dopri5; the SDE runs fixed dt
+    model = SDEClassifier(
+        Direct(), state_dim=8, width=16
+    )  # Direct's settings say dopri5; the SDE runs fixed dt
     data = DigitsDataModule(batch_size=64)
     _fit(model, data, tmp_path, steps=2)
     assert (tmp_path / "sde_paths.png").is_file()
@@ -55,15 +63,22 @@ def test_the_sde_draws_sample_paths_against_the_data_with_its_real_solver(tmp_pa
 
 def test_the_nfe_picture_only_where_nfe_varies():
     model = ODEClassifier(Direct("dopri5"), state_dim=4, width=8)
-    model.strategy.history = [{"step": 0.0, "nfe/forward": 26.0, "nfe/backward": 0.0},
-                              {"step": 1.0, "nfe/forward": 26.0, "nfe/backward": 0.0}]
+    model.strategy.history = [
+        {"step": 0.0, "nfe/forward": 26.0, "nfe/backward": 0.0},
+        {"step": 1.0, "nfe/forward": 26.0, "nfe/backward": 0.0},
+    ]
     assert not nfe_varies(model.strategy.history) and model.nfe_figure(plt) is None
     model.strategy.history.append({"step": 2.0, "nfe/forward": 32.0, "nfe/backward": 0.0})
     fig = model.nfe_figure(plt)
     (ax,) = fig.axes
-    assert ax.get_title() == ("ODEClassifier (model=ode_classifier) with strategy=direct, dopri5, adaptive, "
-                              "rtol=0.001, atol=1e-06: NFE per training step")
-    assert _labelled(ax) and [t.get_text() for t in ax.get_legend().get_texts()] == ["nfe/forward", "nfe/backward"]
+    assert ax.get_title() == (
+        "ODEClassifier (model=ode_classifier) with strategy=direct, dopri5, adaptive, "
+        "rtol=0.001, atol=1e-06: NFE per training step"
+    )
+    assert _labelled(ax) and [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "nfe/forward",
+        "nfe/backward",
+    ]
     plt.close(fig)
 
 
@@ -88,13 +103,27 @@ def test_the_flow_picture_has_equal_labelled_axes(tmp_path):
 
 
 def test_the_latent_ode_spirals_are_round_labelled_and_share_one_legend():
-    model = LatentODE(Reversible("rk4", steps=4), data_dim=2, latent_dim=4, hidden_dim=8, field_width=8,
-                      decoder_width=8, encoder_width=8)
+    model = LatentODE(
+        Reversible("rk4", steps=4),
+        data_dim=2,
+        latent_dim=4,
+        hidden_dim=8,
+        field_width=8,
+        decoder_width=8,
+        encoder_width=8,
+    )
     data = SpiralsDataModule(n_train=8, n_val=4, n_test=6, batch_size=4)
     fig = model.plot_series(data, plt)
     panels = [ax for ax in fig.axes if ax.axison]
     assert len(panels) == 6 and all(ax.get_aspect() == 1.0 and _labelled(ax) for ax in panels)
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [
-        "truth", "reconstruction", "extrapolation", "encoder input", "held out"]
-    assert fig._suptitle.get_text().startswith("LatentODE (model=latent_ode) with strategy=reversible, rk4, 4 fixed")
+        "truth",
+        "reconstruction",
+        "extrapolation",
+        "encoder input",
+        "held out",
+    ]
+    assert fig._suptitle.get_text().startswith(
+        "LatentODE (model=latent_ode) with strategy=reversible, rk4, 4 fixed"
+    )
     plt.close(fig)

@@ -28,7 +28,9 @@ __all__ = ["SeriesFileDataModule", "PointsFileDataModule", "IrregularFileDataMod
 log = logging.getLogger("nde_zoo")
 
 
-def load_arrays(path: str | Path, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def load_arrays(
+    path: str | Path, required: tuple[str, ...], optional: tuple[str, ...] = ()
+) -> dict[str, np.ndarray]:
     """The named arrays of an ``.npz`` file (``np.savez(path, values=..., labels=...)``), checked by name."""
     path = Path(path).expanduser()
     if not path.is_file():
@@ -36,15 +38,17 @@ def load_arrays(path: str | Path, required: tuple[str, ...], optional: tuple[str
     with np.load(path, allow_pickle=False) as archive:
         missing = [k for k in required if k not in archive.files]
         if missing:
+            example = ", ".join(f"{k}=..." for k in required)
             raise ValueError(
                 f"{path} has arrays {sorted(archive.files)} but needs {', '.join(required)} (missing: "
-                f"{', '.join(missing)}); write it with np.savez(path, {', '.join(f'{k}=...' for k in required)})"
+                f"{', '.join(missing)}); write it with np.savez(path, {example})"
             )
         return {k: np.asarray(archive[k]) for k in (*required, *optional) if k in archive.files}
 
 
-def _series_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[list[np.ndarray], list[Any],
-                                                                             list[np.ndarray] | None]:
+def _series_from_arrays(
+    arrays: dict[str, np.ndarray], path: Path
+) -> tuple[list[np.ndarray], list[Any], list[np.ndarray] | None]:
     """Split ``values (n, L, C)`` (and ``times`` ``(n, L)`` or ``(L,)``) into per-series arrays.
 
     A series ends at its last valid time (``times`` given: NaN times are padding) or, without times, at
@@ -55,16 +59,19 @@ def _series_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[list
     if values.ndim == 2:  # one channel
         values = values[:, :, None]
     if values.ndim != 3 or len(values) != len(labels):
-        raise ValueError(f"{path}: values must be (series, length, channels) with one label per series; got "
-                         f"values {values.shape} and {len(labels)} labels")
+        raise ValueError(
+            f"{path}: values must be (series, length, channels) with one label per series; got "
+            f"values {values.shape} and {len(labels)} labels"
+        )
     times = arrays.get("times")
     if times is not None:
         times = np.asarray(times, dtype=np.float64)
         if times.ndim == 1:
             times = np.broadcast_to(times, values.shape[:2])
         if times.shape != values.shape[:2]:
-            raise ValueError(f"{path}: times must be (length,) or (series, length) = {values.shape[:2]}, got "
-                             f"{times.shape}")
+            raise ValueError(
+                f"{path}: times must be (length,) or (series, length) = {values.shape[:2]}, got {times.shape}"
+            )
     series, own_times = [], []
     for i in range(len(values)):
         if times is not None:
@@ -72,11 +79,15 @@ def _series_from_arrays(arrays: dict[str, np.ndarray], path: Path) -> tuple[list
             if not valid.any():
                 raise ValueError(f"{path}: series {i} has no observation time")
             if not valid[: valid.sum()].all():
-                raise ValueError(f"{path}: series {i}'s times have NaN before its last time; NaN times may only "
-                                 f"pad the end of a series")
+                raise ValueError(
+                    f"{path}: series {i}'s times have NaN before its last time; NaN times may only "
+                    f"pad the end of a series"
+                )
             t = times[i][valid]
             if np.any(np.diff(t) <= 0):
-                raise ValueError(f"{path}: series {i}'s times must increase strictly, got {t[:8].tolist()} ...")
+                raise ValueError(
+                    f"{path}: series {i}'s times must increase strictly, got {t[:8].tolist()} ..."
+                )
             series.append(values[i][valid])
             own_times.append(t)
         else:
@@ -108,10 +119,20 @@ class SeriesFileDataModule(SeriesDataModule):
     ``intensity=True``; ``num_classes`` the number of distinct labels.
     """
 
-    def __init__(self, path: str, test_path: str | None = None, batch_size: int = 64, val_fraction: float = 0.15,
-                 test_fraction: float = 0.15, missing_rate: float = 0.0, intensity: bool = False,
-                 seed: int = 0) -> None:
-        super().__init__(batch_size, val_fraction, 0.0 if test_path else test_fraction, missing_rate, intensity, seed)
+    def __init__(
+        self,
+        path: str,
+        test_path: str | None = None,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        missing_rate: float = 0.0,
+        intensity: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            batch_size, val_fraction, 0.0 if test_path else test_fraction, missing_rate, intensity, seed
+        )
         self.path = Path(path).expanduser()
         self.test_path = Path(test_path).expanduser() if test_path else None
         self._times: dict[str, list[np.ndarray]] = {}
@@ -120,20 +141,24 @@ class SeriesFileDataModule(SeriesDataModule):
         return str(self.path) + (f" and {self.test_path}" if self.test_path else "")
 
     def load(self):
-        train_x, train_y, train_t = _series_from_arrays(load_arrays(self.path, ("values", "labels"), ("times",)),
-                                                        self.path)
+        train_x, train_y, train_t = _series_from_arrays(
+            load_arrays(self.path, ("values", "labels"), ("times",)), self.path
+        )
         test_x = test_y = test_t = None
         if self.test_path is not None:
             test_x, test_y, test_t = _series_from_arrays(
-                load_arrays(self.test_path, ("values", "labels"), ("times",)), self.test_path)
+                load_arrays(self.test_path, ("values", "labels"), ("times",)), self.test_path
+            )
         if self.test_path is not None and (train_t is None) != (test_t is None):
             raise ValueError(f"{self.path} and {self.test_path}: give times in both files or in neither")
         if train_t is not None:
             every = [t for t in (*train_t, *(test_t or []))]
             lo, hi = min(float(t[0]) for t in every), max(float(t[-1]) for t in every)
             scale = (hi - lo) or 1.0
-            self._times = {"train": [(t - lo) / scale for t in train_t],
-                           "test": [(t - lo) / scale for t in (test_t or [])]}
+            self._times = {
+                "train": [(t - lo) / scale for t in train_t],
+                "test": [(t - lo) / scale for t in (test_t or [])],
+            }
         return train_x, train_y, test_x, test_y
 
     def observation_times(self, split: str, index: int) -> np.ndarray | None:
@@ -142,7 +167,7 @@ class SeriesFileDataModule(SeriesDataModule):
 
 
 class PointsFileDataModule(SplitDataModule):
-    """Points of a density from a ``.npy`` file ``(points, dim)`` (or a ``.npz`` with ``points``), for ``model=cnf``.
+    """Points of a density, from a ``.npy`` file ``(points, dim)`` or an ``.npz`` holding ``points``.
 
     Rows holding a ``NaN`` or an infinity are dropped (the log line on load says how many); the rest is
     split at random into train/validation/test. ``model.dim`` must be the file's ``dim``; a 2-D
@@ -155,8 +180,15 @@ class PointsFileDataModule(SplitDataModule):
         batch_size / seed: points per batch; the split's seed.
     """
 
-    def __init__(self, path: str, val_fraction: float = 0.1, test_fraction: float = 0.2, standardise: bool = False,
-                 batch_size: int = 256, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.2,
+        standardise: bool = False,
+        batch_size: int = 256,
+        seed: int = 0,
+    ) -> None:
         super().__init__(batch_size)
         self.path = Path(path).expanduser()
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
@@ -178,15 +210,28 @@ class PointsFileDataModule(SplitDataModule):
         finite = np.isfinite(points).all(axis=1)
         kept = points[finite]
         if len(kept) < 3:
-            raise ValueError(f"{self.path}: {len(kept)} rows without NaN/inf remain of {len(points)}; need at least 3")
+            raise ValueError(
+                f"{self.path}: {len(kept)} rows without NaN/inf remain of {len(points)}; need at least 3"
+            )
         train, val, test = split_indices(len(kept), self.val_fraction, self.test_fraction, self.seed)
         if self.standardise:
             mean, std = kept[train].mean(0), kept[train].std(0)
             kept = (kept - mean) / np.where(std > 1e-12, std, 1.0)
-        log.info("%s read %d points of dimension %d from %s; dropped %d row(s) holding NaN or inf; split %d train, "
-                 "%d validation, %d test%s; set model.dim=%d", type(self).__name__, len(points), points.shape[1],
-                 self.path, int((~finite).sum()), len(train), len(val), len(test),
-                 " (standardised with the training split's mean and std)" if self.standardise else "", points.shape[1])
+        log.info(
+            "%s read %d points of dimension %d from %s; dropped %d row(s) holding NaN or inf; split %d "
+            "train, "
+            "%d validation, %d test%s; set model.dim=%d",
+            type(self).__name__,
+            len(points),
+            points.shape[1],
+            self.path,
+            int((~finite).sum()),
+            len(train),
+            len(val),
+            len(test),
+            " (standardised with the training split's mean and std)" if self.standardise else "",
+            points.shape[1],
+        )
         x = torch.from_numpy(kept.astype(np.float32))
         return {"train": x[train], "val": x[val], "test": x[test]}
 
@@ -218,8 +263,16 @@ class IrregularFileDataModule(SplitDataModule):
     ``model.data_dim`` is ``channels``.
     """
 
-    def __init__(self, path: str, observed_fraction: float = 0.5, val_fraction: float = 0.1,
-                 test_fraction: float = 0.1, standardise: bool = False, batch_size: int = 50, seed: int = 0) -> None:
+    def __init__(
+        self,
+        path: str,
+        observed_fraction: float = 0.5,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        standardise: bool = False,
+        batch_size: int = 50,
+        seed: int = 0,
+    ) -> None:
         super().__init__(batch_size)
         if not 0 < observed_fraction <= 1:
             raise ValueError(f"observed_fraction must be in (0, 1], got {observed_fraction}")
@@ -236,8 +289,10 @@ class IrregularFileDataModule(SplitDataModule):
         if values.ndim == 2:
             values = values[:, :, None]
         if times.ndim != 2 or values.ndim != 3 or values.shape[:2] != times.shape:
-            raise ValueError(f"{self.path}: times must be (series, length) and values (series, length, channels); "
-                             f"got {times.shape} and {values.shape}")
+            raise ValueError(
+                f"{self.path}: times must be (series, length) and values (series, length, channels); "
+                f"got {times.shape} and {values.shape}"
+            )
         return times, values
 
     @property
@@ -273,20 +328,43 @@ class IrregularFileDataModule(SplitDataModule):
             if len(t) == 0:
                 raise ValueError(f"{self.path}: series {i} has no observation time")
             if t[0] < 0 or np.any(np.diff(t) <= 0):
-                raise ValueError(f"{self.path}: series {i}'s times must be >= 0 and increase strictly (the latent "
-                                 f"state z0 lives at t = 0: subtract each series' first time if need be); got "
-                                 f"{t[:8].tolist()} ...")
+                raise ValueError(
+                    f"{self.path}: series {i}'s times must be >= 0 and increase strictly (the latent "
+                    f"state z0 lives at t = 0: subtract each series' first time if need be); got "
+                    f"{t[:8].tolist()} ..."
+                )
             mask = ~np.isnan(v)
             counts.append(len(t))
-            records.append(IrregularRecord(torch.from_numpy(t.astype(np.float32)),
-                                           torch.from_numpy(np.nan_to_num(v).astype(np.float32)),
-                                           torch.from_numpy(mask)))
+            records.append(
+                IrregularRecord(
+                    torch.from_numpy(t.astype(np.float32)),
+                    torch.from_numpy(np.nan_to_num(v).astype(np.float32)),
+                    torch.from_numpy(mask),
+                )
+            )
         observed = sum(int(r.mask.sum()) for r in records)
         slots = sum(r.mask.numel() for r in records)
-        log.info("%s read %d series of %d channel(s) from %s: %d-%d observation times each on [0, %g]; %d of %d "
-                 "values observed (%d not observed: masked out, not filled); the encoder reads t <= %g; split %d "
-                 "train, %d validation, %d test; set model.data_dim=%d", type(self).__name__, len(records),
-                 self._channels, self.path, min(counts), max(counts), self._t_end, observed, slots, slots - observed,
-                 self.t_split, len(train), len(val), len(test), self._channels)
-        return {name: IrregularDataset([records[i] for i in idx], self.t_split)
-                for name, idx in (("train", train), ("val", val), ("test", test))}
+        log.info(
+            "%s read %d series of %d channel(s) from %s: %d-%d observation times each on [0, %g]; %d of %d "
+            "values observed (%d not observed: masked out, not filled); the encoder reads t <= %g; split %d "
+            "train, %d validation, %d test; set model.data_dim=%d",
+            type(self).__name__,
+            len(records),
+            self._channels,
+            self.path,
+            min(counts),
+            max(counts),
+            self._t_end,
+            observed,
+            slots,
+            slots - observed,
+            self.t_split,
+            len(train),
+            len(val),
+            len(test),
+            self._channels,
+        )
+        return {
+            name: IrregularDataset([records[i] for i in idx], self.t_split)
+            for name, idx in (("train", train), ("val", val), ("test", test))
+        }

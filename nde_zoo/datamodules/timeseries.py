@@ -216,16 +216,18 @@ class SeriesDataModule(SplitDataModule):
         filled = sum(missing) + dropped
         knots = 1 + channels * (2 if self.intensity else 1)
         log.info(
-            "%s read %d series (%d train, %d test) of %d channel(s), lengths %d-%d, %d classes, from %s; times: %s; "
-            "missing values in the data: %d of %d, in %d series%s; %s; the path has %d channels (model.in_channels=%d)",
-            type(self).__name__, len(series), n_train, len(series) - n_train, channels, min(lengths), max(lengths),
+            "%s read %d series (%d train, %d test) of %d channel(s), lengths %d-%d, %d classes, from %s; "
+            "times: %s; missing values in the data: %d of %d, in %d series%s; %s; the path has %d channels "
+            "(model.in_channels=%d)",
+            type(self).__name__, len(series), n_train, len(series) - n_train, channels, min(lengths),
+            max(lengths),
             len(self.classes), self.source(),
             "the series' own" if any(t is not None for t in times) else "the knot grid i / (L - 1)",
             sum(missing), total, sum(1 for m in missing if m),
             f"; missing_rate={self.missing_rate:g} dropped {dropped} more" if dropped else "",
-            (f"filled {filled} by linear interpolation in time (the nearest observation before the first and after "
-             f"the last){f', and {never} channel(s) of a series never observed with 0' if never else ''}")
-            if filled else "nothing to fill",
+            (f"filled {filled} by linear interpolation in time (the nearest observation before the first "
+             f"and after the last)" + (f", and {never} channel(s) of a series never observed with 0"
+                                       if never else "")) if filled else "nothing to fill",
             knots, knots,
         )
 

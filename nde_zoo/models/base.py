@@ -380,7 +380,8 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
             last = history[-1]
             logging.getLogger("nde_zoo").info(
-                "nfe_curve.png not drawn: the NFE was the same at every training step (%g forward, %g backward)",
+                "nfe_curve.png not drawn: the NFE was the same at every training step (%g forward, %g "
+                "backward)",
                 last.get("nfe/forward", 0.0), last.get("nfe/backward", 0.0))
             return None
         steps = [h["step"] for h in history]

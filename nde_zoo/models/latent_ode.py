@@ -424,7 +424,7 @@ class LatentODE(NeuralDE):
             fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=7)
         from nde_zoo.pictures import run_title
 
-        fig.suptitle(run_title(self, f"reconstruction (solid) and extrapolation (dashed) beyond t = {t_split:g}"),
-                     fontsize=8)
+        what = f"reconstruction (solid) and extrapolation (dashed) beyond t = {t_split:g}"
+        fig.suptitle(run_title(self, what), fontsize=8)
         fig.tight_layout(rect=(0, 0.05 if planar else 0, 1, 1))
         return fig

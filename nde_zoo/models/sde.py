@@ -294,7 +294,8 @@ class SDEClassifier(NeuralSDEModel):
         right.set_ylabel("p(true label | z(t))")
         right.set_ylim(0, 1)
         right.set_title("the head's probability of the true label along each path", fontsize=8)
-        fig.suptitle(run_title(self, "sampled paths against the data", sde=solution.extras.get("sde")), fontsize=8)
+        title = run_title(self, "sampled paths against the data", sde=solution.extras.get("sde"))
+        fig.suptitle(title, fontsize=8)
         fig.tight_layout()
         return fig
 
