@@ -122,3 +122,11 @@ def test_uea_logs_what_it_read_and_filled(caplog):
     assert (
         dropped > 0 and f"filled {dropped} by linear interpolation" in line and "model.in_channels=13" in line
     )
+
+
+def test_a_missing_file_says_how_to_give_yours(tmp_path):
+    from nde_zoo.datamodules import IrregularFileDataModule, PointsFileDataModule, SeriesFileDataModule
+
+    for module in (SeriesFileDataModule, PointsFileDataModule, IrregularFileDataModule):
+        with pytest.raises(FileNotFoundError, match=r"does not exist; give your file with data\.path="):
+            module(str(tmp_path / "nowhere.npz")).setup()

@@ -34,7 +34,7 @@ def load_arrays(
     """The named arrays of an ``.npz`` file (``np.savez(path, values=..., labels=...)``), checked by name."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise FileNotFoundError(f"{path} does not exist; give your file with data.path=... (docs/data.md)")
     with np.load(path, allow_pickle=False) as archive:
         missing = [k for k in required if k not in archive.files]
         if missing:
@@ -198,7 +198,9 @@ class PointsFileDataModule(SplitDataModule):
         if self.path.suffix == ".npz":
             return load_arrays(self.path, ("points",))["points"]
         if not self.path.is_file():
-            raise FileNotFoundError(f"{self.path} does not exist")
+            raise FileNotFoundError(
+                f"{self.path} does not exist; give your file with data.path=... (docs/data.md)"
+            )
         return np.load(self.path, allow_pickle=False)
 
     def make_splits(self) -> dict[str, torch.Tensor]:
