@@ -177,3 +177,18 @@ def test_a_sweep_ends_with_its_table(cli, tmp_path):
         assert float(row["test/acc"]) >= 0 and float(row["best val/loss"]) > 0
     assert "| job | strategy | status |" in (folder / "sweep.md").read_text()
     assert "| 1 | reversible | finished |" in out.stderr
+
+
+def test_compile_seconds_count_the_inner_and_the_chosen_strategy():
+    from types import SimpleNamespace
+
+    from nde_zoo.callbacks import compile_seconds
+
+    def strategy(seconds, **more):
+        return SimpleNamespace(programs=SimpleNamespace(compile_seconds=seconds), **more)
+
+    chosen = strategy(2.5)
+    auto = strategy(0.0, chosen=chosen)
+    ernode = strategy(0.25, inner=auto)
+    assert compile_seconds(ernode) == 2.75 and compile_seconds(strategy(1.0, inner=None)) == 1.0
+    assert compile_seconds(SimpleNamespace()) == 0.0
