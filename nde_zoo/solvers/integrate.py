@@ -8,6 +8,7 @@ their own backward pass replay exactly.
 
 from __future__ import annotations
 
+import itertools
 import math
 from array import array
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from torch import Tensor
 
 from nde_zoo.solvers.errors import MaxStepsExceeded, NonFiniteStateError, StepSizeUnderflow
 from nde_zoo.solvers.rk import Field, rk_step
-from nde_zoo.solvers.stepping import PIController, Stepping, error_ratio, fixed_grid, initial_step_size
+from nde_zoo.solvers.stepping import PIController, Stepping, error_ratio, fixed_grid_array, initial_step_size
 from nde_zoo.solvers.tableau import ButcherTableau
 
 __all__ = [
@@ -298,11 +299,11 @@ def integrate(
     def as_time(t: float) -> Tensor:
         return t_like.new_tensor(t)
 
-    store = StateStore(fixed_path(ts, stepping).steps if not stepping.adaptive else None)
-    if not stepping.adaptive:
-        planned = fixed_path(ts, stepping)
+    planned = None if stepping.adaptive else fixed_path(ts, stepping)
+    store = StateStore(None if planned is None else planned.steps)
+    if planned is not None:
         outputs_at = set(planned.output_steps)
-        for n, (t_a, h) in enumerate(zip(planned.times[:-1], planned.sizes)):
+        for n, (t_a, h) in enumerate(zip(planned.times, planned.sizes)):  # sizes is one shorter
             if record_states:
                 store.append(state)
             state, _, carry = step(as_time(t_a), state, h, carry)
@@ -381,10 +382,10 @@ def fixed_path(ts: list[float], stepping: Stepping) -> Path:
     passed to the step function, ``output_steps`` where each output time falls. The eager loop
     and the compiled scans (:mod:`nde_zoo.strategies._compiled`) both step along this path.
     """
-    grid = fixed_grid(ts, stepping)
-    path = Path(times=grid, output_steps=[0], sizes=[b - a for a, b in zip(grid[:-1], grid[1:])])
+    grid = fixed_grid_array(ts, stepping)
+    path = Path(times=grid, output_steps=[0], sizes=array("d", (b - a for a, b in itertools.pairwise(grid))))
     next_out = 1
-    for n, t_b in enumerate(grid[1:], start=1):
+    for n, t_b in enumerate(itertools.islice(grid, 1, None), start=1):
         if next_out < len(ts) and t_b == ts[next_out]:
             path.output_steps.append(n)
             next_out += 1

@@ -10,11 +10,9 @@ the vector-Jacobian products taken by ``torch.func.vjp`` (parameters passed expl
 ``torch.func.functional_call``). Eager stays the default and the reference; compiled results
 equal it to round-off (tests/test_compiled.py).
 
-This is the one module that uses a private torch API: ``torch._higher_order_ops.scan``. The
-public alternative is ``torch.while_loop`` with preallocated output buffers; on the CPU its
-functional buffer updates copy the whole buffer each iteration (measured 5-100x slower than
-scan on the white dwarf), so scan it is. The torch range this is tested on is pinned in
-``pyproject.toml``.
+The loop is ``torch._higher_order_ops.scan``, a private API; it and the others nde_zoo uses live
+in :mod:`nde_zoo._torch_compat`, each with its public alternative. The torch range this is
+tested on is pinned in ``pyproject.toml``.
 
 What this module provides, independent of any one strategy:
 
@@ -29,24 +27,17 @@ What this module provides, independent of any one strategy:
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch._dynamo
 from torch import Tensor, nn
 
-# Private: see the module docstring for why, and for the public alternative. Older torch has no
-# scan: compiling then falls back to eager with a warning naming the torch version.
-try:
-    from torch._higher_order_ops import scan
-except ImportError:  # pragma: no cover - torch < 2.6
-    scan = None  # type: ignore[assignment]
+from nde_zoo._torch_compat import compile_limits, scan, suspended_saved_tensors_hooks
 
 #: the torch versions the compiled path is tested on (pyproject.toml's ``compile`` extra pins them).
 TESTED_TORCH = ((2, 13), (2, 14))
@@ -79,11 +70,6 @@ COMPILE_CHOICES = (False, True, "strict", "reduce-overhead")
 #: one case per strategy.
 BACKEND_ENV = "NDE_ZOO_COMPILE_BACKEND"
 
-# Every strategy instance compiles its own programs (one per field, shape, solver and grid), and
-# dynamo counts recompiles per code object: the default limit of 8 would silently fall back to
-# eager in a sweep. Our own cache below bounds and counts what is compiled.
-torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 4096)
 
 
 @dataclass(frozen=True)
@@ -218,7 +204,15 @@ class Programs:
             return None
         program = self._programs.get(key)
         if program is not None:
-            return program(*args)
+            # A call whose guards fail (a field whose submodule was swapped, ...) compiles again
+            # inside torch: count and time it as a compile too.
+            graphs = self._graphs_compiled()
+            start = time.perf_counter()
+            with compile_limits():  # a guard failure recompiles inside this call
+                result = program(*args)
+            if self._graphs_compiled() != graphs:
+                self._count(time.perf_counter() - start)
+            return result
         if not self._supported(key):
             return None
         backend = os.environ.get(BACKEND_ENV, "inductor")
@@ -226,12 +220,12 @@ class Programs:
         options = None
         if backend == "inductor" and mode is None and _on_cpu(args):
             # Inductor's C++ wrapper runs the scan's loop in C++ instead of Python: measured 2-5x
-            # faster per step on the white dwarf (ECOSYSTEM.md 6), for a longer first compile.
+            # faster per step on the white dwarf (docs/compile.md), for a longer first compile.
             options = {"cpp_wrapper": True}
         compiled = torch.compile(build(), fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
         start = time.perf_counter()
         try:
-            with _without_saved_tensors_hooks():
+            with _without_saved_tensors_hooks(), compile_limits():
                 result = compiled(*args)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: run eager
             reason = _reason(error)
@@ -252,12 +246,26 @@ class Programs:
                     stacklevel=3,
                 )
             return None
-        seconds = time.perf_counter() - start
         self._programs[key] = compiled
+        self._count(time.perf_counter() - start)
+        return result
+
+    def _count(self, seconds: float) -> None:
+        """One program compiled, in ``seconds`` (its first call's time)."""
         self.compiles += 1
         self.compile_seconds += seconds
         self.pending_seconds += seconds
-        return result
+
+    @staticmethod
+    def _graphs_compiled() -> int:
+        """How many graphs Dynamo has compiled in this process (all programs): a change across a
+        call of a compiled program means that call compiled again."""
+        try:
+            from torch._dynamo.utils import counters
+
+            return int(counters["stats"]["unique_graphs"])
+        except (ImportError, KeyError, TypeError, AttributeError):
+            return 0
 
 
 def adaptive_step(
@@ -302,25 +310,11 @@ def adaptive_step(
     return step
 
 
-@contextlib.contextmanager
-def _without_saved_tensors_hooks() -> Iterator[None]:
-    """Lift every saved-tensors hook while a program is traced and compiled, then restore them.
-
-    ``torch.func`` transforms (the VJPs of the backward scans, a CNF's trace) refuse to trace
-    under such hooks, and the strategies count saved bytes with them (``SavedBytes``). The
-    compiled program itself runs under the hooks as usual from its second call on; the first
-    call's result is what it computed, without the outer hooks seeing what it saved.
-    Private API (``torch._C._autograd``): no public way to suspend the hook stack exists.
-    """
-    lifted = []
-    while (top := torch._C._autograd._top_saved_tensors_default_hooks(True)) is not None:
-        lifted.append(top)
-        torch._C._autograd._pop_saved_tensors_default_hooks()
-    try:
-        yield
-    finally:
-        for pack, unpack in reversed(lifted):
-            torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+#: Lift every saved-tensors hook while a program is traced and compiled (``torch.func``
+#: transforms refuse to trace under them; the strategies count saved bytes with them). The
+#: compiled program itself runs under the hooks as usual from its second call on; the first
+#: call's result is what it computed, without the outer hooks seeing what it saved.
+_without_saved_tensors_hooks = suspended_saved_tensors_hooks
 
 
 def _on_cpu(args: Sequence[Any]) -> bool:

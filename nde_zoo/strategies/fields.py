@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nde_zoo._torch_compat import DropoutBase
 from nde_zoo.solvers import NonFiniteStateError
 
 __all__ = [
@@ -225,7 +226,7 @@ def inspect_field(
         return found
     if recomputes and isinstance(field, nn.Module):
         dropouts = [name or type(field).__name__ for name, m in field.named_modules()
-                    if isinstance(m, nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+                    if isinstance(m, DropoutBase) and m.training and m.p > 0]
         if dropouts:
             raise NonDeterministicFieldError(
                 f"the vector field is non-deterministic: dropout in training mode ({', '.join(dropouts)}). "

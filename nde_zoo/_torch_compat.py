@@ -1,0 +1,77 @@
+"""Every private PyTorch API nde_zoo uses, in one place, each with its public alternative.
+
+A private name can move between torch releases; collecting them here means one file to read
+when torch is upgraded, and ``tests/test_torch_compat.py`` checks each one on the installed torch
+(the compiled path's tested range is ``TESTED_TORCH`` in :mod:`nde_zoo.strategies._compiled`).
+Nothing here changes torch's global state when imported: :func:`compile_limits` patches
+Dynamo's recompile limits only around our own compiled calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["DropoutBase", "compile_limits", "scan", "suspended_saved_tensors_hooks"]
+
+# ``torch._higher_order_ops.scan``: the compiled solves' loop. Public alternative:
+# ``torch.while_loop`` with preallocated output buffers; on the CPU its functional buffer
+# updates copy the whole buffer each iteration (measured 5-100x slower than scan on the white
+# dwarf), so scan it is. Older torch has none: compiling then falls back to eager, saying so.
+try:
+    from torch._higher_order_ops import scan
+except ImportError:  # pragma: no cover - torch < 2.6
+    scan = None  # type: ignore[assignment]
+
+#: The base class of every dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``...).
+#: Public alternative: listing the public classes, which misses a future one.
+DropoutBase = nn.modules.dropout._DropoutNd
+
+#: Our programs' recompile limits. Every strategy instance compiles its own programs (one per
+#: field, shape, solver and grid) and Dynamo counts recompiles per code object, so the default
+#: limit (8) would fall back to eager in a sweep; our own cache (``Programs``) bounds and counts
+#: what is compiled.
+RECOMPILE_LIMIT = 256
+ACCUMULATED_RECOMPILE_LIMIT = 4096
+
+
+@contextlib.contextmanager
+def compile_limits() -> Iterator[None]:
+    """Raise Dynamo's recompile limits for the calls of our compiled programs only.
+
+    ``torch._dynamo.config`` (private; public alternative: none for these limits). A scope, not an
+    assignment at import: importing nde_zoo must not change ``torch.compile`` for the rest of the
+    process. Limits a user set higher are kept.
+    """
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    with config.patch(
+        recompile_limit=max(config.recompile_limit, RECOMPILE_LIMIT),
+        accumulated_recompile_limit=max(config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT),
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def suspended_saved_tensors_hooks() -> Iterator[None]:
+    """Lift every saved-tensors hook for the block, then restore them in order.
+
+    ``torch.func`` transforms refuse to trace under such hooks, and the strategies count saved
+    bytes with them. ``torch._C._autograd`` (private; public alternative: none, there is no
+    public way to suspend the hook stack, only ``torch.autograd.graph.disable_saved_tensors_hooks``
+    which makes registering one an error rather than lifting those in place).
+    """
+    autograd = torch._C._autograd
+    lifted = []
+    while (top := autograd._top_saved_tensors_default_hooks(True)) is not None:
+        lifted.append(top)
+        autograd._pop_saved_tensors_default_hooks()
+    try:
+        yield
+    finally:
+        for pack, unpack in reversed(lifted):
+            autograd._push_saved_tensors_default_hooks(pack, unpack)

@@ -1,0 +1,43 @@
+"""The private torch APIs nde_zoo uses (nde_zoo/_torch_compat.py) exist on the installed torch,
+and importing nde_zoo changes nothing in torch's global configuration."""
+
+from __future__ import annotations
+
+import torch
+import torch._dynamo
+from torch import nn
+
+
+def test_importing_the_strategies_leaves_dynamos_limits_at_torchs_defaults():
+    import nde_zoo.strategies  # noqa: F401
+    from nde_zoo.strategies import _compiled  # noqa: F401
+
+    config = torch._dynamo.config
+    assert config.recompile_limit == config._config["recompile_limit"].default
+    assert config.accumulated_recompile_limit == config._config["accumulated_recompile_limit"].default
+
+
+def test_compile_limits_are_raised_only_inside_the_scope_and_never_lowered():
+    from nde_zoo._torch_compat import RECOMPILE_LIMIT, compile_limits
+
+    config = torch._dynamo.config
+    before = config.recompile_limit
+    with compile_limits():
+        assert config.recompile_limit == max(before, RECOMPILE_LIMIT)
+    assert config.recompile_limit == before
+    with config.patch(recompile_limit=10_000), compile_limits():
+        assert config.recompile_limit == 10_000  # a user's higher limit is kept
+
+
+def test_the_private_names_exist_on_this_torch():
+    from nde_zoo._torch_compat import DropoutBase, scan, suspended_saved_tensors_hooks
+
+    assert scan is not None, "torch._higher_order_ops.scan is gone: the compiled solves fall back to eager"
+    assert all(issubclass(cls, DropoutBase) for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout))
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: seen.append(1) or x, lambda x: x):
+        with suspended_saved_tensors_hooks():
+            (torch.ones(2, requires_grad=True) * 2).sum()
+        assert not seen, "a hook ran while suspended"
+        (torch.ones(2, requires_grad=True).exp()).sum()
+    assert seen, "the hook was not restored"
