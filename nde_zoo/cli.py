@@ -8,7 +8,7 @@
 Hydra has no subcommands, so the first word is taken off ``sys.argv`` before
 ``@hydra.main`` parses it and selects the primary config (``configs/<subcommand>.yaml``);
 in run mode the original argv is put back, because Lightning's DDP launcher re-executes
-``sys.argv`` for ranks > 0 (ECOSYSTEM.md 2.2).
+``sys.argv`` for ranks > 0.
 """
 
 from __future__ import annotations

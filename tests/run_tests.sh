@@ -2,7 +2,7 @@
 # The test command of the README (`make test`) and of CI (.ci/run).
 # 1. Everything except the process-launching DDP tests, in one pytest session (two workers).
 # 2. Tests marked `standalone` (they re-launch the command line, e.g. trainer.strategy=ddp
-#    through the CLI) one pytest process per test (ECOSYSTEM.md 3.3).
+#    through the CLI) one pytest process per test.
 set -uo pipefail
 PY=${1:-python}
 shift || true

@@ -1,5 +1,5 @@
-"""Adjoint and Seminorm explain a field's wrong output shape as every other strategy does
-(issue 14, journey 7: they gave raw broadcasting errors)."""
+"""Adjoint and Seminorm explain a field's wrong output shape as every other strategy does (they
+used to give raw broadcasting errors)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``Adjoint``/``Seminorm`` with ``steps=``/``step_size=`` take exactly those fixed steps (issue 15).
+"""``Adjoint``/``Seminorm`` with ``steps=``/``step_size=`` take exactly those fixed steps.
 
 torchdiffeq's adaptive methods (``adaptive_heun``, ``bosh3``, ``dopri5``) ignore ``step_size``
 (with only a warning), so ``Adjoint("heun", steps=4)`` used to run adaptive at torchdiffeq's

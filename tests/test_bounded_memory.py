@@ -1,4 +1,4 @@
-"""Nothing a strategy records grows with the number of solves (issue 15, part 1).
+"""Nothing a strategy records grows with the number of solves.
 
 A strategy is a Lightning callback that logs each training step's NFE and memory. It used to
 append every ``Solution`` (with its autograd graph) to a list that only the training-batch

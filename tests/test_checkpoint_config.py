@@ -1,4 +1,4 @@
-"""Self-describing checkpoints (issue 14, journey 2).
+"""Self-describing checkpoints.
 
 Every model saves its constructor arguments, the strategy as a config, so
 ``Model.load_from_checkpoint(path)`` needs no arguments; ``validate``/``test``/``predict

@@ -1,4 +1,4 @@
-"""Nothing lost (issue 15): checkpoints verified when written and read, run directories never shared.
+"""Nothing lost: checkpoints verified when written and read, run directories never shared.
 
 - An unwritable ``checkpoints/`` folder used to let ``fit`` train to the end and exit 0 with no
   checkpoint (Lightning 2.6's writer swallows ``PermissionError``); now the first save fails the fit.

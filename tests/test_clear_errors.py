@@ -1,4 +1,4 @@
-"""Errors name the real cause (issue 15): an empty batch, NaN data or a NaN field under the adjoints.
+"""Errors name the real cause: an empty batch, NaN data or a NaN field under the adjoints.
 
 Before: an empty batch gave ``MaxStepsExceeded ... reached only t=0`` (adaptive solves) or a raw
 ``max(): Expected reduction dim`` (reversible); NaN data under ``adjoint``/``seminorm`` gave

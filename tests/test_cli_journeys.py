@@ -1,4 +1,4 @@
-"""A new user's command-line journeys (issue 14, journeys 6 and 9): no progress bar, TensorBoard,
+"""A new user's command-line journeys: no progress bar, TensorBoard,
 each log line once, pictures in the run directory, benchmark names a user understands."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The main job's quality (issue 14, journey 10): FFJORD's concat-squash field, a Gaussian-mixture
+"""The main job's quality: FFJORD's concat-squash field, a Gaussian-mixture
 baseline on the same split in the test log, and a density picture on a log scale. The full main job
 (test NLL <= 0.45 nats) is the slow test at the end (excluded from CI; run it on a quiet machine)."""
 

@@ -13,7 +13,7 @@ digits, the CNF on two moons).
    ERNODE too, whose regulariser is one value per batch at a time each rank samples itself.
 
 A strategy with its own backward must take the field's parameters as explicit inputs of
-its autograd Function (ECOSYSTEM.md 3.2); one that writes ``p.grad`` by hand leaves the
+its autograd Function; one that writes ``p.grad`` by hand leaves the
 ranks disagreeing, silently: the negative control ``GradByHand`` runs too, and must fail
 both checks.
 
@@ -67,7 +67,7 @@ STRATEGIES = {
 }
 MODELS = ("ode_classifier", "cnf")
 CASES = [f"{m}-{s}" for m in MODELS for s in STRATEGIES]
-# The negative control: the wrong pattern of ECOSYSTEM.md 3.2, run in the same process group.
+# The negative control: the wrong pattern (gradients written into p.grad by hand), run in the same process group.
 CONTROL = "ode_classifier-handwritten"
 
 

@@ -1,4 +1,4 @@
-"""ERNODE's inner strategy is a full nested config (issue 14, journey 8): every argument of the
+"""ERNODE's inner strategy is a full nested config: every argument of the
 inner strategy can be set from the command line, e.g.
 ``strategy=ernode strategy.inner=reversible strategy.inner.solver=rk4 strategy.inner.steps=10``.
 Before, the inner strategy could only be named, with its default config."""

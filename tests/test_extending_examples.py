@@ -1,4 +1,4 @@
-"""docs/extending.md's runnable examples (issue 14, journey 4): a new datamodule, a new model
+"""docs/extending.md's runnable examples: a new datamodule, a new model
 family and a new gradient strategy with the full contract, each run here at tiny sizes; and the
 CLI's gradcheck refusal of a custom strategy points to the doc."""
 

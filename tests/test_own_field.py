@@ -1,4 +1,4 @@
-"""Your own vector field and mixed precision (issue 14, journeys 3 and 5).
+"""Your own vector field and mixed precision.
 
 Every model takes its field as an argument (a module, or a config with ``_target_``) and builds
 the default only when none is given; a field conditioned on context the wrong way gets an error

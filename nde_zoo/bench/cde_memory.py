@@ -1,6 +1,6 @@
-"""Seed 000's Neural CDE table: reversible solvers train as well as backprop with far less memory.
+"""Foster's (2024) Neural CDE table: reversible solvers train as well as backprop with far less memory.
 
-McCallum & Foster (papers/000, 001) train a Neural CDE on CharacterTrajectories with
+McCallum & Foster (Foster 2024; McCallum & Foster 2024, arXiv:2410.11648) train a Neural CDE on CharacterTrajectories with
 midpoint, RK4 and Dopri5, each through their reversible solver and through plain backprop,
 and report test accuracy and memory. Here: the Neural CDE of ``model=cde`` on JapaneseVowels
 (embedded; CharacterTrajectories too when its .ts files are under ``data/uea``), midpoint and
@@ -31,7 +31,7 @@ __all__ = ["run", "SOLVERS", "classification_loss", "GOALS"]
 
 SOLVERS = ("midpoint", "rk4", "dopri5")
 RSS_BAR, ACC_BAR = 2.5, -1.0
-#: goal id -> what it asks (seed 000: "similar accuracy, 2.5-6x less GPU memory"); a verdict per solver
+#: goal id -> what it asks (Foster 2024: "similar accuracy, 2.5-6x less GPU memory"); a verdict per solver
 GOALS = {
     "memory": f"reversible's peak RSS growth of a training step >= {RSS_BAR}x lower than backprop's",
     "accuracy": f"reversible's test accuracy at most {-ACC_BAR:g} point below backprop's",
@@ -108,7 +108,7 @@ def _table(name: str, datamodule: UEADataModule, seeds: list[int], epochs: int, 
         ]
         notes.append(f"{name}, {solver}: reversible keeps {kept:.0f}x less for the backward pass and one training "
                      f"step's peak RSS growth is {rss:.1f}x lower than backprop's; test accuracy {gap:+.1f} points "
-                     f"vs backprop (seed 000: similar accuracy, 2.5-6x less GPU memory).")
+                     f"vs backprop (Foster 2024: similar accuracy, 2.5-6x less GPU memory).")
     table = Table(
         f"{name}: Neural CDE (hidden 32, g width 32), {epochs} epochs, seeds {seeds}; memory = autograd's saved "
         f"bytes per training step (batch 64)",
@@ -138,11 +138,11 @@ def run(quick: bool = False) -> BenchReport:
         notes += n
         verdicts += v
     else:
-        notes.append("CharacterTrajectories (seed 000's set) skipped: its .ts files are not under data/uea "
+        notes.append("CharacterTrajectories (the talk's set) skipped: its .ts files are not under data/uea "
                      "(`data=character_trajectories data.download=true` fetches them when online).")
     return BenchReport(
         name="cde_memory",
-        summary=("Seed 000's Neural CDE table at CPU scale: midpoint, RK4 (one step per knot) and adaptive dopri5, "
+        summary=("Foster's (2024) Neural CDE table at CPU scale: midpoint, RK4 (one step per knot) and adaptive dopri5, "
                  "each through the reversible solver (McCallum & Foster) and through plain backprop (`Direct`); "
                  "test accuracy (mean +- std over seeds), memory kept for the backward pass and training "
                  "time (--quick: midpoint only, one epoch). "

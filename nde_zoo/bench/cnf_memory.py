@@ -1,4 +1,4 @@
-"""Seed 000's CNF table (Foster, "Reversible solvers for NDEs", papers/000): FFJORD on two moons.
+"""Foster's (2024) CNF table (Foster, "Reversible solvers for NDEs", talk, 2024): FFJORD on two moons.
 
 The talk trains a continuous normalising flow on two moons with three base solvers
 (midpoint, RK4, dopri5), once with the reversible solver and once with backprop, and
@@ -233,7 +233,7 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
         )
     steppings = "; ".join(f"{s}: {_describe_stepping(st)}" for s, st in solvers.items())
     summary = (
-        "Seed 000's CNF table (papers/000, Foster's talk): FFJORD (nde_zoo.models.CNF, exact trace, "
+        "Foster's CNF table (talk, 2024): FFJORD (nde_zoo.models.CNF, exact trace, "
         f"MLP 2x{cfg['width']} softplus, t in [0, 1]) on two moons, {cfg['steps']} Adam steps "
         f"(lr {cfg['lr']:g}, "
         f"batch {cfg['batch']}) per row from the same initial weights on the same batches; {steppings}. "

@@ -11,7 +11,7 @@ RSS growth is that row's own and compile time is not hidden by an earlier row's 
 - ``kept``: bytes autograd keeps for backward (``Solution.saved_bytes``);
 - ``RSS``: peak RSS growth of one training step after warm-up.
 
-Problems: seed 000's white dwarf (``bench white_dwarf``'s: 2-d state, width-10 MLP, float64,
+Problems: Foster's (2024) white dwarf (``bench white_dwarf``'s: 2-d state, width-10 MLP, float64,
 N = 1000 midpoint steps, targets at every step), the two-moons FFJORD (exact trace, batch
 256, float32, midpoint and rk4, 20 steps), and a memory-bound case (batch 2048 x 64, width
 128, float32, midpoint, N = 100). With ``jax`` and ``diffrax`` installed (never in CI) the white

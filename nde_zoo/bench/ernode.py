@@ -1,4 +1,4 @@
-"""Seed 004's MNIST table at CPU scale: local ERNODE regularisation lowers test-time NFE.
+"""Pal et al.'s (ICML 2023) MNIST table at CPU scale: local ERNODE regularisation lowers test-time NFE.
 
 The ``ode_classifier`` on scikit-learn's digits (and MNIST when its IDX files are under
 ``data/mnist``), solved by adaptive tsit5 through :class:`Direct`; rows: vanilla, local

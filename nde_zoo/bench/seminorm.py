@@ -1,7 +1,7 @@
-"""Seed 002's table: how the norm of the adjoint solve's accept/reject test changes its cost.
+"""Kidger et al.'s (ICML 2021) table: how the norm of the adjoint solve's accept/reject test changes its cost.
 
 Kidger & Lyons ("Train neural differential equations 30% faster with 12 lines of code",
-papers/002) observe that the parameter-gradient channels ``a_theta`` of the adjoint state
+published as "Hey, that's not an ODE", ICML 2021) observe that the parameter-gradient channels ``a_theta`` of the adjoint state
 start at zero and never feed back into the dynamics, so counting them in the error norm
 of the backward solve only rejects steps. Five norms on the same dopri5 adjoint solve:
 
@@ -367,7 +367,7 @@ def run(quick: bool = False, speech_commands_root: str = "data/speech_commands")
                  f"{max(r[1] for r in ratios):.2f} over widths, output counts and tolerances (see docs/seminorm.md).")
     return BenchReport(
         name="seminorm",
-        summary=("Seed 002 (Kidger & Lyons): the norm of the dopri5 adjoint's accept/reject test. Five norms on the "
+        summary=("Kidger & Lyons (ICML 2021): the norm of the dopri5 adjoint's accept/reject test. Five norms on the "
                  "same backward solve: a plain RMS over the whole augmented adjoint state, the paper's own baseline "
                  "(torchdiffeq's default in 2020: max of |a_t|, rms(z), rms(a_z) and one RMS over all parameters), "
                  "torchdiffeq's current default (a mixed norm: max of |a_t|, the state, its adjoint and each "

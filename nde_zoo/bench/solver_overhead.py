@@ -1,7 +1,7 @@
 """Our fixed-step RK4 against torchdiffeq's, forward and forward+backward, side by side.
 
 torchdiffeq's fixed-grid ``rk4`` is Kutta's 3/8 rule, our ``rk38``; our ``rk4`` is the
-classic method (same cost: four evaluations per step). Two regimes (DESIGN.md section 8):
+classic method (same cost: four evaluations per step). Two regimes (docs/compile.md):
 an overhead-bound small problem and a memory-bound large one. Repeats are interleaved and
 the median is reported, so machine noise hits both sides alike. Goal: ratio <= 1.0.
 """

@@ -1,4 +1,4 @@
-"""The symplectic adjoint's comparison (Matsubara et al. 2021, papers/003) at CPU scale.
+"""The symplectic adjoint's comparison (Matsubara et al., NeurIPS 2021) at CPU scale.
 
 The poster compares the continuous adjoint, backprop, per-step checkpointing (ACA) and the
 symplectic adjoint by loss, memory and time per iteration, on FFJORD and on physical
@@ -423,7 +423,7 @@ def run(quick: bool = False, rows: tuple[str, ...] = ROWS) -> BenchReport:
         "(torch.set_num_threads(1)) on a shared machine: ratios, not absolute seconds."
     )
     summary = (
-        "The symplectic adjoint poster's comparison (papers/003) at CPU scale: Symplectic vs the "
+        "The symplectic adjoint poster's comparison (Matsubara et al., NeurIPS 2021) at CPU scale: Symplectic vs the "
         "continuous adjoint (torchdiffeq), backprop (Direct) and per-step checkpointing (ACA, "
         "`Checkpoint`). Physical system: a Neural ODE (circular 1-D convs) learning the KdV equation "
         "u_t + u u_x + delta^2 u_xxx = 0 (Zabusky-Kruskal form, delta = 0.15, 32-point periodic grid on "

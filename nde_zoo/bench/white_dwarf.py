@@ -1,6 +1,6 @@
-"""Seed 000's white-dwarf table: reversible vs binomial checkpointing vs backprop.
+"""Foster's (2024) white-dwarf table: reversible vs binomial checkpointing vs backprop.
 
-Chandrasekhar's white dwarf equation as McCallum & Foster set it up (papers/000, 001):
+Chandrasekhar's white dwarf equation as McCallum & Foster set it up (Foster 2024; McCallum & Foster 2024, arXiv:2410.11648):
 
     dx/dt = v,   dv/dt = -(x^2 - C)^(3/2) - 2 v / (t + 0.5),   C = 0.001,  (x, v)(0) = (1, 0),
 
@@ -40,7 +40,7 @@ __all__ = ["run", "white_dwarf_data", "stability_extent", "amplification", "fron
 C = 0.001
 H = 0.005
 T_END = 5.0
-TIME_BAR = 2.8  # DESIGN.md section 8: 4s evaluations + 2s VJPs against s + s, about 2.7x
+TIME_BAR = 2.8  # the cost model: 4s evaluations + 2s VJPs against s + s, about 2.7x
 FLAT_BAR = 1.5
 #: goal id -> what it asks; every run prints a verdict for each
 GOALS = {
@@ -330,7 +330,7 @@ def _run(quick: bool) -> BenchReport:
     return BenchReport(
         name="white_dwarf",
         summary=(
-            "Seed 000's white-dwarf table: a width-10 Neural ODE (float64) fitted to Chandrasekhar's white "
+            "Foster's (2024) white-dwarf table: a width-10 Neural ODE (float64) fitted to Chandrasekhar's white "
             f"dwarf equation on [0, 5] with explicit midpoint, h = {h} (N = {n_steps} steps, a loss on every "
             f"step), AdamW lr 1e-2, full batch, {train_steps} training steps per row from the same initial "
             "weights. Time is the median seconds per training step measured in one run (the last step, "

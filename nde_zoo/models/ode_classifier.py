@@ -1,7 +1,7 @@
 """Neural ODE classifier: input -> linear embedding -> ODE block -> linear head.
 
 The setup of Kelly et al. (2020, "Learning differential equations that are easy to solve")
-and Pal et al. (2023, papers/004): an MLP vector field with a 100-wide hidden layer, the
+and Pal et al. (ICML 2023): an MLP vector field with a 100-wide hidden layer, the
 ODE solved on t in [0, 1], a linear classifier on the final state. Forward NFE at test time
 is logged (``test/nfe``): it is what local ERNODE regularisation lowers.
 """

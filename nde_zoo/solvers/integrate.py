@@ -220,7 +220,7 @@ class StateStore:
 
     Keeping each state as its own small tensor fragments the CPU heap: glibc carves it from the
     hole a freed temporary of the field (a hidden activation of megabytes) left, the next
-    temporary no longer fits there, and the heap grows by one hole per step (DESIGN.md section 9:
+    temporary no longer fits there, and the heap grows by one hole per step (measured:
     Symplectic's forward grew peak RSS by 199 MB for 0.8 MB of states). Copying each state into
     one buffer of ``capacity`` states (fixed steps: ``N``), or into chunks of ``CHUNK`` states
     (adaptive), allocates once per buffer instead. Non-tensor states (tuples) are kept as they are.

@@ -1,6 +1,6 @@
 """Shared pieces for strategies that implement their own backward pass.
 
-Rule (ECOSYSTEM.md 3.2): a custom ``autograd.Function`` takes the field's parameters as
+Rule: a custom ``autograd.Function`` takes the field's parameters as
 *explicit inputs* and returns their gradients from ``backward``, so DDP's reducer hooks
 fire. Which tensors those are is found before the solve (:mod:`nde_zoo.strategies.fields`);
 :func:`check_no_hidden_inputs` is the backstop in backward for one that still escaped (read

@@ -1,7 +1,7 @@
 """Compiled solves: a whole fixed-step loop, forward and backward, as one compiled program.
 
 Eager PyTorch pays Python dispatch on every operation; a small field with many steps spends
-nearly all of its time there (DESIGN.md section 8). Here each strategy's loop runs as a
+nearly all of its time there (docs/compile.md). Here each strategy's loop runs as a
 ``scan`` over the step times and sizes under ``torch.compile(fullgraph=True)``, so Inductor
 sees the whole loop at once. The step inside the scan body is the *same* function the eager
 loop calls (:func:`nde_zoo.solvers.rk_step` / ``rk_increment`` accept a 0-d tensor step size),

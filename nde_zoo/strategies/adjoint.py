@@ -5,7 +5,7 @@ backwards in time with its own adaptive steps, so memory is O(L) but the gradien
 as exact as the two solves' tolerances (not the gradient of the forward discretisation).
 The seminorm drops the parameter-gradient channels from the accept/reject test of the
 adjoint solve (they are integrals, never fed back), so fewer backward steps are rejected
-(papers/002). It also drops the time-gradient channel ``a_t`` when ``ts`` needs no gradient,
+(Kidger, Chen & Lyons, "Hey, that's not an ODE", ICML 2021). It also drops the time-gradient channel ``a_t`` when ``ts`` needs no gradient,
 as the paper's own code does; torchdiffeq's built-in ``norm="seminorm"`` keeps ``|a_t|``,
 and on a field with explicit time dependence (a Neural CDE, whose ``dX/dt`` has a kink at
 every knot) that one channel sets the step size: 3.7x more backward steps than the paper's

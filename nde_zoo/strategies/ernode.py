@@ -1,6 +1,6 @@
 """Local ERNODE regularisation: learn dynamics that are cheaper to solve (Pal et al., ICML 2023).
 
-A wrapper around any ODE strategy (papers/004; the authors' LocalRegNeuralDE.jl). Each
+A wrapper around any ODE strategy (Pal, Edelman & Rackauckas, ICML 2023; the authors' LocalRegNeuralDE.jl). Each
 training step it samples one time ``t_reg``, takes the state the inner solve reaches there,
 makes ONE step of an embedded RK pair (tsit5 by default) with the step size the solve
 uses at that time, and returns

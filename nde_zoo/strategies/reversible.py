@@ -1,7 +1,7 @@
 """Algebraically reversible solvers: exact gradients with memory flat in the number of steps.
 
-McCallum & Foster, "Efficient, Accurate and Stable Gradients for Neural ODEs" (2024;
-papers/001) and Foster's talk (papers/000). Any explicit RK step ``Phi_h`` with increment
+McCallum & Foster, "Efficient, Accurate and Stable Gradients for Neural ODEs" (2024,
+arXiv:2410.11648) and Foster's talk "Reversible solvers for NDEs" (2024). Any explicit RK step ``Phi_h`` with increment
 ``Psi_h(t, x) = Phi_h(t, x) - x`` becomes reversible by carrying two states,
 ``Y_0 = Z_0 = y0``:
 

@@ -1,7 +1,7 @@
 """The symplectic adjoint method: the exact gradient of an RK solve, one field graph at a time.
 
 Matsubara, Miyatake & Yaguchi, "Symplectic Adjoint Method for Exact Gradient of Neural
-ODE with Minimal Memory" (NeurIPS 2021; papers/003). The adjoint system is integrated by
+ODE with Minimal Memory" (NeurIPS 2021). The adjoint system is integrated by
 the *symplectic partner* of the forward Runge-Kutta method (Sanz-Serna, SIAM Review
 2016), which conserves the bilinear quantity ``lambda^T delta`` exactly, so the
 gradient is that of the discretisation itself: identical to backprop through the solve
