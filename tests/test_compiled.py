@@ -8,6 +8,7 @@ case per strategy runs through Inductor itself, together covering every solver.
 from __future__ import annotations
 
 import functools
+import re
 import warnings
 
 import pytest
@@ -340,3 +341,18 @@ def test_a_closure_field_compiles_its_forward_and_warns_that_its_backward_is_eag
     assert any("cannot take these, so the backward runs eagerly" in str(w.message) for w in record)
     assert float(grads[0].abs().max()) > 0
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-12, atol=1e-14)
+
+
+def test_compiling_is_announced_and_timed_in_the_log(aot_eager, caplog):
+    """A first call that compiles says so before (it can take minutes) and how long it took after."""
+    field = MLP().double()
+    y0, ts = torch.randn(2, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
+    strategy = Direct("midpoint", steps=4, compile=True)
+    with caplog.at_level("INFO", logger="nde_zoo"):
+        strategy.solve(field, y0, ts)
+        strategy.solve(field, y0, ts)  # the same key: no second compile, no second message
+    messages = [r.getMessage() for r in caplog.records if r.name == "nde_zoo"]
+    before = [m for m in messages if "compiling its direct program" in m]
+    after = [m for m in messages if re.search(r"compiled its direct program .* in \d+\.\d s", m)]
+    assert len(before) == 1 and len(after) == 1, messages
+    assert "(2, 3) float64 cpu" in before[0] and "once per shape" in before[0]

@@ -27,6 +27,7 @@ What this module provides, independent of any one strategy:
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -38,6 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from nde_zoo._torch_compat import compile_limits, scan, suspended_saved_tensors_hooks
+
+log = logging.getLogger("nde_zoo")
 
 #: the torch versions the compiled path is tested on (pyproject.toml's ``compile`` extra pins them).
 TESTED_TORCH = ((2, 13), (2, 14))
@@ -223,6 +226,12 @@ class Programs:
             # faster per step on the white dwarf (docs/compile.md), for a longer first compile.
             options = {"cpp_wrapper": True}
         compiled = torch.compile(build(), fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
+        # Compiling takes seconds to minutes, once per key: say so before, and how long after,
+        # so a long first step is never silent.
+        field_type = getattr(key[1], "__name__", str(key[1]))
+        field_type = "a function field" if field_type in ("function", "method", "partial") else field_type
+        what = f"its {key[0]} program for {field_type} on {_describe_signature(key[2])}"
+        log.info("strategy %r: compiling %s (once per shape; compile=False skips this) ...", self.strategy, what)
         start = time.perf_counter()
         try:
             with _without_saved_tensors_hooks(), compile_limits():
@@ -247,7 +256,9 @@ class Programs:
                 )
             return None
         self._programs[key] = compiled
-        self._count(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        log.info("strategy %r: compiled %s in %.1f s", self.strategy, what, seconds)
+        self._count(seconds)
         return result
 
     def _count(self, seconds: float) -> None:
@@ -315,6 +326,21 @@ def adaptive_step(
 #: compiled program itself runs under the hooks as usual from its second call on; the first
 #: call's result is what it computed, without the outer hooks seeing what it saved.
 _without_saved_tensors_hooks = suspended_saved_tensors_hooks
+
+
+def _describe_signature(signature: Any) -> str:
+    """``(2, 3) float64 cpu, ...``: the tensors of a key's input signature (for the log)."""
+    tensors = []
+
+    def visit(item: Any) -> None:
+        if isinstance(item, tuple) and len(item) == 5 and item[0] == "T":
+            tensors.append(f"{item[1]} {str(item[2]).replace('torch.', '')} {item[3]}")
+        elif isinstance(item, tuple):
+            for sub in item:
+                visit(sub)
+
+    visit(signature)
+    return ", ".join(tensors) if tensors else "its inputs"
 
 
 def _on_cpu(args: Sequence[Any]) -> bool:
