@@ -41,3 +41,15 @@ def test_the_private_names_exist_on_this_torch():
         assert not seen, "a hook ran while suspended"
         (torch.ones(2, requires_grad=True).exp()).sum()
     assert seen, "the hook was not restored"
+
+
+def test_the_config_module_does_not_import_the_strategies_back():
+    """base imports config (to record constructor arguments); config must not import base."""
+    import ast
+    from pathlib import Path
+
+    import nde_zoo.strategies.config as config
+
+    tree = ast.parse(Path(config.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert not any(m and m.startswith("nde_zoo.strategies") for m in imported), imported

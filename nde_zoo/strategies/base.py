@@ -22,6 +22,7 @@ from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.strategies.config import init_arguments
 from nde_zoo.strategies.fields import field_parameters
 
 __all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "LiveSaved", "field_parameters"]
@@ -185,8 +186,6 @@ class GradientStrategy(lightning.Callback, abc.ABC):
     def __new__(cls, *args: Any, **kwargs: Any) -> GradientStrategy:
         # Record the constructor's arguments, so the strategy can be saved as a config
         # (nde_zoo.strategies.config.strategy_config; models keep it in their hyperparameters).
-        from nde_zoo.strategies.config import init_arguments
-
         self = super().__new__(cls)
         self._init_arguments = init_arguments(cls, args, kwargs)
         return self

@@ -46,11 +46,18 @@ def init_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
     return out
 
 
+def _is_strategy(value: Any) -> bool:
+    """A gradient strategy: it recorded its constructor's arguments (``GradientStrategy.__new__``).
+
+    Asked by attribute, not ``isinstance``: this module sits below ``base`` (which imports it),
+    so it must not import ``base`` back.
+    """
+    return hasattr(value, "_init_arguments") and hasattr(value, "solve")
+
+
 def _plain(value: Any) -> Any:
     """A config value: strategies become nested configs, OmegaConf containers plain ones."""
-    from nde_zoo.strategies.base import GradientStrategy
-
-    if isinstance(value, GradientStrategy):
+    if _is_strategy(value):
         return strategy_config(value)
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -79,13 +86,11 @@ def strategy_config(strategy: Any) -> dict[str, Any]:
     built-in tableau becomes its name. A strategy built without recorded arguments (a
     subclass whose ``__new__`` was replaced) gives just its ``_target_``.
     """
-    from nde_zoo.strategies.base import GradientStrategy
-
     cls = type(strategy)
     arguments = dict(getattr(strategy, "_init_arguments", None) or {})
     for name, value in arguments.items():  # an inner strategy given by name: save what it became
         built = getattr(strategy, name, None)
-        if isinstance(value, str) and isinstance(built, GradientStrategy):
+        if isinstance(value, str) and _is_strategy(built):
             arguments[name] = built
     return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **{k: _plain(v) for k, v in arguments.items()}}
 
@@ -114,9 +119,7 @@ def instantiate_target(cfg: Any, what: str = "config") -> Any:
 
 def strategy_from_config(cfg: Any) -> Any:
     """A strategy from what :func:`strategy_config` gave (or a ``configs/strategy`` mapping)."""
-    from nde_zoo.strategies.base import GradientStrategy
-
     strategy = instantiate_target(cfg, "strategy")
-    if not isinstance(strategy, GradientStrategy):
+    if not _is_strategy(strategy):
         raise TypeError(f"the strategy config {dict(cfg)!r} did not build a GradientStrategy")
     return strategy
