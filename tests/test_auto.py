@@ -231,14 +231,30 @@ def test_resume_keeps_the_choice_without_probing(tmp_path):
     assert type(again.chosen) is type(first.chosen)
 
 
-def test_the_choice_is_logged(tmp_path):
+def test_the_choice_is_logged_once(tmp_path):
+    """``auto/choice`` reaches the logger at the step that chose, and at no later step (a value
+    given to ``self.log`` in one step was logged again at every step after it)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
     from nde_zoo.strategies.auto import CHOICE_CODES
 
     auto = Auto("rk4", steps=8, memory_budget="10GB", candidates=("reversible",))
-    trainer, _ = _fit(tmp_path, auto, max_epochs=1)
+    torch.manual_seed(0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(64, 2)), batch_size=16)
+    logger = CSVLogger(str(tmp_path), name="logs")
+    trainer = lightning.Trainer(accelerator="cpu", max_epochs=1, logger=logger, log_every_n_steps=1,
+                                enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(_Regression(auto), loader)
     assert auto.plan.choice == "reversible"
-    assert trainer.callback_metrics["auto/choice"] == CHOICE_CODES["reversible"] == 3  # logged at the first step
+    assert trainer.callback_metrics["auto/choice"] == CHOICE_CODES["reversible"] == 3
     assert trainer.callback_metrics["memory/saved_bytes"] > 0  # the chosen strategy's solves are recorded
+    with open(logger.log_dir + "/metrics.csv") as table:
+        rows = list(csv.DictReader(table))
+    choices = [(r["step"], r["auto/choice"]) for r in rows if r.get("auto/choice")]
+    assert choices == [("0", "3.0")], choices  # once, at the first step
+    assert len({r["step"] for r in rows if r.get("nfe/forward")}) == 4  # while the step figures go on
 
 
 def test_a_models_checkpoint_brings_the_choice(tmp_path):
@@ -298,6 +314,43 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _ddp_rank_announcing(rank: int, port: int, auto: Auto) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        field, y0 = _problem(batch=8, width=8)
+        auto.solve(field, y0, TS)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_spawn_logs_the_table_once_where_the_launching_process_logs(tmp_path, capfd):
+    """Processes spawned for DDP (``ddp_spawn``) start with no logging configured; the table still
+    reaches the launching process's console and log file (the CLI's ``cli.log``), from rank 0 only."""
+    import logging
+    import sys
+
+    root = logging.getLogger()
+    handlers = [logging.FileHandler(tmp_path / "cli.log"), logging.StreamHandler(sys.stdout)]
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+        root.addHandler(handler)
+    level, root.level = root.level, logging.INFO
+    try:
+        auto = Auto("rk4", steps=4, memory_budget="1GB", candidates=("direct", "reversible"))
+        torch.multiprocessing.spawn(_ddp_rank_announcing, args=(_free_port(), auto), nprocs=2, join=True)
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(level)
+    logged = (tmp_path / "cli.log").read_text()
+    assert logged.count("strategy=auto for Field with a 8x2 float64 state") == 1, logged
+    assert "[nde_zoo][INFO] - strategy=auto for" in logged and "| candidate | peak memory |" in logged
+    assert capfd.readouterr().out.count("strategy=auto for Field") == 1
 
 
 def test_ddp_a_probe_that_fails_on_rank_0_fails_every_rank(tmp_path):

@@ -36,10 +36,13 @@ Under DDP rank 0 probes and broadcasts its plan, so every rank runs the same str
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import re
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field as dataclass_field
@@ -193,9 +196,12 @@ class _Probe:
     """A candidate measured at one prefix of the grid."""
 
     steps: int  # accepted steps of the probe solve
-    peak: float  # bytes
+    peak: float  # bytes: the larger of the two below
     forward: float  # seconds
     backward: float  # seconds
+    forward_peak: float = 0.0  # bytes the allocator held at most during the forward solve (above its start)
+    backward_peak: float = 0.0  # ... during the backward pass (the forward's kept tensors included)
+    outputs: int = 2  # output times of the probe solve
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -351,8 +357,35 @@ class Auto(ODEStrategy):
             raise MemoryBudgetError(_no_fit_message(plan), plan)
         self.plans[key] = plan
         self._new_choice = key
-        if self.announce:
-            log.info("%s", plan.markdown())
+        if self.announce and _rank() == 0:  # once per key, not once per rank
+            self._announce(plan.markdown())
+
+    def _announce(self, text: str) -> None:
+        """Log ``text`` (a new plan's table). A process spawned for DDP (``ddp_spawn``) starts
+        with no logging configured, so Python would drop the message: there it goes where the
+        launching process logged (its console and log files, recorded when this Auto was pickled)."""
+        if log.hasHandlers() or not getattr(self, "_log_targets", None):
+            log.info("%s", text)
+            return
+        if not log.isEnabledFor(logging.INFO) and log.level != logging.NOTSET:
+            return
+        record = log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (text,), None)
+        for kind, where, fmt, datefmt in self._log_targets:
+            handler: logging.Handler
+            if kind == "file":
+                handler = logging.FileHandler(where, mode="a", delay=True)
+            else:
+                handler = logging.StreamHandler(sys.stdout if kind == "stdout" else sys.stderr)
+            handler.setFormatter(logging.Formatter(fmt, datefmt))
+            try:
+                handler.handle(record)
+            finally:
+                handler.close()
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_log_targets"] = _log_targets(log)  # for a process spawned from this one (DDP)
+        return state
 
     def measure(self, field: Any, y0: Tensor, ts: Tensor, times: list[float] | None = None,
                 steps: int | None = None, key: str | None = None) -> Plan:
@@ -389,7 +422,8 @@ class Auto(ODEStrategy):
                 run = _measure(strategy, field, y0, prefix, repeats=0, memory=False)
                 longer = probed[label][-1]
                 longer.forward, longer.backward = min(longer.forward, run.forward), min(longer.backward, run.backward)
-        rows = [self._predict(label, probed[label], steps, budget) for label in labels]
+        state_bytes = y0.nelement() * y0.element_size()
+        rows = [self._predict(label, probed[label], steps, len(times), state_bytes, budget) for label in labels]
         plan = Plan(key=key, steps=steps, estimated=estimated, budget=budget, device=str(y0.device), rows=rows)
         fitting = [r for r in rows if r.fits]
         if fitting:
@@ -398,8 +432,15 @@ class Auto(ODEStrategy):
         return plan
 
     def _prefix(self, ts: Tensor, grid: list[float], k: int) -> tuple[Tensor, dict[str, Any]]:
-        """Output times and stepping of a probe over the first ``k`` steps of ``grid``."""
-        prefix = ts.new_tensor([grid[0], grid[k]])
+        """Output times and stepping of a probe over the first ``k`` steps of ``grid``: the output
+        times of ``ts`` that fall inside, and its end (outputs cost memory too)."""
+        end = grid[k]
+        direction = 1.0 if grid[-1] >= grid[0] else -1.0
+        inside = [t for t in ts.tolist()[1:] if (end - t) * direction > 0]
+        prefix = ts.new_tensor([grid[0], *inside, end])
+        if len(prefix) > 2:  # in ts's dtype an output may coincide with the end: strictly monotone
+            keep = torch.cat([prefix.new_ones(1, dtype=torch.bool), (prefix[1:] - prefix[:-1]) * direction > 0])
+            prefix = prefix[keep]
         stepping = dict(self._stepping_args)
         if not self.stepping.adaptive:
             stepping.update(steps=k, step_size=None)
@@ -423,62 +464,76 @@ class Auto(ODEStrategy):
             return exc
         return probes
 
-    def _predict(self, label: str, probes: list[_Probe] | str | Exception, steps: int, budget: int) -> Row:
+    def _predict(self, label: str, probes: list[_Probe] | str | Exception, steps: int, outputs: int,
+                 state_bytes: int, budget: int) -> Row:
         name = label.partition("+")[0]
         if isinstance(probes, Exception):
             return Row(label, math.inf, math.inf, False, note=f"refused: {str(probes).splitlines()[0]}")
         if isinstance(probes, str):
             return Row(label, math.inf, math.inf, False, note=probes)
         a, b = probes[0], probes[-1]
+        per_output = 2.0 * state_bytes  # an output state, and its cotangent in the backward pass
 
         def line(attr: str, x: float) -> float:
-            if attr != "peak":  # seconds: proportional to the longer probe (a slope between two
-                return getattr(b, attr) * x / b.steps  # short timings is mostly noise)
-            return _fit(a.steps, a.peak, b.steps, b.peak, x)
+            if attr in ("forward", "backward"):  # seconds: proportional to the longer probe (a slope
+                return getattr(b, attr) * x / b.steps  # between two short timings is mostly noise)
+            ya, yb = getattr(a, attr), getattr(b, attr)
+            if name == "reversible":  # flat in N, linear in the outputs
+                if a.outputs != b.outputs:
+                    return _fit(a.outputs, ya, b.outputs, yb, outputs)
+                return max(ya, yb) + per_output * max(0, outputs - b.outputs)
+            # linear in N; outputs beyond those the prefix's rate gives (the prefix may hold none)
+            beyond = outputs - _fit(a.steps, a.outputs, b.steps, b.outputs, steps)
+            return _fit(a.steps, ya, b.steps, yb, x) + per_output * max(0.0, beyond)
 
         recorded = [p.as_dict() for p in probes]
-        if name == "reversible":  # flat in N
-            peak = max(a.peak, b.peak)
-        else:
-            peak = line("peak", steps)
+        peak = max(line("forward_peak", steps), line("backward_peak", steps))
         seconds = line("forward", steps) + line("backward", steps)
         if name != "checkpoint" or self.stepping.adaptive:  # adaptive Checkpoint keeps every step start (ACA)
             return Row(label, peak, seconds, peak <= budget, probes=recorded)
-        return self._choose_snapshots(label, line, steps, budget, recorded)
+        return self._choose_snapshots(label, line, steps, state_bytes, budget, recorded)
 
-    def _choose_snapshots(self, label: str, line: Any, steps: int, budget: int,
+    def _choose_snapshots(self, label: str, line: Any, steps: int, state_bytes: int, budget: int,
                           recorded: list[dict[str, float]]) -> Row:
-        """Checkpoint: the most snapshots that fit (fewest recomputed steps), and its time.
+        """Checkpoint: the fastest snapshot count that fits, and its time.
 
-        Probed keeping every step start, its peak is linear in the states kept: ``peak(c)``; the
-        counts of :func:`_snapshot_grid` are costed and the fastest that fits is chosen.
-        Eager: the states the forward pass stores plus those the reversal holds at once
-        (:func:`~nde_zoo.strategies.checkpoint.binomial_peak_states`; up to about ``2c``), and the
-        binomial schedule's recomputation
+        Probed keeping every step start (``N`` states), its backward peak holds ``N - kept(c)``
+        states more than with ``c`` snapshots; its forward peak (the solve's own buffers) does
+        not change with ``c``. The counts of :func:`_snapshot_grid` are costed and the fastest
+        that fits is chosen. Eager: ``kept(c)`` is the states the forward pass stores plus those
+        the reversal holds at once (:func:`~nde_zoo.strategies.checkpoint.binomial_peak_states`;
+        up to about ``2c``), and the time adds the binomial schedule's recomputation
         (:func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`). Compiled: the two-level
         schedule keeps ``S = ceil(N / segment)`` states and recomputes ``segment`` at a time.
         """
         compiled = label.endswith("+compile")
         per_step_forward = max(0.0, line("forward", steps) / steps)
+        forward_peak, backward_peak = line("forward_peak", steps), line("backward_peak", steps)
+        every = binomial_peak_states(steps, None)
 
         def cost(c: int) -> tuple[float, float]:
             if compiled:
                 segment = -(-steps // c)
-                kept, recomputed = -(-steps // segment) + segment, steps - (-(-steps // segment))
+                stored = -(-steps // segment)
+                kept, recomputed = stored + segment, steps - stored
             else:  # the states the forward pass stores plus those the reversal holds at once
+                stored = min(c, steps)
                 kept, recomputed = binomial_peak_states(steps, c), binomial_recomputations(steps, c)  # cached
             seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
-            return line("peak", kept), seconds
+            # the forward copies its snapshots out of the buffer of every step's state it solved into
+            return max(forward_peak + state_bytes * stored,
+                       backward_peak - state_bytes * max(0, every - kept)), seconds
 
-        if line("peak", steps) <= budget:  # every step start fits: no recomputation
-            return Row(label, line("peak", steps), line("forward", steps) + line("backward", steps), True,
+        peak = max(forward_peak, backward_peak)
+        if peak <= budget:  # every step start fits: no recomputation
+            return Row(label, peak, line("forward", steps) + line("backward", steps), True,
                        snapshots=None, probes=recorded)
         # Neither the peak nor the recomputation is monotone in c (the binomial spine, the compiled
         # segments), so every count on a grid is costed and the fastest that fits wins.
         costed = {c: cost(c) for c in _snapshot_grid(steps)}
         fitting = {c: v for c, v in costed.items() if v[0] <= budget}
         if not fitting:
-            c = min(costed, key=lambda k: costed[k][0])
+            c = min(costed, key=lambda k: (costed[k][0], costed[k][1]))
             return Row(label, *costed[c], False, snapshots=c, probes=recorded)
         c = min(fitting, key=lambda k: (fitting[k][1], -k))
         return Row(label, *fitting[c], True, snapshots=c, probes=recorded)
@@ -490,9 +545,18 @@ class Auto(ODEStrategy):
             self.programs.pending_seconds += chosen.programs.pending_seconds
             chosen.programs.pending_seconds = 0.0
         if self._new_choice is not None:
+            # Once, at the step that chose: a value given to ``pl_module.log`` would be logged again
+            # at every later step. Straight to the loggers (rank 0), at the step Lightning logs
+            # this batch's figures at.
             plan = self.plans[self._new_choice]
-            pl_module.log("auto/choice", float(CHOICE_CODES[plan.choice or "direct"]), on_step=True,
-                          on_epoch=False, batch_size=1)
+            code = float(CHOICE_CODES[plan.choice or "direct"])
+            connector = getattr(trainer, "_logger_connector", None)
+            if connector is not None:
+                connector.log_metrics({"auto/choice": code})
+            else:
+                for logger in trainer.loggers:
+                    logger.log_metrics({"auto/choice": code}, step=trainer.global_step)
+            trainer.callback_metrics["auto/choice"] = torch.tensor(code)
             self._new_choice = None
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
@@ -514,48 +578,232 @@ class Auto(ODEStrategy):
 
 def _measure(strategy: GradientStrategy, field: Any, y0: Tensor, ts: Tensor, repeats: int = 3,
              memory: bool = True) -> _Probe:
-    """One solve's forward and backward (unit cotangent): its peak memory (unless ``memory`` is
-    false: one timed run only), then the better of ``repeats`` timed runs. Gradients go to
+    """One solve's forward and backward (unit cotangent): the most the allocator held above what
+    it held before, during the forward and during the backward (unless ``memory`` is false: one
+    timed run only), then the better of ``repeats`` timed runs. Gradients go to
     ``torch.autograd.grad``, never into ``.grad``."""
     params = field_parameters(field)
     y0 = y0.detach().requires_grad_(y0.requires_grad)
     inputs = ([y0] if y0.requires_grad else []) + params
     cuda = y0.device.type == "cuda"
 
-    def run(measure: bool) -> tuple[int, float, float, float]:
+    def run(meter: AllocatorPeak | None) -> tuple[int, float, float, float, float]:
+        counted = meter is not None and meter.available  # the allocator, by profiler events
+        estimated = meter is not None and not counted and not cuda  # under a user's profiler
         if cuda:
             torch.cuda.synchronize(y0.device)
             base = torch.cuda.memory_allocated(y0.device)
             torch.cuda.reset_peak_memory_stats(y0.device)
         start = time.perf_counter()
-        solution = strategy.solve(field, y0, ts)
+        with meter.phase("forward") if counted else contextlib.nullcontext():
+            solution = strategy.solve(field, y0, ts)
+        forward_peak = backward_peak = 0.0
         if cuda:
             torch.cuda.synchronize(y0.device)
+            forward_peak = torch.cuda.max_memory_allocated(y0.device) - base
+            torch.cuda.reset_peak_memory_stats(y0.device)
         middle = time.perf_counter()
-        cotangent = torch.ones_like(solution.ys)
-        if inputs and solution.ys.requires_grad:
-            if measure and not cuda:
-                live = LiveSaved(params + LiveSaved.kept_by(solution.ys))
-                with live.hooks:
+        with meter.phase("backward") if counted else contextlib.nullcontext():
+            cotangent = torch.ones_like(solution.ys)
+            if inputs and solution.ys.requires_grad:
+                if estimated:  # autograd's own count: what was kept plus what the backward held
+                    live = LiveSaved(params + LiveSaved.kept_by(solution.ys))
+                    with live.hooks:
+                        torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
+                    backward_peak = solution.saved_bytes + live.peak + solution.stats.held_bytes
+                else:
                     torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
-                # plus the recomputed states a checkpointing backward holds outside autograd
-                peak = solution.saved_bytes + live.peak + solution.stats.held_bytes
-            else:
-                torch.autograd.grad(solution.ys, inputs, cotangent, allow_unused=True)
-                peak = solution.saved_bytes
-        else:
-            peak = 0
+            del cotangent
         if cuda:
             torch.cuda.synchronize(y0.device)
-            peak = torch.cuda.max_memory_allocated(y0.device) - base
+            backward_peak = torch.cuda.max_memory_allocated(y0.device) - base
         end = time.perf_counter()
-        return solution.stats.accepted_steps, peak, middle - start, end - middle
+        return solution.stats.accepted_steps, float(forward_peak), float(backward_peak), middle - start, end - middle
 
-    steps, peak, forward, backward = run(measure=memory)
+    if memory and not cuda:
+        with AllocatorPeak() as meter:
+            steps, forward_peak, backward_peak, forward, backward = run(meter)
+        if meter.available:  # the events are read when the profiler stops
+            forward_peak, backward_peak = meter.peak("forward"), meter.peak("backward")
+        else:
+            _warn_once("another profiler is running, so the probes' memory is autograd's count (what is kept "
+                       "for backward plus what the backward holds), not the allocator's: the budget may be "
+                       "exceeded by the field's transient tensors")
+    else:
+        steps, forward_peak, backward_peak, forward, backward = run(None)
     for _ in range(repeats):
-        _, _, f, b = run(measure=False)
+        _, _, _, f, b = run(None)
         forward, backward = min(forward, f), min(backward, b)
-    return _Probe(steps=max(steps, 1), peak=float(peak), forward=forward, backward=backward)
+    return _Probe(steps=max(steps, 1), peak=max(forward_peak, backward_peak), forward=forward, backward=backward,
+                  forward_peak=forward_peak, backward_peak=backward_peak, outputs=len(ts))
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("strategy=auto: %s", message)
+
+
+class AllocatorPeak:
+    """The most bytes the CPU allocator held at once, above what it held when the block began.
+
+    Made of the profiler's memory events (``torch.profiler`` with ``profile_memory=True``: every
+    allocation and free of the CPU allocator, in order): the running total of those events is
+    what the allocator holds above the start; its maximum, over the whole block or within the
+    intervals marked with :meth:`phase`, is the peak. This is what a user checks with the
+    profiler (docs/auto.md), and on the CPU what :class:`Auto` probes and budgets.
+
+    Frees of memory allocated before the block are not in the events (the profiler cannot size
+    them), so the peak never reads low. While another profiler runs (a user's), this one cannot
+    start: :attr:`available` is false and :meth:`peak` raises.
+    """
+
+    def __init__(self) -> None:
+        from torch.autograd.profiler import _is_profiler_enabled
+
+        self.available = not _is_profiler_enabled
+        self._profiler: Any = None
+        self._events: list[tuple[int, int]] = []  # (time ns, bytes: + allocated, - freed)
+        self._phases: dict[str, list[tuple[int, int]]] = {}  # name -> [(start ns, end ns)]
+
+    def __enter__(self) -> AllocatorPeak:
+        if self.available:
+            from torch.profiler import ProfilerActivity, profile
+
+            # The profiler writes lines of its own to stderr (starting, stopping, a warning about
+            # memory allocated before it): kept out of the console for the whole block.
+            self._quiet = _quiet_profiler()
+            self._quiet.__enter__()
+            self._profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            try:
+                self._profiler.__enter__()
+            except RuntimeError:  # another profiler is running on this thread
+                self._profiler = None
+                self.available = False
+                self._quiet.__exit__(None, None, None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._profiler is None:
+            return
+        try:
+            self._profiler.__exit__(*exc)
+        finally:
+            self._quiet.__exit__(None, None, None)
+        cpu = torch._C._autograd.DeviceType.CPU
+        marks: dict[str, list[tuple[int, int]]] = {}
+        for event in self._profiler.profiler.kineto_results.events():
+            name = event.name()
+            if name == "[memory]":
+                if event.device_type() == cpu:
+                    self._events.append((event.start_ns(), event.nbytes()))
+            elif name.startswith(_PHASE):
+                marks.setdefault(name[len(_PHASE):], []).append((event.start_ns(), event.end_ns()))
+        self._events.sort(key=lambda e: e[0])
+        self._phases = marks
+        self._profiler = None
+
+    def phase(self, name: str) -> Any:
+        """A ``with`` block whose allocations :meth:`peak` ``(name)`` looks at."""
+        from torch.profiler import record_function
+
+        return record_function(_PHASE + name)
+
+    def mark(self, name: str) -> None:
+        """An instant named ``name`` (e.g. from a gradient hook): :meth:`peak` can start there."""
+        with self.phase(name):
+            pass
+
+    def peak(self, *phases: str, since: str | None = None, until: str | None = None) -> float:
+        """The most held at once within the named phases (none named: the whole block), or from
+        the instant ``since`` to the end of the phase ``until``."""
+        if not self.available:
+            raise RuntimeError("the allocator's peak is unknown: another profiler was running")
+        windows = [w for name in phases for w in self._phases.get(name, [])]
+        if since is not None and until is not None:
+            starts, ends = self._phases.get(since, []), self._phases.get(until, [])
+            if starts and ends:
+                windows.append((starts[0][0], ends[-1][1]))
+        if not phases and since is None:
+            windows = [(-1, 2**63)]
+        live = best = 0
+        for when, nbytes in self._events:
+            live += nbytes
+            if live > best and any(a <= when <= b for a, b in windows):
+                best = live
+        return float(best)
+
+
+_PHASE = "nde_zoo.auto::"
+
+
+@contextlib.contextmanager
+def _quiet_profiler() -> Any:
+    """Starting and stopping the profiler writes lines of its own to the process's stderr (file
+    descriptor 2); keep those out of the user's console and log, and pass on everything else."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):
+        yield
+        return
+    with tempfile.TemporaryFile() as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield
+        finally:
+            try:
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            kept = [line for line in capture.read().decode(errors="replace").splitlines(keepends=True)
+                    if not re.search(r"ActivityProfiler|profiler_st(art|op)|CPUAllocator\.cpp", line)]
+            if kept:
+                os.write(2, "".join(kept).encode())
+
+
+def _rank() -> int:
+    """This process's rank in the default process group (0 outside one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _log_targets(logger: logging.Logger) -> list[tuple[str, str, str | None, str | None]]:
+    """Where ``logger``'s INFO records go: ``(kind, file or stream, format, date format)`` per
+    handler (files, stdout, stderr), to reopen in a spawned process."""
+    targets: list[tuple[str, str, str | None, str | None]] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if handler.level > logging.INFO:
+                continue
+            formatter = handler.formatter
+            fmt = getattr(formatter, "_fmt", None)
+            datefmt = getattr(formatter, "datefmt", None)
+            if isinstance(handler, logging.FileHandler):
+                targets.append(("file", handler.baseFilename, fmt, datefmt))
+            elif isinstance(handler, logging.StreamHandler):
+                stream = getattr(handler, "stream", None)
+                if stream is sys.stdout or getattr(stream, "fileno", None) and _fd(stream) == 1:
+                    targets.append(("stdout", "", fmt, datefmt))
+                elif stream is sys.stderr or _fd(stream) == 2:
+                    targets.append(("stderr", "", fmt, datefmt))
+        current = current.parent if current.propagate else None
+    return targets
+
+
+def _fd(stream: Any) -> int | None:
+    try:
+        return int(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:
