@@ -93,9 +93,11 @@ def main(argv: list[str] | None = None) -> Any:
     if sub in ("validate", "test", "predict"):
         rest = [*saved_overrides(rest), *rest]
     argv = [prog, sub, *rest]
-    # Hydra parses sys.argv[1:]; a fit claims its run directory before Hydra writes into it
+    # Hydra parses sys.argv[1:]; a fit claims its run directory before Hydra writes into it. The
+    # claim goes first: after an option that takes a value (`--cfg job`) Hydra's parser would
+    # refuse a further override.
     completing = args[:1] in (["-sc"], ["--shell-completion"])
-    sys.argv = [prog, *rest, *([CLAIM_CALLBACK] if sub == "fit" and not completing else [])]
+    sys.argv = [prog, *([CLAIM_CALLBACK] if sub == "fit" and not completing else []), *rest]
     return _hydra_app(sub, argv)
 
 
