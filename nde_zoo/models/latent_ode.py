@@ -319,6 +319,8 @@ class LatentODE(NeuralDE):
         for name, where in (("mse", batch.encode_mask), ("extrap_mse", batch.mask & ~batch.encode_mask)):
             count = int(where.sum())
             if count:
+                # Logged only when the batch has such points, so not synced across ranks: a rank that
+                # saw none all epoch would skip the all-reduce the others wait in (a DDP hang).
                 self.log(
                     f"{stage}/{name}",
                     sq[where].mean(),
@@ -326,6 +328,7 @@ class LatentODE(NeuralDE):
                     on_step=False,
                     on_epoch=True,
                     batch_size=count,
+                    sync_dist=False,
                 )
         nfe = float(solution.stats.nfe_forward) if solution is not None else 0.0
         self.log(f"{stage}/nfe", nfe, on_step=False, on_epoch=True, batch_size=n)
