@@ -1,4 +1,4 @@
-"""strategy=auto: the fastest exact strategy whose measured memory fits a budget (issue 17).
+"""strategy=auto: the fastest exact strategy whose measured memory fits a budget.
 
 The predictions are checked against full measurements, the choices against the budget, the
 gradients against the chosen strategy's own (float64), and the choice against probing again

@@ -1,6 +1,6 @@
 """Auto: the fastest exact strategy whose memory fits a budget, measured on the real solve.
 
-No strategy wins everywhere (DESIGN.md section 10): ``Direct`` is fastest while its graph fits,
+No strategy wins everywhere: ``Direct`` is fastest while its graph fits,
 ``Checkpoint`` trades recomputation for snapshots, ``Symplectic`` keeps ``N`` states and one
 stage's graph, ``Reversible`` keeps nothing per step at a few times the cost. Which one a user
 wants depends on the field, the batch, ``N`` and the machine, so :class:`Auto` measures instead
@@ -8,17 +8,22 @@ of guessing:
 
 1. On a solve with gradients (a training step) whose key is new (batch shape, dtype, device
    type, number of steps, field class), it *probes* every candidate on the real ``field``,
-   ``y0`` and a short prefix of the grid (``k/2`` and ``k`` steps, ``k = probe_steps``): one
-   forward solve and one backward pass with a unit cotangent, measuring the peak memory the
-   way the benches do (CUDA: ``max_memory_allocated`` above what was allocated before; CPU:
-   bytes the forward pass kept for backward plus the most the backward pass held at once) and
-   the seconds (the best of three timed runs of the longer prefix, interleaved across candidates).
+   ``y0`` and a short prefix of the grid (``k/2`` and ``k`` steps, ``k = probe_steps``, with
+   the output times that fall inside): one forward solve and one backward pass with a unit
+   cotangent, measuring the most the allocator holds above what it held before, during the
+   forward and during the backward apart (CUDA: ``max_memory_allocated``; CPU: the running
+   total of the profiler's memory events, :class:`AllocatorPeak`: the field's transient
+   activations, the backward's temporaries and the gradients are all in it), and the seconds
+   (the best of three timed runs of the longer prefix, interleaved across candidates).
 2. It extrapolates each candidate to the full ``N`` with the known shape of its memory, fitted
-   to the two probes: ``Direct`` and ``Symplectic`` linear in ``N`` (the graph of every step;
-   ``N`` states plus one stage), ``Reversible`` flat, ``Checkpoint`` linear in its snapshot
-   count ``c`` (``c`` states plus one step's graph), with ``c`` the largest that fits (fewest
-   recomputed steps, :func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`). Time is
-   linear in ``N`` (plus the recomputed steps for ``Checkpoint``). Adaptive solves first run
+   to the two probes: ``Direct``, ``Symplectic`` and ``Checkpoint`` (every step start) linear
+   in ``N`` (the graph of every step; ``N`` states plus one stage; ``N`` states plus one step's
+   graph), ``Reversible`` flat in ``N`` and linear in the outputs (an output, and its
+   cotangent, per output time). ``Checkpoint`` with ``c`` snapshots holds ``N - kept(c)``
+   states less in its backward, while its forward still solves into a buffer of every step's
+   state and copies the ``c`` snapshots out of it; every ``c`` on a grid is costed and the
+   fastest that fits is chosen (:func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`).
+   Time is linear in ``N`` (plus the recomputed steps for ``Checkpoint``). Adaptive solves first run
    one gradient-free solve of the full span (it keeps nothing for backward) to count ``N``,
    and probe on the span of its first ``k`` steps; the table says ``N`` is estimated.
 3. It chooses the fastest candidate whose predicted peak fits ``memory_budget`` and delegates
@@ -224,7 +229,8 @@ class Auto(ODEStrategy):
             strategy solves with these.
         memory_budget: bytes (an integer) or a size such as ``"2GB"``, ``"512MB"``, ``"1.5GiB"``;
             ``None``: what the device has free (CUDA) or the machine's available memory (CPU).
-            It bounds one solve's forward plus backward (module docstring: what is measured).
+            It bounds what the allocator holds during one solve's forward and backward, above
+            what it held before (module docstring: what is measured).
         candidates: config names among ``direct``, ``checkpoint``, ``symplectic``, ``reversible``.
         compile: ``True``/``"strict"``/``"reduce-overhead"`` adds the compiled variant of every
             candidate (``direct+compile``, ...) for fixed steps (docs/compile.md).
@@ -366,8 +372,6 @@ class Auto(ODEStrategy):
         launching process logged (its console and log files, recorded when this Auto was pickled)."""
         if log.hasHandlers() or not getattr(self, "_log_targets", None):
             log.info("%s", text)
-            return
-        if not log.isEnabledFor(logging.INFO) and log.level != logging.NOTSET:
             return
         record = log.makeRecord(log.name, logging.INFO, __file__, 0, "%s", (text,), None)
         for kind, where, fmt, datefmt in self._log_targets:
@@ -777,8 +781,11 @@ def _rank() -> int:
 
 def _log_targets(logger: logging.Logger) -> list[tuple[str, str, str | None, str | None]]:
     """Where ``logger``'s INFO records go: ``(kind, file or stream, format, date format)`` per
-    handler (files, stdout, stderr), to reopen in a spawned process."""
+    handler (files, stdout, stderr), to reopen in a spawned process. None when ``logger`` drops
+    INFO records."""
     targets: list[tuple[str, str, str | None, str | None]] = []
+    if not logger.isEnabledFor(logging.INFO):
+        return targets
     current: logging.Logger | None = logger
     while current is not None:
         for handler in current.handlers:
