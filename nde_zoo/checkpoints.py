@@ -26,6 +26,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import socket
@@ -51,6 +52,7 @@ __all__ = [
     "checkpoint_version",
     "claim_run_dir",
     "migrate_checkpoint",
+    "pickled_objects_message",
     "remove_stale_temp_files",
     "tensor_checksum",
     "verify_checksum",
@@ -67,6 +69,59 @@ log = logging.getLogger("nde_zoo")
 
 class CheckpointError(RuntimeError):
     """A checkpoint could not be written, or what was read is not what was written."""
+
+
+# -- objects a safe load refuses -------------------------------------------------------------------
+def _pickled_globals(path: Any, exc: BaseException | None = None) -> list[str]:
+    """The classes and functions a ``torch.load(path, weights_only=True)`` refuses, users' own first.
+
+    Read from the pickle's opcodes without running them (``torch.serialization``'s own reader);
+    on a torch without it, the one name its error message gives.
+    """
+    names: list[str] = []
+    reader = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if reader is not None and isinstance(path, (str, os.PathLike)):
+        try:
+            names = list(reader(str(path)))
+        except Exception:  # noqa: BLE001  (not a zip checkpoint, unreadable: the message below still helps)
+            names = []
+    if not names and exc is not None:
+        names = re.findall(r"GLOBAL ([\w.]+)", str(exc))[:1]
+    return sorted(set(names), key=lambda n: (n.startswith(("torch.", "builtins.", "collections.")), n))
+
+
+def pickled_objects_message(path: Any, where: str, exc: BaseException | None = None,
+                            command_line: bool = False, model: str = "Model") -> str:
+    """Why a safe load (``weights_only=True``) of ``path`` failed, naming what it holds, and the ways on.
+
+    A model's field given as an ``nn.Module`` instance is saved in the hyperparameters as the
+    object itself, which ``torch.load(weights_only=True)`` (Lightning's ``Trainer(ckpt_path=...)``,
+    the command line) refuses to unpickle; a field given as a config (``_target_`` + arguments) is
+    saved as the config and loads safely everywhere.
+    """
+    names = _pickled_globals(path, exc)
+    listed = ", ".join(names) if names else "classes of its own"
+    own = names[0] if names else "my_project.MyField"
+    allow = f"[{', '.join(names)}]" if names else "[...]"
+    message = (
+        f"{where} holds pickled Python objects ({listed}) that a safe load (torch.load with "
+        f"weights_only=True) refuses to unpickle. A field given to the model as an nn.Module instance is "
+        f"saved as that object; given as a config it is saved as the config and every load is safe: from "
+        f"Python field={{'_target_': '{own}', ...arguments}}, on the command line "
+        f"'model.field={{_target_: {own}, ...}}'. "
+    )
+    if command_line:
+        return message + (
+            "The command line reads only checkpoints that load safely: load this one from Python if you "
+            f"trust it (with torch.serialization.safe_globals({allow}): {model}.load_from_checkpoint(path, "
+            "weights_only=True)), or train again with the field given as a config"
+        )
+    return message + (
+        f"To read this checkpoint, only if you trust it: with torch.serialization.safe_globals({allow}): "
+        f"{model}.load_from_checkpoint(path, weights_only=True) (torch.serialization.add_safe_globals("
+        f"{allow}) allows them for Trainer(...).fit/test(ckpt_path=...) as well), or "
+        f"{model}.load_from_checkpoint(path, weights_only=False), which unpickles whatever the file holds"
+    )
 
 
 # -- checksums ---------------------------------------------------------------------------------
@@ -300,7 +355,10 @@ class VerifiedCheckpointIO(TorchCheckpointIO):
         map_location: Callable | Any = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        try:
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        except pickle.UnpicklingError as exc:  # a pickled field, say: name it and the ways on
+            raise pickle.UnpicklingError(pickled_objects_message(path, f"checkpoint {path}", exc)) from exc
         verify_checksum(checkpoint, f"checkpoint {path}")
         migrate_checkpoint(checkpoint, f"checkpoint {path}")
         return checkpoint

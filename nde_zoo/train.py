@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import signal
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from nde_zoo.checkpoints import (
     claim_run_dir,
     claimed_here,
     migrate_checkpoint,
+    pickled_objects_message,
     remove_stale_temp_files,
     verify_checksum,
 )
@@ -53,8 +55,12 @@ def _check_ckpt_path(sub: str, cfg: DictConfig) -> str | None:
         raise SystemExit(f"error: ckpt_path={cfg.ckpt_path} does not exist ({path})")
     import torch
 
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # safely, as Lightning loads it: a pickled object (a field given as a module) is named here
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise SystemExit(
+            f"error: {pickled_objects_message(path, f'ckpt_path={cfg.ckpt_path}', exc, command_line=True)}"
+        ) from None
     except Exception as exc:  # a truncated or foreign file: say so before Lightning does it obscurely
         raise SystemExit(
             f"error: ckpt_path={cfg.ckpt_path} is not a readable checkpoint ({type(exc).__name__}: "
@@ -96,7 +102,7 @@ def build(cfg: DictConfig, resume_from: str | None = None) -> tuple[Any, Any, An
     inherited = None
     if resume_from is not None:
         strategy, inherited = _resume_strategy(resume_from, strategy)
-    model = hydra.utils.instantiate(cfg.model, strategy=strategy)
+    model = instantiate_model(cfg.model, strategy)
     if inherited is not None:  # the checkpoint's strategy was kept: the run's config and checkpoints say so
         from nde_zoo.strategies.config import strategy_config
 
@@ -104,6 +110,17 @@ def build(cfg: DictConfig, resume_from: str | None = None) -> tuple[Any, Any, An
         with open_dict(cfg):
             cfg.strategy = strategy_config(strategy)
     return datamodule, model, strategy
+
+
+def instantiate_model(model_cfg: DictConfig, strategy: Any) -> Any:
+    """The model of ``model_cfg`` with ``strategy``; its arguments reach it as plain values, configs unbuilt.
+
+    Hydra would build a nested ``_target_`` (``model.field={_target_: my_project.MyField, ...}``)
+    before the model sees it, and the model would save the built module in its hyperparameters:
+    a pickled object that ``torch.load(weights_only=True)`` refuses (``fit``'s final test, ``test
+    ckpt_path=``, a resume). Given the config, the model builds the field itself and saves the config.
+    """
+    return hydra.utils.instantiate(model_cfg, strategy=strategy, _recursive_=False, _convert_="all")
 
 
 def _is_strategy_override(override: str) -> bool:
@@ -310,7 +327,7 @@ def _gradcheck(cfg: DictConfig, datamodule: Any, strategy: Any) -> dict[str, flo
 
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    errors = gradient_fidelity(lambda s: hydra.utils.instantiate(cfg.model, strategy=s), strategy, batch, cfg.seed)
+    errors = gradient_fidelity(lambda s: instantiate_model(cfg.model, s), strategy, batch, cfg.seed)
     print(f"relative gradient error of {strategy!r} vs float64 Direct on the same discretisation:")
     for group, err in errors.items():
         print(f"  {group:>12}: {err:.3e}")

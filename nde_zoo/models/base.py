@@ -12,6 +12,7 @@ import abc
 import contextlib
 import inspect
 import math
+import pickle
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -114,8 +115,11 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
 
         The strategy is saved as its config (``_target_`` + arguments, see
         :func:`~nde_zoo.strategies.config.strategy_config`), so ``Model.load_from_checkpoint(path)``
-        rebuilds the same model with no arguments; a field given as a config stays a config, a
-        field given as a module is pickled into the checkpoint as it is.
+        rebuilds the same model with no arguments. A field given as a config (``_target_`` +
+        arguments; the command line always gives one) stays that config, so the checkpoint loads with
+        ``torch.load(weights_only=True)``, as Lightning's ``Trainer(ckpt_path=...)`` and the command
+        line load it; a field given as a module is pickled into the checkpoint as it is, which only a
+        trusting load reads (:func:`~nde_zoo.checkpoints.pickled_objects_message` says how).
         """
         hparams: dict[str, Any] = {}
         # From NeuralDE.__init__ outwards: each subclass's arguments (the most derived win).
@@ -123,8 +127,8 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
             hparams.update(local)
         hparams.pop("frame", None)
         hparams["strategy"] = strategy_config(strategy)
-        for key, value in list(hparams.items()):
-            if isinstance(value, DictConfig):
+        for key, value in list(hparams.items()):  # plain containers: the checkpoint loads with weights_only
+            if OmegaConf.is_config(value):
                 hparams[key] = OmegaConf.to_container(value, resolve=True)
         with warnings.catch_warnings():  # a field module is kept on purpose: loading needs no arguments
             warnings.filterwarnings("ignore", message=r".*is an instance of `nn.Module` and is already saved")
@@ -196,12 +200,20 @@ class NeuralDE(lightning.LightningModule, abc.ABC):
         No arguments are needed: the checkpoint holds every constructor argument, the strategy
         as a config. Keyword arguments override saved ones (``strategy=Symplectic()``).
         ``weights_only`` defaults to False because a field given as a module is pickled in the
-        hyperparameters: load only checkpoints you trust.
+        hyperparameters: load only checkpoints you trust. A checkpoint whose field was given as a
+        config holds no pickled objects and loads with ``weights_only=True``; one that does hold
+        them, loaded so, raises ``pickle.UnpicklingError`` naming them and the ways to read it.
         """
         from lightning.fabric.utilities.cloud_io import _load
 
         if isinstance(checkpoint_path, (str, Path)):
-            checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+            try:
+                checkpoint = _load(checkpoint_path, map_location="cpu", weights_only=weights_only)
+            except pickle.UnpicklingError as exc:  # a field given as a module, loaded safely: name it and how
+                from nde_zoo.checkpoints import pickled_objects_message
+
+                raise pickle.UnpicklingError(pickled_objects_message(
+                    checkpoint_path, f"checkpoint {checkpoint_path}", exc, model=cls.__name__)) from exc
             from nde_zoo.checkpoints import verify_checksum
 
             verify_checksum(checkpoint, f"checkpoint {checkpoint_path}")  # flipped bytes: CheckpointError
