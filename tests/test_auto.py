@@ -338,7 +338,8 @@ def test_ddp_spawn_logs_the_table_once_where_the_launching_process_logs(tmp_path
     for handler in handlers:
         handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
         root.addHandler(handler)
-    level, root.level = root.level, logging.INFO
+    level = root.level
+    root.setLevel(logging.INFO)
     try:
         auto = Auto("rk4", steps=4, memory_budget="1GB", candidates=("direct", "reversible"))
         torch.multiprocessing.spawn(_ddp_rank_announcing, args=(_free_port(), auto), nprocs=2, join=True)
