@@ -78,7 +78,8 @@ def test_the_chosen_candidates_allocator_peak_fits_the_budget(residual):
     field, y0 = residual
     candidates = ("checkpoint", "symplectic", "reversible")
     generous = Auto("midpoint", steps=100, memory_budget="10GB", candidates=candidates)
-    real = {label: allocator_peak(_training_step(generous._build(label, None), field, y0)) for label in candidates}
+    real = {label: allocator_peak(_training_step(generous._build(label, None), field, y0))
+            for label in candidates}
     budget = int(1.15 * min(real.values()))
     auto = Auto("midpoint", steps=100, memory_budget=budget, candidates=candidates)
     auto.solve(field, y0, TS)

@@ -260,7 +260,7 @@ def run(quick: bool = False) -> BenchReport:
                     f"{row.seconds * 1e3:.3f}", f"{case['seconds'][row.label] * 1e3:.3f}",
                     "yes" if row.label in fitting else "no", "chosen" if row.label == plan.choice else "",
                 ])
-            for row, cells in zip(plan.rows, rows[first:]):
+            for row, cells in zip(plan.rows, rows[first:], strict=True):
                 source = Source(0, (tuple(cells[:3]),), ("allocator peak MB", "predicted peak MB"), "ratio")
                 ratio = allocator[row.label] / row.peak_bytes
                 verdicts.append(Verdict("peak", f"{label}, {cells[2]}", (
