@@ -231,6 +231,17 @@ def test_resume_keeps_the_choice_without_probing(tmp_path):
     assert type(again.chosen) is type(first.chosen)
 
 
+def test_a_resume_says_which_choice_it_restored(tmp_path, caplog):
+    first = Auto("rk4", steps=8, memory_budget="10GB", candidates=("symplectic", "reversible"))
+    trainer, _ = _fit(tmp_path, first, max_epochs=1)
+    again = Auto("rk4", steps=8, memory_budget="10GB", candidates=("symplectic", "reversible"))
+    with caplog.at_level("INFO", logger="nde_zoo"):
+        resumed, _ = _fit(tmp_path, again, max_epochs=2, ckpt_path=trainer.checkpoint_callback.best_model_path)
+    restored = [r.getMessage() for r in caplog.records if "restored the choice" in r.getMessage()]
+    assert len(restored) == 1 and first.plan.choice in restored[0], restored
+    assert again.probes == 0 and "auto/choice" in resumed.callback_metrics
+
+
 def test_the_choice_is_logged_once(tmp_path):
     """``auto/choice`` reaches the logger at the step that chose, and at no later step (a value
     given to ``self.log`` in one step was logged again at every step after it)."""

@@ -572,6 +572,12 @@ class Auto(ODEStrategy):
         self._built.clear()
         latest = state_dict.get("latest")
         self._latest = latest if latest in self.plans else None
+        if self._latest is not None:  # a resume says what it restored, in the log and the metrics
+            plan = self.plans[self._latest]
+            snapshots = f" (snapshots={plan.snapshots})" if plan.snapshots is not None else ""
+            log.info("strategy=auto: restored the choice %s%s for %s from the checkpoint (no probing)",
+                     plan.choice or "none", snapshots, self._latest)
+            self._new_choice = self._latest
 
     def __repr__(self) -> str:
         budget = "available memory" if self.memory_budget is None else format_bytes(self.memory_budget)
