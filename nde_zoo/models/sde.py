@@ -9,7 +9,7 @@ Noise: every solve draws its Brownian sample from a ``torchsde.BrownianInterval`
 with a key derived from ``(noise_seed, global rank, stage, epoch, batch index, call)``: a
 run is reproducible, a resumed run continues with the noise it would have drawn, the
 backward pass replays the forward's sample, and under DDP each rank draws different noise
-(ECOSYSTEM 3.1: ``seed_everything`` alone gives every rank the same ``randn``).
+(``seed_everything`` alone gives every rank the same ``randn``).
 """
 
 from __future__ import annotations

@@ -333,7 +333,7 @@ def _report_reconstruction(problem: _Problem, y0: Tensor, y: Tensor, z: Tensor) 
 
 
 class _ReversibleAdjoint(torch.autograd.Function):
-    """``ys = solve(y0; params)``; the parameters are explicit inputs (DDP, ECOSYSTEM 3.2)."""
+    """``ys = solve(y0; params)``; the parameters are explicit inputs (so DDP's reducer hooks fire)."""
 
     @staticmethod
     def forward(ctx: Any, problem: _Problem, y0: Tensor, *params: Tensor) -> Tensor:

@@ -155,7 +155,7 @@ def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]
 
 
 class _SymplecticAdjoint(torch.autograd.Function):
-    """``ys = solve(y0; params)``; the parameters are explicit inputs (DDP, ECOSYSTEM 3.2)."""
+    """``ys = solve(y0; params)``; the parameters are explicit inputs (so DDP's reducer hooks fire)."""
 
     @staticmethod
     def forward(ctx: Any, problem: _Problem, y0: Tensor, *params: Tensor) -> Tensor:
