@@ -2,7 +2,7 @@
 strategy config to fixed steps, ``strategy.rtol=`` / ``strategy.atol=`` to adaptive; the configs
 leave all four null so the defaults (adaptive, rtol 1e-3, atol 1e-6) apply in code.
 
-Issue 14, journey 1: ``fit strategy=reversible strategy.steps=10`` used to fail with "steps=
+A new user's first try, ``fit strategy=reversible strategy.steps=10`` used to fail with "steps=
 asks for fixed steps but rtol/atol ask for adaptive steps" for every config but symplectic.
 """
 

@@ -1,6 +1,6 @@
 """Stored states live in buffers allocated once: the forward pass's peak RSS stays flat in N.
 
-Issue 15's probe: a field Linear(8, 2048) -> tanh -> Linear(2048, 8), batch 256, rk4, float32.
+The probe: a field Linear(8, 2048) -> tanh -> Linear(2048, 8), batch 256, rk4, float32.
 Before, Symplectic's and Checkpoint's forward passes kept each step start as its own small
 tensor, carved from the hole a freed 2 MB activation left, and peak RSS grew by one hole per
 step: 56 MiB at N = 25, 195-205 MiB at N = 100 for 0.8 MB of states. Now 18-24 MiB at both.
