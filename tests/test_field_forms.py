@@ -247,3 +247,21 @@ def test_nan_is_never_called_non_determinism():
     noisy = lambda t, y: net(y) + torch.randn_like(y)  # noqa: E731
     with pytest.raises(NonDeterministicFieldError, match="two evaluations"):
         inspect_field(noisy, TS[0], torch.randn(3, 3, dtype=F64), "checkpoint")
+
+
+@pytest.mark.parametrize("form", ["lambda", "partial"])
+def test_auto_delegates_a_closure_field_without_losing_its_gradients(form):
+    """``strategy=auto`` probes and then delegates to the strategy it chose: that one finds the
+    closure's parameters like any other (its gradient equals the chosen strategy's on the module)."""
+    from nde_zoo.strategies import Auto
+
+    net = _network()
+    y0 = torch.randn(4, 3, dtype=F64)
+    auto = Auto("midpoint", steps=6, memory_budget="1GB")
+    auto.solve(_forms(net)[form], y0, TS).ys.square().sum().backward()
+    got = [p.grad.clone() for p in net.parameters()]
+    assert all(float(g.abs().max()) > 0 for g in got)
+    net.zero_grad()
+    auto.chosen.solve(AsModule(net), y0, TS).ys.square().sum().backward()
+    for g, p in zip(got, net.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-10, atol=1e-12)
