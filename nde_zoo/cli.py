@@ -93,16 +93,34 @@ def main(argv: list[str] | None = None) -> Any:
     if sub in ("validate", "test", "predict"):
         rest = [*saved_overrides(rest), *rest]
     argv = [prog, sub, *rest]
-    # Hydra parses sys.argv[1:]; a fit claims its run directory before Hydra writes into it. The
-    # claim goes first: after an option that takes a value (`--cfg job`) Hydra's parser would
-    # refuse a further override.
+    # Hydra parses sys.argv[1:]; a fit claims its run directory before Hydra writes into it.
     completing = args[:1] in (["-sc"], ["--shell-completion"])
-    sys.argv = [prog, *([CLAIM_CALLBACK] if sub == "fit" and not completing else []), *rest]
+    sys.argv = [prog, *(_with_override(rest, CLAIM_CALLBACK) if sub == "fit" and not completing else rest)]
     return _hydra_app(sub, argv)
 
 
 #: the Hydra callback that makes ``fit`` claim its run directory first (nde_zoo.checkpoints.ClaimRunDir).
 CLAIM_CALLBACK = "++hydra.callbacks.claim_run_dir._target_=nde_zoo.checkpoints.ClaimRunDir"
+
+#: Hydra's options that take a value (``--cfg job``): the value is not an override.
+_VALUE_OPTIONS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+                  "--config-dir", "-cd", "--experimental-rerun", "--info", "-i"}
+
+
+def _with_override(args: list[str], override: str) -> list[str]:
+    """``args`` with ``override`` added where Hydra's parser accepts it: next to the user's
+    overrides (argparse takes the overrides as one run of positionals, so one placed after an
+    option, ``-m a=1 --cfg job X``, would be refused), or at the end when there are none."""
+    expects_value = False
+    for i, arg in enumerate(args):
+        if expects_value:
+            expects_value = False
+            continue
+        if arg.startswith("-"):
+            expects_value = arg in _VALUE_OPTIONS
+            continue
+        return [*args[:i], override, *args[i:]]
+    return [*args, override]
 
 
 def _inner_strategy_override(arg: str) -> str:

@@ -47,3 +47,17 @@ def bench_quick(tmp_path_factory):
         return done[name]
 
     return run
+
+
+@pytest.fixture(autouse=True)
+def _no_hydra_state_leaks_between_tests():
+    """Hydra's HydraConfig and GlobalHydra are process-wide singletons: a test that runs the
+    command line in process leaves them set, and a later test in the same worker would then write
+    its pictures into the earlier run's directory (``train._run_dir`` reads HydraConfig)."""
+    yield
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
