@@ -5,6 +5,7 @@ from nde_zoo.datamodules.density_tabular import DensityTabularDataModule
 from nde_zoo.datamodules.digits import DigitsDataModule
 from nde_zoo.datamodules.files import IrregularFileDataModule, PointsFileDataModule, SeriesFileDataModule
 from nde_zoo.datamodules.mnist import MNISTDataModule
+from nde_zoo.datamodules.pde import PDEDataModule
 from nde_zoo.datamodules.physionet import PhysioNetDataModule
 from nde_zoo.datamodules.sde_series import SDESeriesDataModule
 from nde_zoo.datamodules.speech_commands import SpeechCommandsDataModule
@@ -18,6 +19,7 @@ __all__ = [
     "DigitsDataModule",
     "IrregularFileDataModule",
     "MNISTDataModule",
+    "PDEDataModule",
     "PhysioNetDataModule",
     "PointsFileDataModule",
     "SDESeriesDataModule",
