@@ -73,14 +73,12 @@ class _BackpropReversible(ODEStrategy):
         self.coupling = coupling
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Any = None) -> Solution:
-        from nde_zoo.solvers import check_inputs
-        from nde_zoo.strategies.base import field_parameters
-        from nde_zoo.strategies.reversible import _forward, _Problem
+        from nde_zoo.strategies.reversible import ReversibleScheme
 
-        problem = _Problem(field, field_parameters(field, params), self.tableau, self.stepping, self.coupling,
-                           check_inputs(y0, ts), self.name, {})
-        ys, _, _ = _forward(problem, y0)  # with a graph: the reference backpropagates through it
-        return Solution(ys, ts, problem.stats, problem.path)
+        scheme = ReversibleScheme(self.tableau, self.coupling)
+        scheme.keeps = "graph"  # the coupled recursion with its graph: the reference backpropagates through it
+        ys, stats, path = self.drive(scheme, field, y0, ts, [])
+        return Solution(ys, ts, stats, path)
 
 
 def parameter_groups(model: torch.nn.Module) -> dict[str, list[str]]:

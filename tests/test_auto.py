@@ -91,25 +91,25 @@ def test_extrapolated_peak_matches_a_full_measurement(stepping):
 
 def test_checkpoint_snapshots_the_fastest_count_that_fits_and_its_peak_is_measured():
     field, y0, _, peaks = _peaks(candidates=("checkpoint",))
-    one = _measure(Checkpoint("rk4", steps=24, snapshots=1), field, y0, TS, repeats=0).peak
+    one = _measure(Checkpoint("rk4", steps=24, snapshots=1, schedule="binomial"), field, y0, TS, repeats=0).peak
     budget = int((one + peaks["checkpoint"]) / 2)  # every step start does not fit: fewer snapshots must
     auto = Auto("rk4", steps=24, memory_budget=budget, candidates=("checkpoint",))
     plan = auto.measure(field, y0, TS)
     row = plan.rows[0]
     assert plan.choice == "checkpoint" and row.snapshots is not None and 1 <= row.snapshots < 24
-    full = _measure(Checkpoint("rk4", steps=24, snapshots=row.snapshots), field, y0, TS, repeats=0)
+    full = _measure(Checkpoint("rk4", steps=24, snapshots=row.snapshots, schedule="binomial"), field, y0, TS, repeats=0)
     assert full.peak <= budget and row.peak_bytes == pytest.approx(full.peak, rel=0.05)
     assert row.snapshots >= 2
     # in hindsight: no snapshot count whose measured peak fits recomputes fewer steps
     fits = [c for c in range(1, 25)
-            if _measure(Checkpoint("rk4", steps=24, snapshots=c), field, y0, TS, repeats=0).peak <= budget]
+            if _measure(Checkpoint("rk4", steps=24, snapshots=c, schedule="binomial"), field, y0, TS, repeats=0).peak <= budget]
     assert binomial_recomputations(24, row.snapshots) == min(binomial_recomputations(24, c) for c in fits)
 
 
 @pytest.mark.parametrize("steps, snapshots", [(1, 1), (7, 1), (13, 2), (24, 12), (24, 13), (30, 3), (64, 4), (64, None)])
 def test_binomial_walk_counts_what_the_reversal_does(steps, snapshots):
     field, y0 = _problem(batch=2, width=4)
-    strategy = Checkpoint("rk4", steps=steps, snapshots=snapshots)
+    strategy = Checkpoint("rk4", steps=steps, snapshots=snapshots, schedule="binomial")
     sol = strategy.solve(field, y0.clone().requires_grad_(), TS)
     stored_bytes = sol.saved_bytes
     sol.ys.sum().backward()
@@ -414,7 +414,7 @@ def test_plan_refuses_another_strategy_and_says_how(cli):
 def test_checkpoint_with_a_thousand_snapshots_does_not_overflow_the_stack():
     """The reversal once recursed as deep as its snapshot count (Python's limit is about 1000)."""
     field, y0 = _problem(batch=2, width=4)
-    sol = Checkpoint("euler", steps=2000, snapshots=1500).solve(field, y0.clone().requires_grad_(), TS)
+    sol = Checkpoint("euler", steps=2000, snapshots=1500, schedule="binomial").solve(field, y0.clone().requires_grad_(), TS)
     sol.ys.sum().backward()
     assert sol.stats.recomputed_steps == binomial_recomputations(2000, 1500)
 

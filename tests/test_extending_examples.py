@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -65,3 +66,17 @@ def test_the_doc_covers_the_whole_contract():
                    "examples/extending/new_strategy.py", "examples/extending/new_model.py",
                    "examples/extending/new_datamodule.py"):
         assert needle in text, needle
+
+
+@pytest.mark.parametrize("compile", [False, "strict"], ids=["eager", "compiled"])
+def test_a_strategy_on_the_driver_runs_eager_and_compiled_without_a_loop(example, compile, monkeypatch):
+    """docs/extending.md's strategy on the driver: a forward step, what it keeps and a reverse step,
+    no loop of its own; eager and compiled (strict: no silent fall-back), its gradient is Direct's."""
+    from nde_zoo.strategies._compiled import BACKEND_ENV
+
+    monkeypatch.setenv(BACKEND_ENV, "aot_eager")
+    module = example("driver_strategy")
+    assert module.main(compile=compile) < 1e-10
+    source = (EXAMPLES / "driver_strategy.py").read_text()
+    strategy_code = source.split("class StepwiseHeunScheme")[1].split("def gradients")[0]
+    assert not re.search(r"^\s*(for|while) ", strategy_code, re.MULTILINE)  # no loop of its own

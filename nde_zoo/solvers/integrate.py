@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
 from typing import Any, TypeVar
@@ -269,7 +269,7 @@ def integrate(
     order: int,
     *,
     first_step: Callable[[], float] | None = None,
-    record_states: bool = False,
+    record_states: bool | Sequence[int] = False,
     controller: PIController = PIController(),
 ) -> tuple[list[Tensor], Path, SolveStats]:
     """Integrate from ``ts[0]``, returning the observed state at every output time.
@@ -283,7 +283,8 @@ def integrate(
         t_like: a 0-d tensor giving the dtype and device of times passed to the field.
         stepping: fixed or adaptive; ``order`` is the method's order for the controller.
         first_step: computes the initial adaptive step (Hairer) when ``stepping.dt0`` is unset.
-        record_states: keep the state at each step start in ``Path.states``.
+        record_states: keep the state at each step start in ``Path.states``; or, for fixed
+            steps, only at the step starts listed (a checkpointing schedule's stored positions).
 
     Raises:
         MaxStepsExceeded, StepSizeUnderflow, NonFiniteStateError (adaptive: at the step).
@@ -300,11 +301,12 @@ def integrate(
         return t_like.new_tensor(t)
 
     planned = None if stepping.adaptive else fixed_path(ts, stepping)
-    store = StateStore(None if planned is None else planned.steps)
+    positions = None if isinstance(record_states, bool) else frozenset(record_states)
+    store = StateStore(None if planned is None else (planned.steps if positions is None else len(positions)))
     if planned is not None:
         outputs_at = set(planned.output_steps)
         for n, (t_a, h) in enumerate(zip(planned.times, planned.sizes)):  # sizes is one shorter
-            if record_states:
+            if record_states if positions is None else n in positions:
                 store.append(state)
             state, _, carry = step(as_time(t_a), state, h, carry)
             if n + 1 in outputs_at:

@@ -20,9 +20,9 @@ of guessing:
    in ``N`` (the graph of every step; ``N`` states plus one stage; ``N`` states plus one step's
    graph), ``Reversible`` flat in ``N`` and linear in the outputs (an output, and its
    cotangent, per output time). ``Checkpoint`` with ``c`` snapshots holds ``N - kept(c)``
-   states less in its backward, while its forward still solves into a buffer of every step's
-   state and copies the ``c`` snapshots out of it; every ``c`` on a grid is costed and the
-   fastest that fits is chosen (:func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`).
+   states less in its backward, and its forward stores only the ``c`` snapshots; every ``c`` on a
+   grid is costed by the :class:`~nde_zoo.strategies.schedule.Schedule` the solve follows, and
+   the fastest that fits is chosen.
    Time is linear in ``N`` (plus the recomputed steps for ``Checkpoint``). Adaptive solves first run
    one gradient-free solve of the full span (it keeps nothing for backward) to count ``N``,
    and probe on the span of its first ``k`` steps; the table says ``N`` is estimated.
@@ -60,9 +60,10 @@ from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import NonDeterministicFieldError
 from nde_zoo.strategies.base import COMPILABLE, GradientStrategy, LiveSaved, ODEStrategy, Solution, field_parameters
-from nde_zoo.strategies.checkpoint import Checkpoint, binomial_peak_states, binomial_recomputations
+from nde_zoo.strategies.checkpoint import Checkpoint
 from nde_zoo.strategies.direct import Direct
 from nde_zoo.strategies.reversible import Reversible
+from nde_zoo.strategies.schedule import Schedule
 from nde_zoo.strategies.symplectic import Symplectic
 
 __all__ = ["Auto", "MemoryBudgetError", "Plan", "parse_bytes", "format_bytes", "CANDIDATES", "CHOICE_CODES"]
@@ -336,6 +337,8 @@ class Auto(ODEStrategy):
         # snapshots set a fixed-step schedule (a plan loaded from a fixed-step run may carry them)
         if name == "checkpoint" and snapshots is not None and not self.stepping.adaptive:
             kwargs["snapshots"] = snapshots
+        if name == "checkpoint":
+            kwargs["schedule"] = _schedule_kind(bool(compiled))
         return _CLASSES[name](self.tableau, compile=self.compile if compiled else False, **kwargs)
 
     # -- deciding --------------------------------------------------------------------------------
@@ -502,30 +505,23 @@ class Auto(ODEStrategy):
         """Checkpoint: the fastest snapshot count that fits, and its time.
 
         Probed keeping every step start (``N`` states), its backward peak holds ``N - kept(c)``
-        states more than with ``c`` snapshots; its forward peak (the solve's own buffers) does
-        not change with ``c``. The counts of :func:`_snapshot_grid` are costed and the fastest
-        that fits is chosen. Eager: ``kept(c)`` is the states the forward pass stores plus those
-        the reversal holds at once (:func:`~nde_zoo.strategies.checkpoint.binomial_peak_states`;
-        up to about ``2c``), and the time adds the binomial schedule's recomputation
-        (:func:`~nde_zoo.strategies.checkpoint.binomial_recomputations`). Compiled: the two-level
-        schedule keeps ``S = ceil(N / segment)`` states and recomputes ``segment`` at a time.
+        states more than with ``c`` snapshots, its forward peak ``N - stored(c)`` more. The counts
+        of :func:`_snapshot_grid` are costed and the fastest that fits is chosen: ``stored(c)``,
+        ``kept(c)`` and the recomputation are the :class:`~nde_zoo.strategies.schedule.Schedule`'s
+        own (``stored``, ``peak_states``, ``recomputed_steps``) for the schedule the built
+        Checkpoint follows (:func:`_schedule_kind`).
         """
         compiled = label.endswith("+compile")
         per_step_forward = max(0.0, line("forward", steps) / steps)
         forward_peak, backward_peak = line("forward_peak", steps), line("backward_peak", steps)
-        every = binomial_peak_states(steps, None)
+        every = steps  # every step start
 
         def cost(c: int) -> tuple[float, float]:
-            if compiled:
-                segment = -(-steps // c)
-                stored = -(-steps // segment)
-                kept, recomputed = stored + segment, steps - stored
-            else:  # the states the forward pass stores plus those the reversal holds at once
-                stored = min(c, steps)
-                kept, recomputed = binomial_peak_states(steps, c), binomial_recomputations(steps, c)  # cached
+            schedule = Schedule(steps, c, _schedule_kind(compiled))  # what the solve will follow
+            stored, kept, recomputed = len(schedule.stored), schedule.peak_states, schedule.recomputed_steps
             seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
-            # the forward copies its snapshots out of the buffer of every step's state it solved into
-            return max(forward_peak + state_bytes * stored,
+            # the forward keeps only the stored states (the probe kept every step start)
+            return max(forward_peak - state_bytes * max(0, every - stored),
                        backward_peak - state_bytes * max(0, every - kept)), seconds
 
         peak = max(forward_peak, backward_peak)
@@ -830,6 +826,12 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
+
+
+def _schedule_kind(compiled: bool) -> str:
+    """The checkpointing schedule Auto gives a Checkpoint: compiled, the uniform one (one program);
+    eager, the binomial one (the fewest states for its recomputation, so the most budgets fit)."""
+    return "uniform" if compiled else "binomial"
 
 
 def _snapshot_grid(steps: int) -> list[int]:

@@ -20,7 +20,7 @@ import lightning
 import torch
 from torch import Tensor
 
-from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, get_tableau
+from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, check_inputs, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies.config import init_arguments
 from nde_zoo.strategies.fields import field_parameters
@@ -342,24 +342,16 @@ class ODEStrategy(GradientStrategy):
         """Whether this solve runs the compiled loops: ``compile=`` on and fixed steps."""
         return self.compile.enabled and not self.stepping.adaptive
 
-    def _compiled_rk_step(self, field: Any) -> Any:
-        """For adaptive solves with ``compile=``: a factory of compiled plain RK steps
-        (``odeint``'s ``step_factory``), or ``None`` when the step runs eagerly."""
-        if not (self.compile.enabled and self.stepping.adaptive):
-            return None
-        from nde_zoo.solvers import rk_stepper
-        from nde_zoo.strategies._compiled import adaptive_step
+    def drive(self, scheme: Any, field: Any, y0: Tensor, ts: Tensor, params: list[Tensor], **run: Any) -> Any:
+        """Run ``scheme`` through the solve driver (:mod:`nde_zoo.strategies.driver`): ``(ys, stats, path)``."""
+        from nde_zoo.strategies.driver import Run, solve
 
-        tableau = self.tableau
-        stages = tableau.stages
-
-        def factory(counted: Any) -> Any:
-            return adaptive_step(
-                self.programs, f"{self.name}/adaptive_step", field, lambda f: rk_stepper(f, tableau), counted,
-                lambda k1: stages - (1 if k1 is not None else 0), tableau.name,
-            )
-
-        return factory
+        times = check_inputs(y0, ts)
+        compiled = self.compile.enabled
+        return solve(Run(scheme, field, params, self.stepping, times, ts[0], self.name,
+                         programs=self.programs if compiled and not self.stepping.adaptive else None,
+                         adaptive_programs=self.programs if compiled and self.stepping.adaptive else None,
+                         **run), y0)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.programs.pending_seconds:

@@ -29,64 +29,19 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nde_zoo.solvers import (
-    ButcherTableau,
-    CountedField,
-    Path,
-    SolveStats,
-    Stepping,
-    check_finite_outputs,
-    check_inputs,
-    fixed_path,
-    hairer_first_step,
-    integrate,
-    rk_increment,
-)
+from nde_zoo.solvers import ButcherTableau, Path, rk_increment
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs
-from nde_zoo.strategies._compiled import (
-    Grid,
-    Programs,
-    _fresh,
-    adaptive_step,
-    func_vjp,
-    functional_field,
-    functional_names,
-    row,
-    scan,
-    scan_forward,
-)
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.driver import Scheme, add_grads
 from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.sde import solve_sde
 
-__all__ = ["Reversible"]
-
-
-@dataclass
-class _Problem:
-    """What the autograd Function needs besides its tensor inputs."""
-
-    field: Any
-    params: list[Tensor]
-    tableau: ButcherTableau
-    stepping: Stepping
-    coupling: float
-    times_out: list[float]
-    strategy: str
-    extras: dict[str, Any]
-    programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
-    compile_steps: Programs | None = None  # set for adaptive solves with compile=: compiled steps
-    path: Path | None = None
-    stats: SolveStats = dataclass_field(default_factory=SolveStats)
-    grid: Grid | None = None  # the compiled forward's grid, reused by the compiled backward
+__all__ = ["Reversible", "ReversibleScheme"]
 
 
 def _reversible_step(field: Any, tableau: ButcherTableau, lam: float):
@@ -104,35 +59,6 @@ def _reversible_step(field: Any, tableau: ButcherTableau, lam: float):
         return (y_next, z - psi_backward), error, None
 
     return step
-
-
-def _forward(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The coupled recursion without a graph; returns ``ys``, ``Y_N`` and ``Z_N``."""
-    if problem.programs is not None:
-        compiled = _forward_compiled(problem, y0)
-        if compiled is not None:
-            return compiled
-    tableau, stepping = problem.tableau, problem.stepping
-    counted = CountedField(problem.field)
-    t_like = y0.new_tensor(problem.times_out[0])
-    first_step = hairer_first_step(counted, t_like, y0, tableau, stepping)
-    step = _reversible_step(counted, tableau, problem.coupling)
-    if problem.compile_steps is not None:  # adaptive with compile=: the same step, compiled
-        lam = problem.coupling
-        step = adaptive_step(problem.compile_steps, "reversible/adaptive_step", problem.field,
-                             lambda f: _reversible_step(f, tableau, lam), counted,
-                             lambda _: 2 * tableau.stages, (tableau.name, lam))
-    outputs, path, stats = integrate(
-        step, (y0, y0), lambda s: s[0],
-        problem.times_out, t_like, stepping, tableau.order, first_step=first_step,
-    )
-    ys = torch.stack(outputs)  # (len(ts), batch, *state)
-    check_finite_outputs(ys, problem.times_out, problem.field)
-    stats.nfe_forward = counted.nfe
-    y_last, z_last = path.final_state
-    path.final_state = None
-    problem.path, problem.stats = path, stats
-    return ys, y_last, z_last
 
 
 IncrementVJP = Callable[[Tensor, Tensor, Any, Tensor], "tuple[Tensor, Tensor, Sequence[Tensor | None]]"]
@@ -160,137 +86,77 @@ def _reverse_step(
     return y_prev, z_prev, lam * ybar_total, zbar, pbars_minus, pbars_plus
 
 
-def _backward(
-    problem: _Problem, y0: Tensor, y_last: Tensor, z_last: Tensor, grad_ys: Tensor
-) -> list[Tensor | None]:
-    """Rebuild each step from the next and backpropagate through it; ``[ybar_0, *thetabar]``."""
-    if problem.programs is not None and problem.grid is not None:
-        compiled = _backward_compiled(problem, y0, y_last, z_last, grad_ys)
-        if compiled is not None:
-            return compiled
-    tableau, lam, params, path = problem.tableau, problem.coupling, problem.params, problem.path
-    assert path is not None
-    output_at: dict[int, list[int]] = {}
-    for j, n in enumerate(path.output_steps):
-        output_at.setdefault(n, []).append(j)
-    param_grads: list[Tensor | None] = [None] * len(params)
-    counted = CountedField(problem.field)
-    checked = False
+class ReversibleScheme(Scheme):
+    """The coupled step on ``(Y, Z)``, only the final state kept, rebuilt step by step backwards."""
 
-    def increment_vjp(t: Tensor, x: Tensor, h: float, cotangent: Tensor):
-        nonlocal checked
-        leaf = x.detach().requires_grad_()
-        with torch.enable_grad():
-            psi, _ = rk_increment(counted, t, leaf, h, tableau)
-        if not checked:
-            check_no_hidden_inputs(psi, [leaf, *params], problem.strategy)
-            checked = True
-        xbar, *pbars = torch.autograd.grad(psi, [leaf, *params], cotangent, allow_unused=True)
-        return psi.detach(), (torch.zeros_like(x) if xbar is None else xbar), pbars
+    keeps = "ends"
 
-    def accumulate(pbars: Sequence[Tensor | None], sign: float) -> None:
-        for i, g in enumerate(pbars):
-            if g is not None:
-                g = g if sign > 0 else -g
-                param_grads[i] = g if param_grads[i] is None else param_grads[i] + g
+    def __init__(self, tableau: ButcherTableau, coupling: float) -> None:
+        super().__init__(tableau)
+        self.coupling = coupling
 
-    y, z = y_last, z_last
-    ybar, zbar = torch.zeros_like(y_last), torch.zeros_like(z_last)
-    for j in output_at.get(path.steps, []):
-        ybar = ybar + grad_ys[j]
-    for n in reversed(range(path.steps)):
-        t = y0.new_tensor(path.times[n])
-        y, z, ybar, zbar, pbars_minus, pbars_plus = _reverse_step(
-            increment_vjp, lam, t, path.sizes[n], y, z, ybar, zbar
-        )
-        accumulate(pbars_minus, -1.0)
-        accumulate(pbars_plus, 1.0)
-        for j in output_at.get(n, []):
-            ybar = ybar + grad_ys[j]
-    problem.stats.nfe_backward += counted.nfe
-    _report_reconstruction(problem, y0, y, z)
-    return [ybar + zbar, *param_grads]
+    def step(self, field: Any) -> Callable[..., Any]:
+        return _reversible_step(field, self.tableau, self.coupling)
 
+    def init(self, y0: Tensor) -> tuple[Tensor, Tensor]:
+        return (y0, y0)
 
-def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The forward recursion as one compiled scan (fixed steps); ``None`` if it fell back to eager."""
-    assert problem.programs is not None
-    path = fixed_path(problem.times_out, problem.stepping)
-    grid = Grid.of(path.times, path.sizes, path.output_steps, y0)
-    field, tableau, lam, layout = problem.field, problem.tableau, problem.coupling, grid.layout
+    def observe(self, state: tuple[Tensor, Tensor]) -> Tensor:
+        return state[0]
 
-    def build() -> Callable[..., Any]:
-        def program(field: Any, y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-            step = _reversible_step(field, tableau, lam)  # the eager loop's step
-            ys, (y_last, z_last), _ = scan_forward(step, (y0, y0), None, lambda s: s[0], times, sizes, layout, index)
-            return ys, y_last, z_last
-
-        return program
-
-    key = problem.programs.key("reversible/forward", field, [y0], (tableau.name, lam, grid.layout))
-    if problem.programs.first_call(key):
-        CountedField(field)(y0.new_tensor(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
-    if result is None:
-        return None
-    ys, y_last, z_last = result
-    check_finite_outputs(ys, problem.times_out, problem.field)
-    stats = SolveStats(nfe_forward=2 * tableau.stages * grid.steps, accepted_steps=grid.steps)
-    problem.path, problem.stats, problem.grid = path, stats, grid
-    return ys, y_last, z_last
-
-
-def _backward_compiled(
-    problem: _Problem, y0: Tensor, y_last: Tensor, z_last: Tensor, grad_ys: Tensor
-) -> list[Tensor | None] | None:
-    """The backward pass as one compiled reverse scan; ``None`` if it fell back to eager."""
-    assert problem.programs is not None and problem.grid is not None
-    grid, tableau, lam, field = problem.grid, problem.tableau, problem.coupling, problem.field
-    params = tuple(problem.params)
-    names = functional_names(problem.programs, field, params)
-    if names is None:
+    def first_carry(self, field: Any, t0: Tensor, state0: Any) -> None:
         return None
 
-    def build() -> Callable[..., Any]:
-        def program(field, y_last, z_last, grad_rows, times, sizes, slots, *params):
-            call = functional_field(field, names)
-            def increment_vjp(t: Tensor, x: Tensor, h: Tensor, cotangent: Tensor):
-                def increment(x: Tensor, params: tuple[Tensor, ...]) -> Tensor:
-                    return rk_increment(lambda tt, yy: call(params, tt, yy), t, x, h, tableau)[0]
+    def step_evaluations(self, carry: Any) -> int:
+        return 2 * self.tableau.stages
 
-                return func_vjp(increment, x, params, cotangent)
+    def forward_nfe(self, steps: int) -> int:
+        return 2 * self.tableau.stages * steps
 
-            def body(carry, x):
-                y, z, ybar, zbar, pbars = carry
-                t, h, slot = x
-                y, z, ybar, zbar, minus, plus = _reverse_step(increment_vjp, lam, t, h, y, z, ybar, zbar)
-                pbars = tuple(p - m + q for p, m, q in zip(pbars, minus, plus))
-                return (y, z, ybar + row(grad_rows, slot), zbar, pbars), h.new_zeros(())
+    def key(self) -> tuple[Any, ...]:
+        return (self.tableau.name, self.coupling)
 
-            init = (y_last, z_last, row(grad_rows, slots[-1]), torch.zeros_like(z_last),
-                    tuple(torch.zeros_like(p) for p in params))
-            (y, z, ybar, zbar, pbars), _ = scan(body, _fresh(init), (times, sizes, slots[:-1]), reverse=True)
-            return y, z, ybar + zbar, pbars
+    def reverse(self, ops: Any, t: Tensor, h: Any, t_first: Tensor, state: Any, bar: Any) -> Any:
+        tableau = self.tableau
 
-        return program
+        def increment_vjp(t: Tensor, x: Tensor, h: Any, cotangent: Tensor) -> Any:
+            return ops.vjp(lambda f, x: rk_increment(f, t, x, h, tableau)[0], x, cotangent)
 
-    grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
-    key = problem.programs.key("reversible/backward", field, [y_last, grad_rows, *params], (tableau.name, lam, grid.layout))
-    result = problem.programs.run(key, build, field, y_last, z_last, grad_rows, grid.times, grid.sizes, grid.slots,
-                                  *params)
-    if result is None:
-        return None
-    y, z, y0bar, pbars = result
-    problem.stats.nfe_backward += 2 * tableau.stages * grid.steps
-    _report_reconstruction(problem, y0, y, z)
-    return [y0bar, *pbars]
+        (y, z), (ybar, zbar) = state, bar
+        y, z, ybar, zbar, minus, plus = _reverse_step(increment_vjp, self.coupling, t, h, y, z, ybar, zbar)
+        return (y, z), (ybar, zbar), add_grads(add_grads([None] * len(plus), plus), minus, -1.0)
+
+    def backward_nfe(self, steps: int) -> int:
+        return 2 * self.tableau.stages * steps
+
+    def zero_bar(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        return (torch.zeros_like(like), torch.zeros_like(like))
+
+    def add_output(self, bar: Any, cotangent: Tensor) -> tuple[Tensor, Tensor]:
+        return (bar[0] + cotangent, bar[1])
+
+    def y0_bar(self, bar: Any) -> Tensor:
+        return bar[0] + bar[1]  # Y_0 = Z_0 = y0
+
+    def pack(self, state: Any) -> tuple[Tensor, ...]:
+        return tuple(state)
+
+    def unpack(self, tensors: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+        return (tensors[0], tensors[1])
+
+    def after_forward(self, y0: Tensor, state: Any, path: Path, extras: dict[str, Any]) -> None:
+        _check_coupled_drift(self.coupling, path, extras, y0, *state)
+
+    def after_backward(self, y0: Tensor, state: Any, extras: dict[str, Any]) -> None:
+        _report_reconstruction(self.coupling, extras, y0, *state)
 
 
 #: the relative distance between Y_N and Z_N above which the forward solve is called unstable.
 DRIFT_THRESHOLD = 0.1
 
 
-def _check_coupled_drift(problem: _Problem, y0: Tensor, y_last: Tensor, z_last: Tensor) -> None:
+def _check_coupled_drift(coupling: float, path: Path, extras: dict[str, Any], y0: Tensor, y_last: Tensor,
+                         z_last: Tensor) -> None:
     """Warn when the coupled states ``Y`` and ``Z`` have drifted apart: the solve is unstable.
 
     Both approximate the same solution, so a stable solve keeps them within its discretisation
@@ -300,60 +166,35 @@ def _check_coupled_drift(problem: _Problem, y0: Tensor, y_last: Tensor, z_last: 
     """
     scale = max(float(y0.abs().max()), float(y_last.abs().max()), 1e-300)
     drift = float((y_last - z_last).abs().max()) / scale
-    problem.extras["drift"] = drift
+    extras["drift"] = drift
     if not math.isfinite(drift) or drift > DRIFT_THRESHOLD:
-        sizes = problem.path.sizes if problem.path is not None else []
-        h = max((abs(x) for x in sizes), default=float("nan"))
+        h = max((abs(x) for x in path.sizes), default=float("nan"))
         warnings.warn(
             f"the reversible solve is unstable: its coupled states Y and Z drifted apart by {drift:.3g} "
-            f"(relative, > {DRIFT_THRESHOLD}) by t={problem.times_out[-1]:.6g}, so its solution and gradient "
+            f"(relative, > {DRIFT_THRESHOLD}) by t={path.times[-1]:.6g}, so its solution and gradient "
             f"are wrong. The step size (largest {h:.3g}) is outside the reversible scheme's stability "
             f"region for these dynamics: take smaller steps (or adaptive ones), or lower the coupling "
-            f"(now {problem.coupling}) to widen the region",
+            f"(now {coupling}) to widen the region",
             RuntimeWarning,
             stacklevel=4,
         )
 
 
-def _report_reconstruction(problem: _Problem, y0: Tensor, y: Tensor, z: Tensor) -> None:
+def _report_reconstruction(coupling: float, extras: dict[str, Any], y0: Tensor, y: Tensor, z: Tensor) -> None:
     """Compare the rebuilt ``(Y_0, Z_0)`` with the true ``y0``: a free check of the backward."""
     scale = max(float(y0.abs().max()), 1.0)
     error = max(float((y - y0).abs().max()), float((z - y0).abs().max())) / scale
-    problem.extras["reconstruction_error"] = error
+    extras["reconstruction_error"] = error
     threshold = math.sqrt(torch.finfo(y0.dtype).eps)
     if not math.isfinite(error) or error > threshold:
         warnings.warn(
             f"the reversible backward pass rebuilt y0 with relative error {error:.3g} (> {threshold:.1g}), "
-            f"so its gradient is inexact: raise coupling towards 1 (now {problem.coupling}), take "
+            f"so its gradient is inexact: raise coupling towards 1 (now {coupling}), take "
             f"smaller steps, or solve in float64. A non-deterministic field (dropout in training mode, "
             f"noise drawn inside the field) also breaks the rebuild",
             RuntimeWarning,
             stacklevel=2,
         )
-
-
-class _ReversibleAdjoint(torch.autograd.Function):
-    """``ys = solve(y0; params)``; the parameters are explicit inputs (so DDP's reducer hooks fire)."""
-
-    @staticmethod
-    def forward(ctx: Any, problem: _Problem, y0: Tensor, *params: Tensor) -> Tensor:
-        # The identity hooks shadow an outer SavedBytes while the field runs (a CNF field
-        # builds and frees a graph of its own), so what is counted is what is kept below.
-        with torch.autocast(y0.device.type, enabled=False), \
-                torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
-            ys, y_last, z_last = _forward(problem, y0)
-            _check_coupled_drift(problem, y0, y_last, z_last)
-        ctx.problem = problem
-        ctx.save_for_backward(y0, y_last, z_last)  # O(1) in the number of steps
-        return ys
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_ys: Tensor) -> tuple[Tensor | None, ...]:
-        y0, y_last, z_last = ctx.saved_tensors
-        with torch.autocast(y0.device.type, enabled=False):
-            grads = _backward(ctx.problem, y0, y_last, z_last, grad_ys)
-        return (None, *grads)
 
 
 class Reversible(ODEStrategy):
@@ -410,15 +251,12 @@ class Reversible(ODEStrategy):
                 f"state in float32/float64 (trainer.precision=32-true, or cast y0) and let only the "
                 f"field's layers use lower precision"
             )
-        times = check_inputs(y0, ts)
         params = inspect_field(field, ts[0], y0, self.name, params=params)
         extras: dict[str, Any] = {}
-        problem = _Problem(field, params, self.tableau, self.stepping, self.coupling, times, self.name, extras,
-                           programs=self.programs if self._compiles() else None,
-                           compile_steps=self.programs if self.compile.enabled and self.stepping.adaptive else None)
         with SavedBytes() as saved:
-            ys = _ReversibleAdjoint.apply(problem, y0, *params)
-        return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes, extras=extras))
+            ys, stats, path = self.drive(ReversibleScheme(self.tableau, self.coupling), field, y0, ts, params,
+                                          autocast_off=True, extras=extras)
+        return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes, extras=extras))
 
     def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:
         """An SDE by reversible Heun with torchsde's exact ``adjoint_reversible_heun`` backward

@@ -39,39 +39,14 @@ sampling inside the field must be seeded per call, or the gradient is not exact)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from nde_zoo.solvers import (
-    ButcherTableau,
-    CountedField,
-    Path,
-    SolveStats,
-    Stepping,
-    check_finite_outputs,
-    check_inputs,
-    fixed_path,
-    initial_step_size,
-    integrate,
-    rk_stepper,
-    stage_input,
-)
-from nde_zoo.strategies._autograd import _detached, _identity, check_no_hidden_inputs, vjp
-from nde_zoo.strategies._compiled import (
-    Grid,
-    Programs,
-    _fresh,
-    func_vjp,
-    functional_field,
-    functional_names,
-    row,
-    scan,
-    scan_forward,
-)
+from nde_zoo.solvers import ButcherTableau, stage_input
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.driver import Scheme
 from nde_zoo.strategies.fields import inspect_field
 
 __all__ = ["Symplectic"]
@@ -92,96 +67,27 @@ def _stages_needed(tableau: ButcherTableau) -> list[bool]:
     return needed
 
 
-@dataclass
-class _Problem:
-    """What the autograd Function needs besides its tensor inputs (no tensors kept here)."""
+class SymplecticScheme(Scheme):
+    """The plain RK step, every step start stored, reversed by the symplectic partner's stage walk."""
 
-    field: Any
-    params: list[Tensor]
-    tableau: ButcherTableau
-    stepping: Stepping
-    times_out: list[float]
-    time_dtype: torch.dtype
-    time_device: torch.device
-    strategy: str
-    programs: Programs | None = None  # set when compile= asks for compiled fixed-step loops
-    step_factory: Any = None  # adaptive with compile=: the compiled step
-    # filled by forward:
-    path: Path | None = None
-    stats: SolveStats | None = None
-    grid: Grid | None = None  # the compiled forward's grid, reused by the compiled backward
+    keeps = "every"
 
-    def time(self, t: float) -> Tensor:
-        """The 0-d time tensor the stepping loop passes for ``t`` (``t_like.new_tensor(t)``)."""
-        return torch.tensor(t, dtype=self.time_dtype, device=self.time_device)
+    def __init__(self, tableau: ButcherTableau) -> None:
+        super().__init__(tableau)
+        self.needed = _stages_needed(tableau)
+        self.last = max(i for i, n in enumerate(self.needed) if n)
 
+    def reverse(self, ops: Any, t: Tensor, h: Any, t_first: Tensor, state: Tensor, bar: Tensor) -> Any:
+        def stage_vjp(t_i: Tensor, x: Tensor, kbar: Tensor) -> tuple[Tensor, Sequence[Tensor | None]]:
+            _, xbar, pbars = ops.vjp(lambda f, x: f(t_i, x), x, kbar)
+            return xbar, pbars
 
-def _forward_solve(problem: _Problem, y0: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """Plain RK without a graph; returns ``ys`` and the state at each accepted step start.
+        ybar, pbars = _reverse_step(self.tableau, ops.field, stage_vjp, state, h,
+                                    _stage_times(self.tableau, t, h, t_first), bar)
+        return None, ybar, pbars
 
-    The same loop and arithmetic as :func:`nde_zoo.solvers.odeint`, so the accepted steps
-    are those :class:`Direct` takes (``Path.sizes``: the step sizes exactly as taken).
-    """
-    if problem.programs is not None:
-        compiled = _forward_compiled(problem, y0)
-        if compiled is not None:
-            return compiled
-    tableau, stepping = problem.tableau, problem.stepping
-    counted = CountedField(problem.field)
-    t_like = problem.time(problem.times_out[0])
-    step = rk_stepper(counted, tableau) if problem.step_factory is None else problem.step_factory(counted)
-
-    first_step = None
-    if stepping.adaptive and stepping.dt0 is None:
-
-        def first_step() -> float:
-            f0 = counted(t_like, y0)
-            return initial_step_size(
-                counted, t_like, y0, f0, tableau.order - 1, float(stepping.rtol or 0.0),
-                float(stepping.atol or 0.0),
-            )
-
-    outputs, path, stats = integrate(
-        step, y0, lambda y: y, problem.times_out, t_like, stepping, tableau.order,
-        first_step=first_step, record_states=True,
-    )
-    ys = torch.stack(outputs)  # (len(ts), batch, *state)
-    check_finite_outputs(ys, problem.times_out, problem.field)
-    stats.nfe_forward = counted.nfe
-    states = path.states
-    problem.path = Path(times=path.times, output_steps=path.output_steps, sizes=path.sizes)
-    problem.stats = stats
-    return ys, states
-
-
-class _SymplecticAdjoint(torch.autograd.Function):
-    """``ys = solve(y0; params)``; the parameters are explicit inputs (so DDP's reducer hooks fire)."""
-
-    @staticmethod
-    def forward(ctx: Any, problem: _Problem, y0: Tensor, *params: Tensor) -> Tensor:
-        # Hooks nest: the identity pair shadows an outer SavedBytes while the field runs (a
-        # CNF field builds and frees a graph of its own inside), so what is counted is
-        # exactly what this Function keeps for backward.
-        with torch.autograd.graph.saved_tensors_hooks(_detached, _identity):
-            ys, states = _forward_solve(problem, y0)
-        ctx.problem = problem
-        # N states at the step starts (states[0] is y0): a list eagerly, one (N, batch, ...) tensor compiled
-        ctx.save_for_backward(*states) if isinstance(states, list) else ctx.save_for_backward(states)
-        return ys
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_ys: Tensor) -> tuple[Tensor | None, ...]:
-        problem: _Problem = ctx.problem
-        states: Sequence[Tensor] = ctx.saved_tensors
-        grads = None
-        if problem.grid is not None:
-            grads = _backward_compiled(problem, states[0], grad_ys)
-        if grads is None:
-            if problem.grid is not None:  # the compiled backward fell back: unstack the states
-                states = list(states[0].unbind(0))
-            grads = _backward_walk(problem, states, grad_ys)
-        return (None, *grads)
+    def backward_nfe(self, steps: int) -> int:
+        return steps * (self.last + sum(self.needed))
 
 
 StageVJP = Callable[[Tensor, Tensor, Tensor], "tuple[Tensor, Sequence[Tensor | None]]"]
@@ -250,126 +156,6 @@ def _stage_times(tableau: ButcherTableau, t: Tensor, h: Any, t_first: Tensor) ->
     return [t_first] + [t + tableau.c[i] * h for i in range(1, tableau.stages)]
 
 
-def _backward_walk(problem: _Problem, states: Sequence[Tensor], grad_ys: Tensor) -> list[Tensor | None]:
-    """The discrete adjoint, step by step from the end; returns ``[ybar_0, *thetabar]``."""
-    tableau, params = problem.tableau, problem.params
-    path, stats = problem.path, problem.stats
-    assert path is not None and stats is not None
-    hs = path.sizes  # exactly as taken
-    output_at: dict[int, list[int]] = {}
-    for j, n in enumerate(path.output_steps):
-        output_at.setdefault(n, []).append(j)
-    param_grads: list[Tensor | None] = [None] * len(params)
-    checked = False
-    counted = CountedField(problem.field)
-
-    def stage_vjp(t: Tensor, x: Tensor, kbar: Tensor) -> tuple[Tensor, Sequence[Tensor | None]]:
-        nonlocal checked
-        leaf = x.detach().requires_grad_()
-        with torch.enable_grad():
-            k = counted(t, leaf)
-        if not checked:
-            check_no_hidden_inputs(k, [leaf, *params], problem.strategy)
-            checked = True
-        xbar, *pbars = vjp(k, [leaf, *params], kbar)
-        return (torch.zeros_like(x) if xbar is None else xbar), pbars  # k's graph is freed on return
-
-    ybar = torch.zeros_like(grad_ys[0])  # (batch, *state)
-    for j in output_at.get(path.steps, []):
-        ybar = ybar + grad_ys[j]
-    for n in reversed(range(path.steps)):
-        y, h = states[n], hs[n]
-        t = problem.time(path.times[n])
-        t_first = problem.time(path.times[n - 1]) + hs[n - 1] if tableau.fsal and n > 0 else t
-        ybar, pbars = _reverse_step(tableau, counted, stage_vjp, y, h, _stage_times(tableau, t, h, t_first), ybar)
-        for p, pbar in enumerate(pbars):
-            if pbar is not None:
-                param_grads[p] = pbar if param_grads[p] is None else param_grads[p] + pbar
-        for j in output_at.get(n, []):
-            ybar = ybar + grad_ys[j]
-    stats.nfe_backward += counted.nfe
-    return [ybar, *param_grads]
-
-
-def _forward_compiled(problem: _Problem, y0: Tensor) -> tuple[Tensor, Tensor] | None:
-    """The forward solve as one compiled scan keeping every step start; ``None`` if it fell back."""
-    assert problem.programs is not None
-    path = fixed_path(problem.times_out, problem.stepping)
-    grid = Grid.of(path.times, path.sizes, path.output_steps, y0)
-    field, tableau, layout = problem.field, problem.tableau, grid.layout
-
-    def build() -> Callable[..., Any]:
-        def program(field: Any, y0: Tensor, times: Tensor, sizes: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
-            step = rk_stepper(field, tableau)  # the eager loop's step
-            k1 = field(times[0], y0) if tableau.fsal else None  # the first step's stage, as rk_step takes it
-            ys, _, states = scan_forward(step, y0, k1, lambda y: y, times, sizes, layout, index, every_state=True)
-            return ys, states
-
-        return program
-
-    key = problem.programs.key("symplectic/forward", field, [y0], (tableau.name, layout))
-    if problem.programs.first_call(key):
-        CountedField(field)(problem.time(problem.times_out[0]), y0)  # shape check, as the eager loop's
-    result = problem.programs.run(key, build, field, y0, grid.times, grid.sizes, grid.output_index)
-    if result is None:
-        return None
-    ys, states = result
-    check_finite_outputs(ys, problem.times_out, problem.field)
-    nfe = (tableau.stages - 1) * grid.steps + 1 if tableau.fsal else tableau.stages * grid.steps
-    problem.path = path
-    problem.stats = SolveStats(nfe_forward=nfe if grid.steps else 0, accepted_steps=grid.steps)
-    problem.grid = grid
-    return ys, states
-
-
-def _backward_compiled(problem: _Problem, states: Tensor, grad_ys: Tensor) -> list[Tensor | None] | None:
-    """The discrete adjoint as one compiled reverse scan; ``None`` if it fell back to eager."""
-    assert problem.programs is not None and problem.grid is not None and problem.stats is not None
-    grid, tableau, field = problem.grid, problem.tableau, problem.field
-    params = tuple(problem.params)
-    names = functional_names(problem.programs, field, params)
-    if names is None:
-        return None
-    needed = _stages_needed(tableau)
-    last = max(i for i, n in enumerate(needed) if n)
-
-    def build() -> Callable[..., Any]:
-        def program(field, states, grad_rows, times, sizes, slots, *params):
-            call = functional_field(field, names)
-            def stage_vjp(t: Tensor, x: Tensor, kbar: Tensor):
-                _, xbar, pbars = func_vjp(lambda x, p: call(p, t, x), x, params, kbar)
-                return xbar, pbars
-
-            def evaluate(t: Tensor, x: Tensor) -> Tensor:
-                return call(params, t, x)
-
-            # the first stage's time as the forward evaluated it (FSAL: t_{n-1} + h_{n-1})
-            firsts = torch.cat([times[:1], times[:-1] + sizes[:-1]]) if tableau.fsal else times
-
-            def body(carry, x):
-                ybar, pbars = carry
-                y, t, h, t_first, slot = x
-                ybar, step_pbars = _reverse_step(tableau, evaluate, stage_vjp, y, h,
-                                                 _stage_times(tableau, t, h, t_first), ybar)
-                pbars = tuple(p if q is None else p + q for p, q in zip(pbars, step_pbars))
-                return (ybar + row(grad_rows, slot), pbars), h.new_zeros(())
-
-            init = (row(grad_rows, slots[-1]), tuple(torch.zeros_like(p) for p in params))
-            (ybar, pbars), _ = scan(body, _fresh(init), (states, times, sizes, firsts, slots[:-1]), reverse=True)
-            return ybar, pbars
-
-        return program
-
-    grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
-    key = problem.programs.key("symplectic/backward", field, [states, grad_rows, *params], (tableau.name, grid.layout))
-    result = problem.programs.run(key, build, field, states, grad_rows, grid.times, grid.sizes, grid.slots, *params)
-    if result is None:
-        return None
-    ybar, pbars = result
-    problem.stats.nfe_backward += grid.steps * (last + sum(needed))
-    return [ybar, *pbars]
-
-
 class Symplectic(ODEStrategy):
     """The symplectic adjoint method (Matsubara et al., 2021): exact gradient, minimal memory.
 
@@ -395,16 +181,7 @@ class Symplectic(ODEStrategy):
     compilable = True
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
-        times = check_inputs(y0, ts)
-        self.stepping.check(self.tableau)
         params = inspect_field(field, ts[0], y0, self.name, params=params)
-        problem = _Problem(
-            field=field, params=params, tableau=self.tableau, stepping=self.stepping,
-            times_out=times, time_dtype=ts.dtype, time_device=ts.device, strategy=self.name,
-            programs=self.programs if self._compiles() else None,
-            step_factory=self._compiled_rk_step(field),
-        )
         with SavedBytes() as saved:
-            ys = _SymplecticAdjoint.apply(problem, y0, *params)
-        assert problem.path is not None and problem.stats is not None
-        return self._record(Solution(ys, ts, problem.stats, problem.path, saved_bytes=saved.nbytes))
+            ys, stats, path = self.drive(SymplecticScheme(self.tableau), field, y0, ts, params)
+        return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes))
