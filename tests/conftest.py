@@ -1,18 +1,39 @@
+"""Shared fixtures and the suite's rules.
+
+- ``cli``: the command line, run in this process (tests/inprocess.py); ``cli_subprocess``: the
+  same in a fresh ``python -m nde_zoo`` process, for the tests that need one.
+- A test that spawns the command line (``python -m nde_zoo``, ``nde-zoo``, through torchrun or
+  srun too) fails unless it is marked ``@pytest.mark.spawns``: a spawn pays 5-8 s of imports
+  before it does any work, so only tests about the process itself (signals, DDP, launchers, the
+  installed script) may.
+- A test not marked ``slow`` fails when its setup or its body takes more than
+  ``NDE_ZOO_TEST_TIME_LIMIT`` seconds (60 by default, 0 turns it off), scaled up by the machine's
+  load per core when other work shares it.
+"""
+
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.inprocess import run_cli as run_cli_in_process
+
 REPO = Path(__file__).resolve().parents[1]
 
-if os.environ.get("PYTEST_XDIST_WORKER"):  # tests/run_tests.sh runs two workers on two cores: one thread each
-    import torch
+# One intra-op thread per test process, and for the processes tests start: the suite runs two workers on
+# two cores, and a torch process with two threads on a busy core runs its small kernels many times slower
+# (the threads wait on each other: 29 s for `bench solver_overhead --quick` on one thread, over 300 s on
+# two, with the machine's load at 9). NDE_ZOO_TEST_THREADS=N gives them N.
+_THREADS = os.environ.get("NDE_ZOO_TEST_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+import torch  # noqa: E402
 
-    torch.set_num_threads(1)
+torch.set_num_threads(int(_THREADS))
 
 
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
@@ -26,14 +47,22 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict |
 
 @pytest.fixture
 def cli():
+    """``cli(*args, cwd=, env=)``: ``python -m nde_zoo ARGS`` run in this process."""
+    return run_cli_in_process
+
+
+@pytest.fixture
+def cli_subprocess():
+    """``cli_subprocess(*args, cwd=, timeout=, env=)``: ``python -m nde_zoo ARGS`` in a subprocess
+    (the test must be marked ``spawns``)."""
     return run_cli
 
 
 @pytest.fixture(scope="session")
 def bench_quick(tmp_path_factory):
-    """``bench_quick(name)``: run ``python -m nde_zoo bench NAME --quick`` once per session, through
-    the CLI as a user would; returns ``(report, markdown)``, the JSON it wrote (summary, tables,
-    notes, verdicts, data) and its markdown section."""
+    """``bench_quick(name)``: run ``nde-zoo bench NAME --quick`` once per session, in process,
+    through the command line's entry point; returns ``(report, markdown)``, the JSON it wrote
+    (summary, tables, notes, verdicts, data) and its markdown section."""
     import json
 
     done: dict[str, tuple[dict, str]] = {}
@@ -41,12 +70,172 @@ def bench_quick(tmp_path_factory):
     def run(name: str) -> tuple[dict, str]:
         if name not in done:
             out = tmp_path_factory.mktemp(f"bench_{name}")
-            proc = run_cli("bench", name, "--quick", "--out", str(out), timeout=600)
+            proc = run_cli_in_process("bench", name, "--quick", "--out", str(out))
             assert proc.returncode == 0, proc.stderr[-4000:]
-            done[name] = (json.loads((out / f"{name}.json").read_text()), (out / f"{name}.md").read_text())
+            report = json.loads((out / f"{name}.json").read_text())
+            assert all(f"**{t['title']}**" in proc.stdout for t in report["tables"])  # it printed its tables
+            done[name] = (report, (out / f"{name}.md").read_text())
+            run.out[name] = out
         return done[name]
 
+    run.out = {}  # name -> the --out folder of its run
     return run
+
+
+# --- which tests share a worker ---------------------------------------------------------------
+
+_E2E_FIXTURES = {"cli", "cli_subprocess", "bench_quick"}
+#: files of end-to-end runs without those fixtures: fits (one step of every cell of the compatibility
+#: matrix, each model family training, resumes, run directories), inductor compiles, a wheel built and
+#: installed, benchmarks' parts, memory measured in fresh processes
+_E2E_FILES = {f"tests/test_{name}.py" for name in (
+    "matrix", "compiled", "compiled_recompile", "bench_compiled", "bench_gradients", "bench_seminorm",
+    "packaging", "resume", "resume_strategy", "run_directories", "cnf", "sde", "cde", "latent_ode",
+    "data_recipes", "datamodules", "pictures", "own_field", "density_tabular", "ode_classifier", "ernode",
+    "field_from_config", "state_store", "auto", "auto_allocator", "extending_examples", "quiet_runs",
+    "cli_stepping", "checkpoint_config", "checkpoint_safety", "bad_input", "sweep_table",
+    "ernode_inner_config", "cnf_main_job",
+)}
+#: single tests of the fast tier's files that take tens of seconds (memory over thousands of solves,
+#: a field's own derivatives, a seminorm gradient with the time channel)
+_E2E_TESTS = (
+    "tests/test_baseline_strategies.py::test_seminorm_drops_the_time_channel_unless_ts_needs_a_gradient",
+    "tests/test_bounded_memory.py::test_2000_plain_python_solves_keep_rss_flat",
+    "tests/test_bounded_memory.py::test_too_many_solves_in_one_step_warn",
+    "tests/test_recompute_guards.py::test_a_field_that_takes_its_own_derivatives_does_not_leak",
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that run the command line are marked ``e2e``. Groups for ``--dist loadgroup`` (tests/run_tests.sh): a test file stays on one worker, as with
+    ``--dist loadfile`` (its module fixtures run once), but the tests of one benchmark's quick run
+    form a group of their own, so the benchmarks run a few at a time across the workers, each once
+    (``bench_quick`` keeps a run per worker). A test's own ``xdist_group`` mark wins."""
+    for item in items:
+        path = item.nodeid.split("::", 1)[0]
+        if (_E2E_FIXTURES & set(item.fixturenames) or item.get_closest_marker("spawns") or path in _E2E_FILES
+                or item.nodeid.startswith(_E2E_TESTS)):
+            item.add_marker(pytest.mark.e2e)  # the command line end to end: `make test`, not `make check`
+        if item.get_closest_marker("xdist_group"):
+            continue
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "bench_quick" in item.fixturenames and "name" in params:
+            group = f"bench_quick:{params['name']}"
+        else:
+            group = path
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+# --- the guard: no unmarked spawns of the command line -------------------------------------------
+
+_PYTHON_FLAGS_WITH_VALUE = {"-W", "-X", "-Q"}
+
+
+def spawns_command_line(args, shell: bool = False) -> bool:
+    """Whether a ``subprocess.Popen(args)`` runs the zoo's command line: ``python -m nde_zoo``,
+    the ``nde-zoo`` script, or code (``-c``) or a script that calls ``nde_zoo.cli``, directly or
+    through a launcher (``torchrun ... -m nde_zoo``, ``srun python -m nde_zoo``).
+
+    Fresh processes that measure memory (``-m nde_zoo.bench.rss``, a probe script) are not the
+    command line and are allowed."""
+    if isinstance(args, (str, bytes, os.PathLike)):
+        args = shlex.split(os.fsdecode(args)) if shell or isinstance(args, str) and " " in args else [args]
+    words = [os.fsdecode(a) for a in args]
+    for i, word in enumerate(words):
+        nxt = words[i + 1] if i + 1 < len(words) else ""
+        if Path(word).name == "nde-zoo" or word == "-m" and nxt == "nde_zoo" or word == "-mnde_zoo":
+            return True
+        if word == "-c" and ("nde_zoo.cli" in nxt or "nde_zoo.__main__" in nxt):
+            return True
+        if word.endswith(".py") and Path(word).is_file() and i > 0 and words[i - 1] not in _PYTHON_FLAGS_WITH_VALUE:
+            try:
+                text = Path(word).read_text(errors="replace")
+            except OSError:
+                continue
+            if "nde_zoo.cli" in text or "nde_zoo.__main__" in text:
+                return True
+    return False
+
+
+_current_test: list[pytest.Item] = []  # the test being set up, run or torn down
+
+
+def _guarded_popen_init(self, args, *rest, **kwargs):
+    item = _current_test[-1] if _current_test else None
+    if item is not None and not item.get_closest_marker("spawns") and spawns_command_line(
+        args, shell=bool(kwargs.get("shell"))
+    ):
+        command = args if isinstance(args, str) else " ".join(map(os.fsdecode, args))
+        item.stash.setdefault(_SPAWNED, []).append(command)
+        pytest.fail(
+            f"{item.nodeid} spawns the command line ({command[:200]}): run it in process with the `cli` fixture "
+            f"(tests/inprocess.py), or, if it needs a process of its own (signals, DDP, launchers), mark it "
+            f"@pytest.mark.spawns",
+            pytrace=False,
+        )
+    _real_popen_init(self, args, *rest, **kwargs)
+
+
+_SPAWNED = pytest.StashKey[list]()
+_real_popen_init = subprocess.Popen.__init__
+
+
+def pytest_configure(config):
+    subprocess.Popen.__init__ = _guarded_popen_init  # session fixtures (set up by a test) included
+
+
+def pytest_unconfigure(config):
+    subprocess.Popen.__init__ = _real_popen_init
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _current_test.append(item)
+    try:
+        yield
+    finally:
+        _current_test.pop()
+
+
+# --- the time limit of a test not marked slow ----------------------------------------------------
+
+TIME_LIMIT_S = float(os.environ.get("NDE_ZOO_TEST_TIME_LIMIT", "60"))
+
+
+def _time_limit() -> float:
+    """The limit in seconds, scaled by the run queue per core above one (a machine shared with other
+    work runs every test slower; the limit is for tests that are slow by themselves)."""
+    try:
+        load = os.getloadavg()[0] / (os.cpu_count() or 1)
+    except OSError:
+        load = 1.0
+    return TIME_LIMIT_S * max(1.0, load)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    spawned = item.stash.get(_SPAWNED, [])
+    if spawned and report.passed:  # the failure was caught and swallowed by the test: still a failure
+        report.outcome = "failed"
+        report.longrepr = f"{item.nodeid} spawned the command line without @pytest.mark.spawns: {spawned[0][:200]}"
+        spawned.clear()
+        return
+    if not TIME_LIMIT_S or call.when not in ("setup", "call") or not report.passed:
+        return
+    if item.get_closest_marker("slow"):
+        return
+    limit = _time_limit()
+    if report.duration > limit:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"{item.nodeid}: its {call.when} took {report.duration:.1f} s, over the {limit:.0f} s limit of a test not "
+            f"marked slow ({TIME_LIMIT_S:.0f} s scaled by the load per core). Make it faster, or mark it "
+            f"@pytest.mark.slow (it then runs in `make test`, not in `make check`); NDE_ZOO_TEST_TIME_LIMIT=0 "
+            f"turns the limit off"
+        )
 
 
 @pytest.fixture(autouse=True)

@@ -36,13 +36,20 @@ NAMES = sorted(BENCHMARKS)
 #: ratios and "not measured" when one is missing, but its diffrax goals divide across two tables.
 OWN_VERDICTS = {"compiled"}
 JUDGED = [n for n in NAMES if n not in OWN_VERDICTS]
+#: quick runs that take over a minute on a 2-core machine (the suite's per-test limit): marked slow
+SLOW = {"auto"}
+pytestmark = pytest.mark.e2e
+
+
+def _names(names: list[str]) -> list:
+    return [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in names]
 
 
 def test_every_benchmark_says_which_tables_it_prints():
     assert set(EXPECTED_TABLES) <= set(BENCHMARKS)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", _names(NAMES))
 def test_quick_run_prints_its_tables(bench_quick, name):
     report, markdown = bench_quick(name)
     titles = [t["title"] for t in report["tables"]]
@@ -57,7 +64,7 @@ def test_quick_run_prints_its_tables(bench_quick, name):
         assert f"**{table['title']}**" in markdown
 
 
-@pytest.mark.parametrize("name", JUDGED)
+@pytest.mark.parametrize("name", _names(JUDGED))
 def test_every_goal_it_names_gets_a_verdict(bench_quick, name):
     report, _ = bench_quick(name)
     goals = importlib.import_module(f"nde_zoo.bench.{name}").GOALS
@@ -67,7 +74,7 @@ def test_every_goal_it_names_gets_a_verdict(bench_quick, name):
         assert text in report["summary"], text
 
 
-@pytest.mark.parametrize("name", JUDGED)
+@pytest.mark.parametrize("name", _names(JUDGED))
 def test_every_met_or_missed_line_is_a_verdict(bench_quick, name):
     report, markdown = bench_quick(name)
     lines = {f"- {v['line']}" for v in report["verdicts"]}
@@ -78,7 +85,7 @@ def test_every_met_or_missed_line_is_a_verdict(bench_quick, name):
     assert lines <= set(markdown.splitlines())
 
 
-@pytest.mark.parametrize("name", JUDGED)
+@pytest.mark.parametrize("name", _names(JUDGED))
 def test_verdicts_are_computed_from_the_numbers_in_the_report(bench_quick, name):
     report, _ = bench_quick(name)
     for verdict in report["verdicts"]:

@@ -30,6 +30,7 @@ from nde_zoo.checkpoints import (
 )
 from nde_zoo.models import ODEClassifier
 from tests.conftest import REPO
+from tests.inprocess import run_cli
 
 TINY = [
     "model=ode_classifier",
@@ -55,6 +56,9 @@ ENV = {
 def _fit(
     *args: str, cwd: Path, prefix: tuple[str, ...] = (), timeout: int = 300
 ) -> subprocess.CompletedProcess:
+    """``fit *TINY *args``: in this process, or after ``prefix`` (``setpriv ...``) in a subprocess."""
+    if not prefix:
+        return run_cli("fit", *TINY, *args, cwd=cwd, env={"PYTHONWARNINGS": "ignore"})
     return subprocess.run(
         [*prefix, sys.executable, "-m", "nde_zoo", "fit", *TINY, *args],
         cwd=cwd,
@@ -141,6 +145,7 @@ def _drop_privileges() -> tuple[str, ...]:
     return ("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--")
 
 
+@pytest.mark.spawns
 def test_unwritable_checkpoint_folder_fails_the_fit_at_the_first_save(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
@@ -182,22 +187,8 @@ def test_corrupted_checkpoint_is_refused_naming_the_file(trained, tmp_path):
     shutil.copy(trained / "checkpoints" / "last.ckpt", bad)
     _flip_tensor_bytes(bad)
     for sub in ("test", "fit"):  # evaluating it, and resuming a fit from it
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "nde_zoo",
-                sub,
-                *TINY,
-                f"ckpt_path={bad}",
-                f"hydra.run.dir={tmp_path / sub}",
-            ],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env={**os.environ, **ENV},
-        )
+        out = run_cli(sub, *TINY, f"ckpt_path={bad}", f"hydra.run.dir={tmp_path / sub}", cwd=tmp_path,
+                      env={"PYTHONWARNINGS": "ignore"})
         assert out.returncode != 0, out.stdout[-2000:]
         assert f"ckpt_path={bad} ({bad}) is corrupted" in out.stderr, out.stderr[-2000:]
     with pytest.raises(CheckpointError, match=f"checkpoint {bad} is corrupted"):
@@ -233,6 +224,7 @@ def test_weights_checksum_of_a_plain_lightning_trainer(tmp_path):
         ODEClassifier.load_from_checkpoint(path)
 
 
+@pytest.mark.spawns
 # -- run directories ---------------------------------------------------------------------------------
 def test_two_fits_started_together_get_their_own_run_directories(tmp_path):
     """Default run directories (no hydra.run.dir): two fits started at the same moment do not share one."""
@@ -287,6 +279,7 @@ def test_a_fit_never_writes_into_another_runs_directory(trained, tmp_path):
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 2
 
 
+@pytest.mark.spawns
 def test_two_fits_pinned_to_one_directory_at_once_one_is_refused(tmp_path):
     run = tmp_path / "run"
     command = [sys.executable, "-m", "nde_zoo", "fit", *TINY, "test_after_fit=false", f"hydra.run.dir={run}"]

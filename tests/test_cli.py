@@ -1,4 +1,9 @@
-"""The command line: subcommands in front of Hydra, errors that say what to do, an end-to-end fit."""
+"""The command line: subcommands in front of Hydra, errors that say what to do, an end-to-end fit.
+
+Run in process (the ``cli`` fixture, tests/inprocess.py) but for the tests about the process
+itself: ``python -m nde_zoo --help``, the end-to-end fit and test from its checkpoint, and DDP,
+whose launcher re-executes the command line.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +20,13 @@ FAST = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "trainer.limit_
 def test_no_subcommand_prints_usage(cli):
     out = cli()
     assert out.returncode == 2 and "usage: nde-zoo <subcommand>" in out.stderr
+
+
+@pytest.mark.spawns
+def test_help_in_a_fresh_process(cli_subprocess):
+    """``python -m nde_zoo`` as a user runs it: the module entry point, in an interpreter of its own."""
+    out = cli_subprocess("--help")
+    assert out.returncode == 0 and "usage: nde-zoo <subcommand>" in out.stdout, out.stderr
 
 
 def test_unknown_subcommand(cli):
@@ -53,7 +65,10 @@ def test_multirun_with_subprocess_ddp_is_refused(cli, tmp_path):
     assert out.returncode != 0 and "re-launch the whole sweep in every rank" in out.stderr
 
 
-def test_fit_end_to_end_then_test_from_its_checkpoint(cli, tmp_path):
+@pytest.mark.spawns
+def test_fit_end_to_end_then_test_from_its_checkpoint(cli_subprocess, tmp_path):
+    """The one fit and test through fresh ``python -m nde_zoo`` processes, as a user runs them."""
+    cli = cli_subprocess
     out = cli("fit", *FAST, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dir = next((tmp_path / "outputs" / "fit" / "ode_classifier").iterdir())
@@ -100,20 +115,23 @@ def test_bench_lists_and_rejects_unknown(cli):
     assert out.returncode == 2 and "unknown benchmark 'nope'; valid benchmarks:" in out.stderr
 
 
-def test_bench_quick_writes_its_outputs(cli, tmp_path):
-    out = cli("bench", "solver_overhead", "--quick", "--out", str(tmp_path), timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "solver_overhead.json").is_file() and (tmp_path / "solver_overhead.md").is_file()
-    assert "ratio" in (tmp_path / "solver_overhead.md").read_text()
+@pytest.mark.xdist_group("bench_quick:solver_overhead")  # beside test_bench_quick.py's, which share its run
+def test_bench_quick_writes_its_outputs(bench_quick):
+    """The quick run test_bench_quick.py checks (the session's, not another): its files in --out."""
+    _, markdown = bench_quick("solver_overhead")  # asserts its exit status is 0
+    out = bench_quick.out["solver_overhead"]
+    assert (out / "solver_overhead.json").is_file() and (out / "solver_overhead.md").is_file()
+    assert "ratio" in (out / "solver_overhead.md").read_text() and "ratio" in markdown
 
 
 @pytest.mark.ddp
-def test_ddp_through_the_cli_in_subprocesses(cli, tmp_path):
+@pytest.mark.spawns
+def test_ddp_through_the_cli_in_subprocesses(cli_subprocess, tmp_path):
     """Lightning re-launches rank 1 with the restored argv: both ranks train in one run dir.
 
     Safe inside a pytest session: the re-launched command is the CLI's, not pytest's.
     """
-    out = cli("fit", "trainer=ddp", "trainer.accelerator=cpu", *FAST, cwd=tmp_path, timeout=600)
+    out = cli_subprocess("fit", "trainer=ddp", "trainer.accelerator=cpu", *FAST, cwd=tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     run_dirs = list((tmp_path / "outputs" / "fit" / "ode_classifier").iterdir())
     assert len(run_dirs) == 1 and (run_dirs[0] / "checkpoints" / "last.ckpt").is_file()

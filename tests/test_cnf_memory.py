@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nde_zoo.bench import BENCHMARKS
 from nde_zoo.bench.cnf_memory import goal_verdicts
 
 
+@pytest.mark.xdist_group("bench_quick:cnf_memory")  # beside test_bench_quick.py's, which share its run
 def test_quick_run_measures_nll_and_memory(bench_quick):
     assert "cnf_memory" in BENCHMARKS
     report, _ = bench_quick("cnf_memory")

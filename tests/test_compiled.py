@@ -92,9 +92,9 @@ def test_compiled_equals_eager(aot_eager, name, solver, layout):
 @pytest.mark.parametrize("name, solver", [
     ("direct", "rk4"),
     ("reversible", "midpoint"),
-    # a minute of compiling each on 2 cores: outside CI's budget, run with -m slow
-    pytest.param("checkpoint", "euler", marks=pytest.mark.slow),
-    pytest.param("symplectic", "dopri5", marks=pytest.mark.slow),
+    # a minute of compiling each on 2 cores: outside CI's budget, run with -m manual (make test-all)
+    pytest.param("checkpoint", "euler", marks=[pytest.mark.manual, pytest.mark.slow]),
+    pytest.param("symplectic", "dopri5", marks=[pytest.mark.manual, pytest.mark.slow]),
 ])
 def test_inductor_equals_eager(monkeypatch, name, solver):
     """Inductor's generated code (C++ wrapper), one strategy per solver (every solver covered once)."""

@@ -42,6 +42,7 @@ class KillRankAt(lightning.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+@pytest.mark.spawns
 @pytest.mark.ddp
 @pytest.mark.standalone
 def test_a_dead_rank_fails_the_fit_within_seconds_and_last_ckpt_stays_loadable(tmp_path):

@@ -73,6 +73,7 @@ def _check_one_run(run_dir: Path, steps: int) -> None:
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == steps
 
 
+@pytest.mark.spawns
 @pytest.mark.ddp
 @pytest.mark.standalone
 def test_torchrun_two_processes_train_one_run(tmp_path):
@@ -91,6 +92,7 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
     _check_one_run(run_dir, steps=2)
 
 
+@pytest.mark.spawns
 @pytest.mark.ddp
 @pytest.mark.standalone
 def test_torchrun_two_nodes_and_a_multirun_sweep(tmp_path):
@@ -114,6 +116,7 @@ def test_torchrun_two_nodes_and_a_multirun_sweep(tmp_path):
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.spawns
 @pytest.mark.ddp
 @pytest.mark.standalone
 def test_srun_tasks_train_one_run(tmp_path):
@@ -163,6 +166,7 @@ def test_multirun_refusal_applies_only_outside_slurm_and_torchrun(monkeypatch):
         nde_cli._refuse_replayed_ddp(_ddp_cfg())
 
 
+@pytest.mark.spawns
 def test_submitit_local_launcher_runs_each_job(tmp_path):
     """``hydra/launcher=local``: hydra-submitit-launcher's local executor (the SLURM launcher's
     code path without SLURM) runs each sweep job as its own process, to completion."""
@@ -194,6 +198,7 @@ echo "Submitted batch job 4242"
 """
 
 
+@pytest.mark.spawns
 def test_slurm_launcher_submits_one_task_per_device(tmp_path):
     """``hydra/launcher=slurm`` with stand-ins for ``sbatch``/``srun`` on PATH: the job script
     asks for trainer.num_nodes nodes and trainer.devices tasks (and GPUs) per node, one array

@@ -12,6 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.spawns
 @pytest.mark.timeout(600)
 def test_wheel_installs_and_finds_its_configs(tmp_path):
     pytest.importorskip("hatchling")

@@ -111,8 +111,9 @@ def _plain(obj):
     return obj
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("case, signum", [("ernode", signal.SIGKILL), ("reversible", signal.SIGTERM)])
-def test_killed_fit_resumes_exactly(cli, tmp_path, case, signum):
+def test_killed_fit_resumes_exactly(cli_subprocess, tmp_path, case, signum):
     extra = CASES[case]
     full_dir, run_dir, marker = tmp_path / "full", tmp_path / "killed", tmp_path / "blocked"
     resumed_dir = tmp_path / "resumed"  # `fit ckpt_path=...` writes a new run directory
@@ -161,7 +162,7 @@ def test_killed_fit_resumes_exactly(cli, tmp_path, case, signum):
         assert state["step"] == KILL_EPOCH * BATCHES and state["previous_times"]  # mid-schedule, biased
 
     dump = tmp_path / "restored_state.pt"
-    out = cli("fit", *COMMON, f"hydra.run.dir={resumed_dir}", *extra, f"ckpt_path={last}",
+    out = cli_subprocess("fit", *COMMON, f"hydra.run.dir={resumed_dir}", *extra, f"ckpt_path={last}",
                   f"+callbacks.dump._target_={__name__}.DumpStrategyState", f"+callbacks.dump.path={dump}",
                   cwd=tmp_path, env=ENV, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,0 +1,111 @@
+"""The suite's own rules (tests/conftest.py): the command line runs in process, a spawn of it needs
+``@pytest.mark.spawns``, a test over the time limit needs ``@pytest.mark.slow``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _pytest.reports import TestReport
+
+from tests import conftest
+from tests.inprocess import compose, run_cli
+
+
+@pytest.mark.parametrize("args, spawns", [
+    ([sys.executable, "-m", "nde_zoo", "fit"], True),
+    (["/venv/bin/nde-zoo", "fit", "--cfg", "job"], True),
+    ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "nde_zoo", "fit"], True),
+    (["srun", sys.executable, "-mnde_zoo", "fit"], True),
+    ([sys.executable, "-c", "from nde_zoo.cli import main; main()"], True),
+    ("python -m nde_zoo fit trainer=ddp", True),
+    ([sys.executable, "-m", "nde_zoo.bench.rss", "direct", "4"], False),  # a fresh process to measure memory
+    ([sys.executable, "-c", "import nde_zoo.strategies"], False),
+    ([sys.executable, "-m", "pip", "wheel", "."], False),
+    (["mount", "-t", "tmpfs", "tmpfs", "/mnt"], False),
+])
+def test_what_counts_as_spawning_the_command_line(args, spawns):
+    assert conftest.spawns_command_line(args) is spawns
+
+
+def test_an_unmarked_test_that_spawns_the_command_line_fails(request):
+    """The guard fails the test before the process starts, and a failure the test swallows still counts."""
+    with pytest.raises(pytest.fail.Exception, match="spawns the command line .*mark it @pytest.mark.spawns"):
+        subprocess.run([sys.executable, "-m", "nde_zoo", "--help"], capture_output=True)
+    spawned = request.node.stash[conftest._SPAWNED]
+    assert spawned and "-m nde_zoo --help" in spawned[0]
+    report = _report(request, "call", 0.1)
+    _makereport(request.node, report)
+    assert report.failed and "spawned the command line without @pytest.mark.spawns" in str(report.longrepr)
+    assert not spawned  # reported once (this test's own report stays as it is)
+
+
+def test_other_subprocesses_are_not_guarded():
+    out = subprocess.run([sys.executable, "-c", "print('fresh')"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout == "fresh\n"
+
+
+def _report(request, when: str, duration: float) -> TestReport:
+    node = request.node
+    return TestReport(node.nodeid, node.location, {}, "passed", None, when, duration=duration)
+
+
+def _makereport(item, report) -> None:
+    """Drive tests/conftest.py's makereport hook wrapper around ``report``."""
+    hook = conftest.pytest_runtest_makereport(item, SimpleNamespace(when=report.when))
+    next(hook)
+    with pytest.raises(StopIteration):
+        hook.send(SimpleNamespace(get_result=lambda: report))
+
+
+def test_a_test_over_the_time_limit_fails_unless_marked_slow(request, monkeypatch):
+    monkeypatch.setattr(conftest, "TIME_LIMIT_S", 60.0)
+    monkeypatch.setattr(conftest, "_time_limit", lambda: 60.0)
+    for when in ("setup", "call"):
+        report = _report(request, when, 61.0)
+        _makereport(request.node, report)
+        assert report.failed and "over the 60 s limit of a test not marked slow" in report.longrepr
+    report = _report(request, "call", 59.0)
+    _makereport(request.node, report)
+    assert report.passed
+    request.node.add_marker(pytest.mark.slow)
+    report = _report(request, "call", 600.0)
+    _makereport(request.node, report)
+    assert report.passed
+
+
+def test_the_time_limit_grows_with_the_load_per_core(monkeypatch):
+    monkeypatch.setattr(conftest, "TIME_LIMIT_S", 60.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.0, 1.0, 1.0))
+    assert conftest._time_limit() == 60.0  # an idle machine: the limit itself
+    monkeypatch.setattr(os, "getloadavg", lambda: (6.0, 6.0, 6.0))
+    assert conftest._time_limit() == 180.0  # three runnable processes per core: three times as long
+
+
+def test_an_in_process_run_reports_as_a_process_and_puts_the_process_back(tmp_path):
+    """``test`` without ``ckpt_path``: Hydra composes, logs and runs train.run, which exits with a message."""
+    root = logging.getLogger()
+    before = (os.getcwd(), list(sys.argv), dict(os.environ), list(root.handlers), root.level,
+              torch.get_num_threads())
+    out = run_cli("test", cwd=tmp_path, env={"NDE_ZOO_IN_PROCESS_PROBE": "1"})
+    assert out.returncode == 1 and "error: test needs a checkpoint: pass ckpt_path=" in out.stderr
+    assert (os.getcwd(), list(sys.argv), dict(os.environ), list(root.handlers), root.level,
+            torch.get_num_threads()) == before
+    from hydra.core.global_hydra import GlobalHydra
+
+    assert not GlobalHydra.instance().is_initialized()
+    out = run_cli("predict", "--cfg", "job", cwd=tmp_path)
+    assert out.returncode == 0 and "subcommand: predict" in out.stdout
+
+
+def test_compose_gives_the_command_lines_config():
+    cfg = compose("fit", ["strategy=ernode", "strategy.inner=reversible", "model.width=8"])
+    assert cfg.subcommand == "fit" and cfg.model.width == 8
+    assert cfg.strategy._target_.endswith("ERNODE") and cfg.strategy.inner._target_.endswith("Reversible")
+    assert cfg.hydra.runtime.choices.model == "ode_classifier"
