@@ -119,13 +119,89 @@ def test_binomial_walk_counts_what_the_reversal_does(steps, snapshots):
 
 
 # -- choosing ------------------------------------------------------------------------------------
-def test_a_budget_above_directs_peak_chooses_direct():
+def _timed(monkeypatch, per_step: dict[str, float]):
+    """Probes measure the real memory but report the given seconds per step for each strategy
+    class (forward only), so a choice that turns on time is decided by these figures, not by
+    the machine's noise."""
+    from nde_zoo.strategies import auto as auto_module
+
+    measure = auto_module._measure
+
+    def fake(strategy, field, y0, ts, repeats=3, memory=True):
+        probe = measure(strategy, field, y0, ts, repeats=0, memory=memory)
+        probe.forward, probe.backward = per_step[type(strategy).__name__] * probe.steps, 0.0
+        return probe
+
+    monkeypatch.setattr(auto_module, "_measure", fake)
+
+
+def test_a_budget_above_directs_peak_chooses_direct(monkeypatch):
+    """Direct fits and is the fastest by more than the tie margin (its seconds are set: on a
+    loaded machine a lower-memory candidate may measure within 10% of it, and then wins the tie)."""
     field, y0, _, peaks = _peaks()
+    _timed(monkeypatch, {"Direct": 1.0e-3, "Checkpoint": 1.3e-3, "Symplectic": 1.5e-3, "Reversible": 2.0e-3})
     auto = Auto("rk4", steps=24, memory_budget=int(peaks["direct"] * 1.5))
     sol = auto.solve(field, y0, TS)
     assert isinstance(auto.chosen, Direct) and auto.plan.choice == "direct"
     assert torch.equal(sol.ys, Direct("rk4", steps=24).solve(field, y0, TS).ys)
     assert "**chosen**" in auto.plan.markdown() and "| direct |" in auto.plan.markdown()
+
+
+def test_within_the_margin_the_candidate_keeping_fewer_states_wins(monkeypatch, caplog):
+    """Direct is fastest by 5% and keeps every stage's graph; Symplectic keeps N states: the tie
+    goes to Symplectic, and the table and the log say so. Checkpoint (every step start) is within
+    10% of Direct too but keeps more than Symplectic; nothing beyond the margin is tied."""
+    field, y0, _, peaks = _peaks()
+    assert peaks["symplectic"] < peaks["checkpoint"] < peaks["direct"]
+    assert peaks["symplectic"] < peaks["reversible"]
+    _timed(monkeypatch, {"Direct": 1.0e-3, "Checkpoint": 1.08e-3, "Symplectic": 1.05e-3,
+                         "Reversible": 1.5e-3})
+    auto = Auto("rk4", steps=24, memory_budget="100GB")
+    with caplog.at_level("INFO", logger="nde_zoo"):
+        got = _grads(auto, field, y0)
+    plan = auto.plan
+    assert plan.choice == "symplectic" and isinstance(auto.chosen, Symplectic), plan.markdown()
+    assert plan.tie.startswith(
+        "tie broken: direct was faster, 0.001 against 0.00105 s per step, within the 10% margin")
+    assert f"{format_bytes(peaks['symplectic'])} against {format_bytes(peaks['direct'])}" in plan.tie
+    assert f"choice: symplectic ({plan.tie})" in plan.markdown()
+    assert any("tie broken" in r.getMessage() for r in caplog.records)
+    want = _grads(Symplectic("rk4", steps=24), field, y0)
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    # the same figures again choose the same, and the tie is kept in the checkpointed plan
+    again = Auto("rk4", steps=24, memory_budget="100GB")
+    again.solve(field, y0, TS)
+    assert again.plan.choice == "symplectic"
+    restored = Auto("rk4", steps=24, memory_budget="100GB")
+    restored.load_state_dict(auto.state_dict())
+    assert restored.plan.tie == plan.tie
+
+
+def test_a_candidate_faster_by_more_than_the_margin_still_wins(monkeypatch):
+    """Direct 12% faster than the lower-memory Symplectic is no tie: the fastest wins, as before."""
+    field, y0, _, peaks = _peaks(candidates=("direct", "symplectic"))
+    assert peaks["symplectic"] < peaks["direct"]
+    _timed(monkeypatch, {"Direct": 1.0e-3, "Symplectic": 1.12e-3})
+    auto = Auto("rk4", steps=24, memory_budget="100GB", candidates=("direct", "symplectic"))
+    auto.solve(field, y0, TS)
+    assert auto.plan.choice == "direct" and isinstance(auto.chosen, Direct), auto.plan.markdown()
+    assert auto.plan.tie == "" and "tie broken" not in auto.plan.markdown()
+    # and when the lower-memory candidate is the faster one, it wins without a tie to break
+    _timed(monkeypatch, {"Direct": 1.05e-3, "Symplectic": 1.0e-3})
+    auto = Auto("rk4", steps=24, memory_budget="100GB", candidates=("direct", "symplectic"))
+    plan = auto.measure(field, y0, TS)
+    assert plan.choice == "symplectic" and plan.tie == ""
+
+
+def test_a_tie_never_chooses_a_candidate_that_does_not_fit():
+    from nde_zoo.strategies.auto import Row, choose
+
+    rows = [Row("direct", 3e6, 1.0, True), Row("symplectic", 1e5, 1.02, False),
+            Row("checkpoint", 2e5, 1.09, True), Row("reversible", 1.5e5, 1.2, True)]
+    best, tie = choose(rows, steps=10)
+    assert best.label == "checkpoint" and "direct was faster, 0.1 against 0.109 s per step" in tie
+    assert choose([Row("direct", 3e6, 1.0, False)]) == (None, "")
 
 
 def test_a_budget_below_directs_peak_chooses_a_lower_memory_exact_strategy_with_directs_gradient():

@@ -26,7 +26,10 @@ of guessing:
    Time is linear in ``N`` (plus the recomputed steps for ``Checkpoint``). Adaptive solves first run
    one gradient-free solve of the full span (it keeps nothing for backward) to count ``N``,
    and probe on the span of its first ``k`` steps; the table says ``N`` is estimated.
-3. It chooses the fastest candidate whose predicted peak fits ``memory_budget`` and delegates
+3. It chooses the fastest candidate whose predicted peak fits ``memory_budget`` (a candidate
+   wins on time only by more than :data:`TIE_MARGIN`: of those within it of the fastest, the
+   one keeping fewer states, the lowest predicted peak, is chosen, so timing noise between two
+   identical runs does not flip the choice; the table says when a tie was broken) and delegates
    this and every later solve with that key to it (:attr:`Auto.chosen`), so gradients are
    exactly the chosen strategy's. If none fits it raises :class:`MemoryBudgetError` naming the
    smallest predicted peak and what would make it fit, before any training step runs out of
@@ -66,7 +69,8 @@ from nde_zoo.strategies.reversible import Reversible
 from nde_zoo.strategies.schedule import Schedule
 from nde_zoo.strategies.symplectic import Symplectic
 
-__all__ = ["Auto", "MemoryBudgetError", "Plan", "parse_bytes", "format_bytes", "CANDIDATES", "CHOICE_CODES"]
+__all__ = ["Auto", "MemoryBudgetError", "Plan", "parse_bytes", "format_bytes", "choose", "CANDIDATES",
+           "CHOICE_CODES", "TIE_MARGIN"]
 
 log = logging.getLogger("nde_zoo")
 
@@ -82,6 +86,9 @@ CHOICE_CODES = {label: i for i, label in enumerate(
 TIMING_ROUNDS = 3
 #: plans kept per Auto (one per key); beyond it the latest choice serves new keys, with a warning.
 MAX_PLANS = 16
+#: fitting candidates whose predicted seconds are within this fraction of the fastest's are tied:
+#: of them, the one keeping fewer states (the lowest predicted peak) is chosen.
+TIE_MARGIN = 0.10
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -164,6 +171,7 @@ class Plan:
     rows: list[Row]
     choice: str | None = None  # the chosen row's label
     snapshots: int | None = None
+    tie: str = ""  # how a tie was broken (see TIE_MARGIN); empty when the fastest won outright
 
     @property
     def chosen_row(self) -> Row | None:
@@ -185,7 +193,7 @@ class Plan:
             lines.append(f"| {label} | {peak} | {per_step:.3g} | {r.seconds:.3g} | {mark} |"
                          + (f" {r.note}" if r.note else ""))
         tail = [f"\nchoice: {self.choice}" + (f" with snapshots={self.snapshots}" if self.snapshots is not None
-                                             else "")]
+                                             else "") + (f" ({self.tie})" if self.tie else "")]
         return "\n".join(head + lines + (tail if self.choice else ["\nchoice: none fits"]))
 
     def to_dict(self) -> dict[str, Any]:
@@ -211,6 +219,27 @@ class _Probe:
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
+
+
+def choose(rows: Sequence[Row], steps: int = 1) -> tuple[Row | None, str]:
+    """The row :class:`Auto` chooses among ``rows`` and, when a tie decided it, why (else ``""``).
+
+    Of the rows that fit, those whose seconds are within :data:`TIE_MARGIN` of the fastest's are
+    tied, and the one keeping fewer states (the lowest predicted peak; then the faster) wins: a
+    candidate wins on time only by more than the margin. ``None``: nothing fits."""
+    fitting = [r for r in rows if r.fits]
+    if not fitting:
+        return None, ""
+    fastest = min(fitting, key=lambda r: (r.seconds, r.peak_bytes))
+    tied = [r for r in fitting if r.seconds <= fastest.seconds * (1.0 + TIE_MARGIN)]
+    best = min(tied, key=lambda r: (r.peak_bytes, r.seconds))
+    if best is fastest:
+        return best, ""
+    n = max(steps, 1)
+    return best, (f"tie broken: {fastest.label} was faster, {fastest.seconds / n:.3g} against "
+                  f"{best.seconds / n:.3g} s per step, within the {TIE_MARGIN:.0%} margin, so the one "
+                  f"keeping fewer states wins: {format_bytes(best.peak_bytes)} against "
+                  f"{format_bytes(fastest.peak_bytes)}")
 
 
 def _fit(x1: float, y1: float, x2: float, y2: float, x: float) -> float:
@@ -432,9 +461,8 @@ class Auto(ODEStrategy):
         state_bytes = y0.nelement() * y0.element_size()
         rows = [self._predict(label, probed[label], steps, len(times), state_bytes, budget) for label in labels]
         plan = Plan(key=key, steps=steps, estimated=estimated, budget=budget, device=str(y0.device), rows=rows)
-        fitting = [r for r in rows if r.fits]
-        if fitting:
-            best = min(fitting, key=lambda r: r.seconds)
+        best, plan.tie = choose(rows, steps)
+        if best is not None:
             plan.choice, plan.snapshots = best.label, best.snapshots
         return plan
 
