@@ -234,3 +234,15 @@ def test_two_dimensional_gray_scott_fits_through_the_cli_entry_point(tmp_path, m
         results = run("fit", cfg)
     assert math.isfinite(results[0]["test/loss"])
     assert (tmp_path / "pde_rollout.png").is_file() and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["direct", "reversible"])
+def test_compiled_rollout_gives_the_eager_gradient(name, monkeypatch):
+    """``compile=True`` on the pde model: the compiled scans (traced by dynamo, run on the
+    ``aot_eager`` backend to keep this short) give the eager gradient."""
+    monkeypatch.setenv("NDE_ZOO_COMPILE_BACKEND", "aot_eager")
+    cls = {"direct": strategies.Direct, "reversible": strategies.Reversible}[name]
+    errors = gradient_fidelity(small_model, cls("midpoint", steps=6, compile="strict"), small_batch(),
+                               reference=cls("midpoint", steps=6))
+    assert errors["all"] < 1e-10, errors
