@@ -232,10 +232,11 @@ def run(sub: str, cfg: DictConfig) -> Any:
     """Run ``fit``/``validate``/``test``/``predict``/``gradcheck`` on the composed config."""
     ckpt_path = _check_ckpt_path(sub, cfg) if sub not in ("gradcheck", "plan") else None
     from nde_zoo.quiet import install as quiet_third_party
-    from nde_zoo.shorthands import apply_memory_budget
+    from nde_zoo.shorthands import apply_memory_budget, apply_model_stepping
 
     quiet_third_party()  # Lightning's litlogger tip and treespec deprecation, filtered by name (nde_zoo/quiet.py)
     apply_memory_budget(sub, cfg)  # memory_budget= is strategy.memory_budget (auto), in every subcommand
+    stepping = apply_model_stepping(cfg)  # the model's own stepping where the command line gives none
     if HydraConfig.initialized():  # Hydra's handlers print and file Lightning's messages once
         for name in ("lightning", "lightning.pytorch", "lightning.fabric"):  # `lightning` has its own too
             logging.getLogger(name).handlers.clear()
@@ -244,6 +245,10 @@ def run(sub: str, cfg: DictConfig) -> Any:
         import torch
 
         torch.set_num_threads(int(cfg.cpu_threads))
+    if stepping:
+        log.info("the model's stepping: %s (its config's `stepping`; strategy.steps=, strategy.solver= or "
+                 "strategy.rtol= on the command line choose your own)",
+                 ", ".join(f"{k}={v}" for k, v in stepping.items()))
     lightning.seed_everything(cfg.seed, workers=True)
     datamodule, model, strategy = build(cfg, resume_from=ckpt_path if sub == "fit" else None)
     if ckpt_path is not None:
@@ -255,7 +260,8 @@ def run(sub: str, cfg: DictConfig) -> Any:
     run_dir = _run_dir()
     if sub == "fit" and HydraConfig.initialized() and not claimed_here(run_dir):  # never into another run's
         claim_run_dir(run_dir, ckpt_path)  # directory (the command line claims it before Hydra writes there)
-    if hasattr(model, "_inherited_overrides") and HydraConfig.initialized():  # the strategy it trains with
+    # the strategy it trains with (a checkpoint's, or with the model's stepping)
+    if (hasattr(model, "_inherited_overrides") or stepping) and HydraConfig.initialized():
         _rewrite_saved_config(cfg)
     if sub == "fit" and _process_rank() == 0:  # what processes killed mid-save left behind
         folders = {run_dir / "checkpoints"} if HydraConfig.initialized() else set()

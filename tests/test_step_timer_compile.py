@@ -1,0 +1,38 @@
+"""Time in the logs: a fit's CSV log alone compares ``compile=true`` with ``compile=false``: both
+log the seconds per training step, and the compiled one the seconds it spent compiling."""
+
+from __future__ import annotations
+
+import csv
+
+import lightning
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from nde_zoo.callbacks import StepTimer
+from nde_zoo.models import ODEClassifier
+from nde_zoo.strategies import Reversible
+
+
+def _logged(tmp_path, compile: bool) -> list[dict[str, str]]:
+    torch.manual_seed(0)
+    loader = DataLoader(TensorDataset(torch.randn(32, 64), torch.randint(0, 10, (32,))), batch_size=16)
+    model = ODEClassifier(Reversible("rk4", steps=2, compile=compile), state_dim=4, width=8)
+    folder = tmp_path / ("compiled" if compile else "eager")
+    logger = lightning.pytorch.loggers.CSVLogger(folder, name="csv")
+    trainer = lightning.Trainer(max_epochs=1, logger=logger, callbacks=[StepTimer()], accelerator="cpu",
+                                enable_progress_bar=False, enable_checkpointing=False,
+                                enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(model, loader)
+    with open(next(folder.glob("csv/version_*/metrics.csv")), newline="") as handle:
+        return [r for r in csv.DictReader(handle) if r.get("time/step_s")]
+
+
+def test_the_csv_log_compares_compiled_with_eager(tmp_path, monkeypatch):
+    monkeypatch.setenv("NDE_ZOO_COMPILE_BACKEND", "aot_eager")  # the same tracing, no C++ build
+    eager, compiled = _logged(tmp_path, False), _logged(tmp_path, True)
+    assert len(eager) == len(compiled) == 1
+    for row in (eager[0], compiled[0]):
+        assert 0 < float(row["time/step_s"]) < 600
+    assert float(eager[0]["time/compile_s"]) == 0.0
+    assert float(compiled[0]["time/compile_s"]) > 0.0
