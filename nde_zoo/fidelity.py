@@ -77,7 +77,7 @@ class _BackpropReversible(ODEStrategy):
 
         scheme = ReversibleScheme(self.tableau, self.coupling)
         scheme.keeps = "graph"  # the coupled recursion with its graph: the reference backpropagates through it
-        ys, stats, path = self.drive(scheme, field, y0, ts, [])
+        ys, stats, path = self.drive(scheme, field, y0, ts)
         return Solution(ys, ts, stats, path)
 
 

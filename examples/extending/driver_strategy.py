@@ -25,7 +25,6 @@ from torch import Tensor, nn
 from nde_zoo.strategies import Direct
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 from nde_zoo.strategies.driver import Scheme
-from nde_zoo.strategies.fields import inspect_field
 
 
 def heun_step(field: Any, t: Tensor, y: Tensor, h: Any) -> Tensor:
@@ -77,8 +76,8 @@ class StepwiseHeun(ODEStrategy):
         super().__init__("heun", steps=steps, compile=compile)  # the tableau names the order; the step is ours
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
-        params = inspect_field(field, ts[0], y0, self.name, params=params)  # closures' tensors too
         with SavedBytes() as saved:
+            # the driver checks the inputs and finds the tensors the field reads (closures too)
             ys, stats, path = self.drive(StepwiseHeunScheme(self.tableau), field, y0, ts, params)
         return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes))
 

@@ -10,7 +10,6 @@ only on a branch the forward check did not take).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 from torch import Tensor

@@ -32,8 +32,8 @@ from nde_zoo.solvers import (
     check_finite_outputs,
     check_inputs,
 )
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS, fixed_grid, rms_norm
-from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.solvers.stepping import fixed_grid, rms_norm
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
 from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.sde import solve_sde
 
@@ -170,22 +170,17 @@ class Adjoint(ODEStrategy):
     kinds = frozenset({"ode", "sde"})
     _fixed_norm: ClassVar[str | None] = None
 
+    @takes_stepping
     def __init__(
         self,
         solver: str | ButcherTableau = "dopri5",
         *,
-        steps: int | None = None,
-        step_size: float | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
         adjoint_rtol: float | None = None,
         adjoint_atol: float | None = None,
         adjoint_norm: str = "default",
-        compile: bool | str = False,
+        **stepping: Any,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
-                         compile=compile)  # refuses compile=True, naming the strategies that have it
+        super().__init__(solver, **stepping)  # refuses compile=True, naming the strategies that have it
         if self.tableau.name not in TORCHDIFFEQ_METHODS:
             raise ValueError(
                 f"strategy {self.name!r} runs torchdiffeq, which has no {self.tableau.name!r} solver; choose one "
@@ -302,19 +297,14 @@ class Seminorm(Adjoint):
     name = "seminorm"
     kinds = frozenset({"ode"})  # the seminorm is an ODE adjoint-norm choice: no SDE form
 
+    @takes_stepping
     def __init__(
         self,
         solver: str | ButcherTableau = "dopri5",
         *,
-        steps: int | None = None,
-        step_size: float | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
         adjoint_rtol: float | None = None,
         adjoint_atol: float | None = None,
-        compile: bool | str = False,
+        **stepping: Any,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
-                         adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_norm="seminorm",
-                         compile=compile)
+        super().__init__(solver, adjoint_rtol=adjoint_rtol, adjoint_atol=adjoint_atol, adjoint_norm="seminorm",
+                         **stepping)

@@ -9,6 +9,7 @@ from ``configure_callbacks()``, and it logs its own figures (NFE, memory) per tr
 from __future__ import annotations
 
 import abc
+import inspect
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -297,7 +298,7 @@ COMPILABLE = ("direct", "checkpoint", "reversible", "symplectic")
 class ODEStrategy(GradientStrategy):
     """A strategy that runs an explicit RK method of the solver core.
 
-    Args:
+    Args (the stepping: a subclass takes its own arguments and passes these on as ``**stepping``):
         solver: a name from :func:`nde_zoo.solvers.solver_names` or a :class:`ButcherTableau`.
         steps / step_size: fixed stepping (``steps`` uniform steps over ``[ts[0], ts[-1]]``).
         rtol / atol / max_steps: adaptive stepping (the default, ``rtol=1e-3``, ``atol=1e-6``).
@@ -320,9 +321,13 @@ class ODEStrategy(GradientStrategy):
         atol: float | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         compile: bool | str = False,
+        **unexpected: Any,
     ) -> None:
         from nde_zoo.strategies._compiled import CompileSpec, Programs  # torch.compile loads lazily
-
+        if unexpected:  # subclasses pass their stepping on as **stepping: name the class the user called
+            takes = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+            raise TypeError(f"{type(self).__name__} got an unexpected argument {next(iter(unexpected))!r}; it "
+                            f"takes: {', '.join(takes)}")
         super().__init__()
         self.tableau = get_tableau(solver)
         self.stepping = Stepping.of(
@@ -342,11 +347,18 @@ class ODEStrategy(GradientStrategy):
         """Whether this solve runs the compiled loops: ``compile=`` on and fixed steps."""
         return self.compile.enabled and not self.stepping.adaptive
 
-    def drive(self, scheme: Any, field: Any, y0: Tensor, ts: Tensor, params: list[Tensor], **run: Any) -> Any:
-        """Run ``scheme`` through the solve driver (:mod:`nde_zoo.strategies.driver`): ``(ys, stats, path)``."""
+    def drive(self, scheme: Any, field: Any, y0: Tensor, ts: Tensor, params: Sequence[Tensor] | None = None,
+              **run: Any) -> Any:
+        """Run ``scheme`` through the solve driver (:mod:`nde_zoo.strategies.driver`): ``(ys, stats, path)``.
+
+        The inputs are checked, and for a scheme with its own backward the field is inspected
+        (:func:`~nde_zoo.strategies.fields.inspect_field`: the tensors it reads become the
+        differentiated ``params``, unless given)."""
         from nde_zoo.strategies.driver import Run, solve
+        from nde_zoo.strategies.fields import inspect_field
 
         times = check_inputs(y0, ts)
+        params = [] if scheme.keeps == "graph" else inspect_field(field, ts[0], y0, self.name, params=params)
         compiled = self.compile.enabled
         return solve(Run(scheme, field, params, self.stepping, times, ts[0], self.name,
                          programs=self.programs if compiled and not self.stepping.adaptive else None,
@@ -363,3 +375,25 @@ class ODEStrategy(GradientStrategy):
     def __repr__(self) -> str:
         extra = f", compile={self.compile}" if self.compile.enabled else ""
         return f"{type(self).__name__}(solver={self.tableau.name!r}, {self.stepping.describe()}{extra})"
+
+
+def _public_signature(init: Any, extra: list[inspect.Parameter]) -> inspect.Signature:
+    own = [p for p in inspect.signature(init).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    names = {p.name for p in own}
+    return inspect.Signature(own + [p for p in extra if p.name not in names])
+
+
+# ODEStrategy's signature without its catch-all (**unexpected only names a wrong argument)
+ODEStrategy.__init__.__signature__ = _public_signature(ODEStrategy.__init__, [])  # type: ignore[attr-defined]
+
+
+def takes_stepping(init: Any) -> Any:
+    """Decorate a strategy's ``__init__(self, solver, *, own..., **stepping)``: its signature then
+    lists the stepping arguments its ``**stepping`` passes on to :class:`ODEStrategy` (``steps``,
+    ``step_size``, ``rtol``, ``atol``, ``max_steps``, ``compile``), for ``help()``, the saved
+    config (:func:`~nde_zoo.strategies.config.init_arguments`) and the config drift test.
+    The stepping arguments are written once, in :class:`ODEStrategy`."""
+    stepping = [p for p in inspect.signature(ODEStrategy.__init__).parameters.values()
+                if p.kind is p.KEYWORD_ONLY]
+    init.__signature__ = _public_signature(init, stepping)
+    return init

@@ -15,10 +15,8 @@ from typing import Any
 from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, rk_step
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
 from nde_zoo.strategies.driver import Scheme
-from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.schedule import (
     SCHEDULES,
     Schedule,
@@ -64,21 +62,12 @@ class Checkpoint(ODEStrategy):
     name = "checkpoint"
     compilable = True
 
+    @takes_stepping
     def __init__(
-        self,
-        solver: str | ButcherTableau = "dopri5",
-        *,
-        steps: int | None = None,
-        step_size: float | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
-        snapshots: int | None = None,
-        schedule: str = "uniform",
-        compile: bool | str = False,
+        self, solver: str | ButcherTableau = "dopri5", *, snapshots: int | None = None, schedule: str = "uniform",
+        **stepping: Any,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
-                         compile=compile)
+        super().__init__(solver, **stepping)
         if snapshots is not None:
             if self.stepping.adaptive:
                 raise ValueError(
@@ -100,7 +89,6 @@ class Checkpoint(ODEStrategy):
         return Schedule(steps, self.snapshots, self.schedule)
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
-        params = inspect_field(field, ts[0], y0, self.name, params=params)
         with SavedBytes() as saved:
             ys, stats, path = self.drive(CheckpointScheme(self.tableau), field, y0, ts, params,
                                           snapshots=self.snapshots, schedule_kind=self.schedule)

@@ -17,32 +17,27 @@ from typing import Any
 __all__ = ["strategy_config", "strategy_from_config", "init_arguments", "instantiate_target"]
 
 
-def init_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
-    """The constructor arguments of ``cls(*args, **kwargs)`` by name, defaults filled in.
+def _signature_parameters(cls: type) -> dict[str, inspect.Parameter]:
+    """The named constructor parameters of ``cls`` (a strategy's ``__signature__`` lists the
+    stepping its ``**stepping`` passes on: ``nde_zoo.strategies.base.takes_stepping``)."""
+    params = list(inspect.signature(cls.__init__).parameters.values())[1:]  # without self
+    return {p.name: p for p in params if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
 
-    Empty when they do not bind (the constructor will raise its own error) or when the object
-    is being unpickled (no arguments are given then; its ``__dict__`` comes back with them).
+
+def init_arguments(cls: type, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The constructor arguments of ``cls(*args, **kwargs)`` by name, defaults filled in (those of
+    the base class a ``**stepping`` passes on to included).
+
+    Empty when the positional arguments do not bind (the constructor raises its own error); an
+    object being unpickled (no arguments given) gets its recorded ones back with its ``__dict__``.
     """
-    if not args and not kwargs:
-        try:
-            bound = inspect.signature(cls.__init__).bind(None)
-        except TypeError:
-            return {}
-    else:
-        try:
-            bound = inspect.signature(cls.__init__).bind(None, *args, **kwargs)
-        except TypeError:
-            return {}
-    bound.apply_defaults()
-    out: dict[str, Any] = {}
-    params = inspect.signature(cls.__init__).parameters
-    for i, (name, value) in enumerate(bound.arguments.items()):
-        if i == 0:  # self
-            continue
-        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
-            out.update(value)
-        elif params[name].kind is not inspect.Parameter.VAR_POSITIONAL:
-            out[name] = value
+    params = _signature_parameters(cls)
+    positional = [p for p in params.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    if len(args) > len(positional):
+        return {}
+    out = {name: p.default for name, p in params.items() if p.default is not inspect.Parameter.empty}
+    out.update(zip((p.name for p in positional), args))
+    out.update(kwargs)
     return out
 
 

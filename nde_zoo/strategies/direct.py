@@ -30,7 +30,7 @@ class Direct(ODEStrategy):
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         # params= is not needed: autograd records every tensor the field reads, wherever it lives.
         with SavedBytes() as saved:
-            ys, stats, path = self.drive(Scheme(self.tableau), field, y0, ts, [])
+            ys, stats, path = self.drive(Scheme(self.tableau), field, y0, ts)
         return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes))
 
     def solve_sde(self, sde: Any, y0: Tensor, ts: Tensor, bm: Any, dt: float | None = None) -> Solution:

@@ -35,10 +35,8 @@ import torch
 from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, Path, rk_increment
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
-from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
+from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
 from nde_zoo.strategies.driver import Scheme, add_grads
-from nde_zoo.strategies.fields import inspect_field
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Reversible", "ReversibleScheme"]
@@ -222,20 +220,9 @@ class Reversible(ODEStrategy):
     kinds = frozenset({"ode", "sde"})
     compilable = True
 
-    def __init__(
-        self,
-        solver: str | ButcherTableau = "dopri5",
-        *,
-        steps: int | None = None,
-        step_size: float | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
-        coupling: float = 0.999,
-        compile: bool | str = False,
-    ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
-                         compile=compile)
+    @takes_stepping
+    def __init__(self, solver: str | ButcherTableau = "dopri5", *, coupling: float = 0.999, **stepping: Any) -> None:
+        super().__init__(solver, **stepping)
         if not (0.0 < float(coupling) <= 1.0):
             raise ValueError(
                 f"coupling must be in (0, 1], got {coupling!r}: 1 is the plain base method on Y, values "
@@ -251,7 +238,6 @@ class Reversible(ODEStrategy):
                 f"state in float32/float64 (trainer.precision=32-true, or cast y0) and let only the "
                 f"field's layers use lower precision"
             )
-        params = inspect_field(field, ts[0], y0, self.name, params=params)
         extras: dict[str, Any] = {}
         with SavedBytes() as saved:
             ys, stats, path = self.drive(ReversibleScheme(self.tableau, self.coupling), field, y0, ts, params,

@@ -47,7 +47,6 @@ from torch import Tensor
 from nde_zoo.solvers import ButcherTableau, stage_input
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
 from nde_zoo.strategies.driver import Scheme
-from nde_zoo.strategies.fields import inspect_field
 
 __all__ = ["Symplectic"]
 
@@ -181,7 +180,6 @@ class Symplectic(ODEStrategy):
     compilable = True
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
-        params = inspect_field(field, ts[0], y0, self.name, params=params)
         with SavedBytes() as saved:
             ys, stats, path = self.drive(SymplecticScheme(self.tableau), field, y0, ts, params)
         return self._record(Solution(ys, ts, stats, path, saved_bytes=saved.nbytes))
