@@ -144,9 +144,8 @@ def _auto_choice(u0: torch.Tensor, steps: int, dt: float) -> str:
 
 def _rebuild(u0: torch.Tensor, steps: int, dt: float, coupling: float) -> tuple[float, float]:
     """Reversible's rebuild error and forward drift over ``steps`` steps at ``coupling`` (float32)."""
-    from nde_zoo.strategies import Reversible
-
     from nde_zoo.solvers.errors import NonFiniteStateError
+    from nde_zoo.strategies import Reversible
 
     model = _model(Reversible("midpoint", steps=steps, coupling=coupling))
     with warnings.catch_warnings():
