@@ -60,9 +60,16 @@ import torch
 from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
-from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies._autograd import NonDeterministicFieldError
-from nde_zoo.strategies.base import COMPILABLE, GradientStrategy, LiveSaved, ODEStrategy, Solution, field_parameters
+from nde_zoo.strategies.base import (
+    COMPILABLE,
+    GradientStrategy,
+    LiveSaved,
+    ODEStrategy,
+    Solution,
+    field_parameters,
+    takes_stepping,
+)
 from nde_zoo.strategies.checkpoint import Checkpoint
 from nde_zoo.strategies.direct import Direct
 from nde_zoo.strategies.reversible import Reversible
@@ -274,22 +281,17 @@ class Auto(ODEStrategy):
     name = "auto"
     compilable = True  # passes compile= to its candidates
 
+    @takes_stepping
     def __init__(
         self,
         solver: str | ButcherTableau = "dopri5",
         *,
-        steps: int | None = None,
-        step_size: float | None = None,
-        rtol: float | None = None,
-        atol: float | None = None,
-        max_steps: int = DEFAULT_MAX_STEPS,
         memory_budget: int | float | str | None = None,
         candidates: Sequence[str] = CANDIDATES,
-        compile: bool | str = False,
         probe_steps: int = 8,
+        **stepping: Any,
     ) -> None:
-        super().__init__(solver, steps=steps, step_size=step_size, rtol=rtol, atol=atol, max_steps=max_steps,
-                         compile=compile)
+        super().__init__(solver, **stepping)
         self.memory_budget = parse_bytes(memory_budget)
         if isinstance(candidates, str):
             candidates = [c.strip() for c in candidates.split(",")]
@@ -302,8 +304,9 @@ class Auto(ODEStrategy):
         if int(probe_steps) != probe_steps or probe_steps < 2:
             raise ValueError(f"probe_steps must be an integer >= 2, got {probe_steps!r}")
         self.probe_steps = int(probe_steps)
-        self._stepping_args = {"steps": steps, "step_size": step_size, "rtol": rtol, "atol": atol,
-                               "max_steps": max_steps}
+        st = self.stepping  # what the candidates are built with (the compile choice apart)
+        self._stepping_args = {"steps": st.steps, "step_size": st.step_size, "rtol": st.rtol, "atol": st.atol,
+                               "max_steps": st.max_steps}
         self.plans: dict[str, Plan] = {}
         self._built: dict[str, ODEStrategy] = {}  # key -> the chosen strategy, built from its plan
         self._latest: str | None = None  # the key of the latest choice
