@@ -73,7 +73,6 @@ from nde_zoo.strategies.base import (
 from nde_zoo.strategies.checkpoint import Checkpoint
 from nde_zoo.strategies.direct import Direct
 from nde_zoo.strategies.reversible import Reversible
-from nde_zoo.strategies.schedule import Schedule
 from nde_zoo.strategies.symplectic import Symplectic
 
 __all__ = ["Auto", "MemoryBudgetError", "Plan", "parse_bytes", "format_bytes", "choose", "CANDIDATES",
@@ -192,7 +191,8 @@ class Plan:
         lines = []
         for r in self.rows:
             label = r.label + (f" (snapshots={r.snapshots})" if r.snapshots is not None else
-                               " (every step start)" if r.label.startswith("checkpoint") and not self.estimated
+                               " (every step start)" if _CLASSES[r.label.partition("+")[0]].takes_snapshots
+                               and not self.estimated
                                else "")
             mark = "**chosen**" if r.label == self.choice else ("yes" if r.fits else "no")
             per_step = r.seconds / max(self.steps, 1)
@@ -365,13 +365,11 @@ class Auto(ODEStrategy):
 
     def _build(self, label: str, snapshots: int | None, stepping: dict[str, Any] | None = None) -> ODEStrategy:
         name, _, compiled = label.partition("+")
+        cls = _CLASSES[name]
         kwargs = dict(self._stepping_args if stepping is None else stepping)
         # snapshots set a fixed-step schedule (a plan loaded from a fixed-step run may carry them)
-        if name == "checkpoint" and snapshots is not None and not self.stepping.adaptive:
-            kwargs["snapshots"] = snapshots
-        if name == "checkpoint":
-            kwargs["schedule"] = _schedule_kind(bool(compiled))
-        return _CLASSES[name](self.tableau, compile=self.compile if compiled else False, **kwargs)
+        kwargs.update(cls.planned_arguments(None if self.stepping.adaptive else snapshots, bool(compiled)))
+        return cls(self.tableau, compile=self.compile if compiled else False, **kwargs)
 
     # -- deciding --------------------------------------------------------------------------------
     def _decide(self, key: str, field: Any, y0: Tensor, ts: Tensor, times: list[float], steps: int | None) -> None:
@@ -504,7 +502,7 @@ class Auto(ODEStrategy):
 
     def _predict(self, label: str, probes: list[_Probe] | str | Exception, steps: int, outputs: int,
                  state_bytes: int, budget: int) -> Row:
-        name = label.partition("+")[0]
+        cls = _CLASSES[label.partition("+")[0]]
         if isinstance(probes, Exception):
             return Row(label, math.inf, math.inf, False, note=f"refused: {str(probes).splitlines()[0]}")
         if isinstance(probes, str):
@@ -516,7 +514,7 @@ class Auto(ODEStrategy):
             if attr in ("forward", "backward"):  # seconds: proportional to the longer probe (a slope
                 return getattr(b, attr) * x / b.steps  # between two short timings is mostly noise)
             ya, yb = getattr(a, attr), getattr(b, attr)
-            if name == "reversible":  # flat in N, linear in the outputs
+            if not cls.memory_grows_with_steps:  # flat in N, linear in the outputs
                 if a.outputs != b.outputs:
                     return _fit(a.outputs, ya, b.outputs, yb, outputs)
                 return max(ya, yb) + per_output * max(0, outputs - b.outputs)
@@ -527,7 +525,7 @@ class Auto(ODEStrategy):
         recorded = [p.as_dict() for p in probes]
         peak = max(line("forward_peak", steps), line("backward_peak", steps))
         seconds = line("forward", steps) + line("backward", steps)
-        if name != "checkpoint" or self.stepping.adaptive:  # adaptive Checkpoint keeps every step start (ACA)
+        if not cls.takes_snapshots or self.stepping.adaptive:  # adaptive: every step start (ACA)
             return Row(label, peak, seconds, peak <= budget, probes=recorded)
         return self._choose_snapshots(label, line, steps, state_bytes, budget, recorded)
 
@@ -540,15 +538,16 @@ class Auto(ODEStrategy):
         of :func:`_snapshot_grid` are costed and the fastest that fits is chosen: ``stored(c)``,
         ``kept(c)`` and the recomputation are the :class:`~nde_zoo.strategies.schedule.Schedule`'s
         own (``stored``, ``peak_states``, ``recomputed_steps``) for the schedule the built
-        Checkpoint follows (:func:`_schedule_kind`).
+        Checkpoint follows (its ``planned_schedule``).
         """
-        compiled = label.endswith("+compile")
+        name, _, compiled_mark = label.partition("+")
+        cls, compiled = _CLASSES[name], bool(compiled_mark)
         per_step_forward = max(0.0, line("forward", steps) / steps)
         forward_peak, backward_peak = line("forward_peak", steps), line("backward_peak", steps)
         every = steps  # every step start
 
         def cost(c: int) -> tuple[float, float]:
-            schedule = Schedule(steps, c, _schedule_kind(compiled))  # what the solve will follow
+            schedule = cls.planned_schedule(steps, c, compiled)  # what the built strategy will follow
             stored, kept, recomputed = len(schedule.stored), schedule.peak_states, schedule.recomputed_steps
             seconds = line("forward", steps) + line("backward", steps) + per_step_forward * recomputed
             # the forward keeps only the stored states (the probe kept every step start)
@@ -859,12 +858,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
     return bool(value.item())
 
 
-def _schedule_kind(compiled: bool) -> str:
-    """The checkpointing schedule Auto gives a Checkpoint: compiled, the uniform one (one program);
-    eager, the binomial one (the fewest states for its recomputation, so the most budgets fit)."""
-    return "uniform" if compiled else "binomial"
-
-
 def _snapshot_grid(steps: int) -> list[int]:
     """Snapshot counts Checkpoint is costed at: every count up to 16, then 15% apart."""
     counts = set(range(1, min(steps, 16) + 1))
@@ -883,7 +876,7 @@ def _no_fit_message(plan: Plan) -> str:
         return (f"strategy=auto: no candidate could be measured on {plan.key} on {plan.device} ({why}); "
                 f"for those out of memory use a smaller batch or a smaller field\n{plan.markdown()}")
     # Reversible's memory, and Checkpoint's with one snapshot, do not grow with the number of steps
-    flat = smallest.label.startswith("reversible") or smallest.snapshots == 1
+    flat = not _CLASSES[smallest.label.partition("+")[0]].memory_grows_with_steps or smallest.snapshots == 1
     fixes = ("a smaller batch or a larger budget (its memory does not grow with the number of steps)" if flat
              else "fewer steps, a smaller batch, or a larger budget")
     return (

@@ -310,6 +310,24 @@ class ODEStrategy(GradientStrategy):
     kinds = frozenset({"ode"})
     #: whether this strategy has a compiled path (``compile=True``).
     compilable: ClassVar[bool] = False
+    #: its memory model, which :class:`~nde_zoo.strategies.Auto` extrapolates from two short probes:
+    #: ``True``, linear in the steps ``N`` (a graph or a state per step); ``False``, flat in ``N``
+    #: and linear in the number of output times (Reversible).
+    memory_grows_with_steps: ClassVar[bool] = True
+    #: whether it keeps a number of states it is given (``snapshots=``), which Auto then chooses
+    #: by the strategy's :meth:`planned_schedule` (Checkpoint).
+    takes_snapshots: ClassVar[bool] = False
+
+    @classmethod
+    def planned_schedule(cls, steps: int, snapshots: int | None, compiled: bool) -> Any:
+        """The checkpointing schedule a solve of ``steps`` fixed steps follows with ``snapshots``
+        (:class:`~nde_zoo.strategies.schedule.Schedule`), as Auto builds this strategy."""
+        raise NotImplementedError(f"{cls.__name__} keeps no checkpointing schedule")
+
+    @classmethod
+    def planned_arguments(cls, snapshots: int | None, compiled: bool) -> dict[str, Any]:
+        """The constructor arguments that make a built instance follow :meth:`planned_schedule`."""
+        return {}
 
     def __init__(
         self,

@@ -84,6 +84,21 @@ class Checkpoint(ODEStrategy):
         self.snapshots = None if snapshots is None else int(snapshots)
         self.schedule = schedule
 
+    takes_snapshots = True
+
+    @classmethod
+    def planned_schedule(cls, steps: int, snapshots: int | None, compiled: bool) -> Schedule:
+        """Auto's Checkpoint: uniform compiled (one program), binomial eagerly (the fewest states
+        for its recomputation, so the most budgets fit)."""
+        return Schedule(steps, snapshots, "uniform" if compiled else "binomial")
+
+    @classmethod
+    def planned_arguments(cls, snapshots: int | None, compiled: bool) -> dict[str, Any]:
+        arguments: dict[str, Any] = {"schedule": cls.planned_schedule(1, None, compiled).kind}
+        if snapshots is not None:
+            arguments["snapshots"] = snapshots
+        return arguments
+
     def schedule_for(self, steps: int) -> Schedule:
         """The schedule a fixed-step solve of ``steps`` steps follows (what :class:`Auto` costs)."""
         return Schedule(steps, self.snapshots, self.schedule)

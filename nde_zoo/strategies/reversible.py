@@ -219,6 +219,7 @@ class Reversible(ODEStrategy):
     name = "reversible"
     kinds = frozenset({"ode", "sde"})
     compilable = True
+    memory_grows_with_steps = False
 
     @takes_stepping
     def __init__(self, solver: str | ButcherTableau = "dopri5", *, coupling: float = 0.999, **stepping: Any) -> None:
