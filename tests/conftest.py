@@ -65,7 +65,7 @@ def bench_quick(tmp_path_factory):
     (summary, tables, notes, verdicts, data) and its markdown section."""
     import json
 
-    done: dict[str, tuple[dict, str]] = {}
+    done = _BENCH_RUNS  # kept by the process: xdist tears session fixtures down when a worker's queue runs dry
 
     def run(name: str) -> tuple[dict, str]:
         if name not in done:
@@ -75,11 +75,15 @@ def bench_quick(tmp_path_factory):
             report = json.loads((out / f"{name}.json").read_text())
             assert all(f"**{t['title']}**" in proc.stdout for t in report["tables"])  # it printed its tables
             done[name] = (report, (out / f"{name}.md").read_text())
-            run.out[name] = out
+            _BENCH_OUT[name] = out
         return done[name]
 
-    run.out = {}  # name -> the --out folder of its run
+    run.out = _BENCH_OUT  # name -> the --out folder of its run
     return run
+
+
+_BENCH_RUNS: dict[str, tuple[dict, str]] = {}
+_BENCH_OUT: dict[str, Path] = {}
 
 
 # --- which tests share a worker ---------------------------------------------------------------

@@ -37,7 +37,7 @@ NAMES = sorted(BENCHMARKS)
 OWN_VERDICTS = {"compiled"}
 JUDGED = [n for n in NAMES if n not in OWN_VERDICTS]
 #: quick runs that take over a minute on a 2-core machine (the suite's per-test limit): marked slow
-SLOW = {"auto"}
+SLOW = {"auto", "seminorm"}
 pytestmark = pytest.mark.e2e
 
 
