@@ -1,27 +1,22 @@
-"""Compiled solves: a whole fixed-step loop, forward and backward, as one compiled program.
+"""Compiled programs: the cache, the compile log and the fall-back to eager.
 
 Eager PyTorch pays Python dispatch on every operation; a small field with many steps spends
-nearly all of its time there (docs/compile.md). Here each strategy's loop runs as a
-``scan`` over the step times and sizes under ``torch.compile(fullgraph=True)``, so Inductor
-sees the whole loop at once. The step inside the scan body is the *same* function the eager
-loop calls (:func:`nde_zoo.solvers.rk_step` / ``rk_increment`` accept a 0-d tensor step size),
-and each strategy's backward body is the same per-step function as its eager backward, with
-the vector-Jacobian products taken by ``torch.func.vjp`` (parameters passed explicitly through
-``torch.func.functional_call``). Eager stays the default and the reference; compiled results
-equal it to round-off (tests/test_compiled.py).
+nearly all of its time there (docs/compile.md). The solve driver (:mod:`nde_zoo.strategies.driver`)
+runs a whole fixed-step loop as a ``scan`` under ``torch.compile(fullgraph=True)``, so Inductor
+sees the loop at once; this module compiles and keeps those programs. Eager stays the default
+and the reference; compiled results equal it to round-off (tests/test_compiled.py).
 
 The loop is ``torch._higher_order_ops.scan``, a private API; it and the others nde_zoo uses live
 in :mod:`nde_zoo._torch_compat`, each with its public alternative. The torch range this is
 tested on is pinned in ``pyproject.toml``.
 
-What this module provides, independent of any one strategy:
+What this module provides:
 
 - :class:`CompileSpec`: the ``compile=`` argument (``False``, ``True``, ``"strict"``,
   ``"reduce-overhead"``);
-- :class:`Programs`: one compiled program per (kind, field, shapes, dtype, device, solver,
+- :class:`Programs`: one compiled program per (kind, field type, shapes, dtype, device, scheme,
   grid), compile seconds and counts, and the fall-back to eager with one warning naming why;
-- :func:`scan_forward` / :func:`scan_steps`: the fixed-grid loops (outputs at intermediate
-  times inside the program);
+- :func:`adaptive_step`: an adaptive solve's step as a compiled program;
 - :func:`functional_field` and :func:`func_vjp`: the field as a pure function of its parameters.
 """
 
