@@ -22,6 +22,7 @@ without Hydra's run directory).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 import logging
 import os
@@ -66,12 +67,19 @@ def _isolated(cwd: Path, env: dict | None):
     _clear_hydra()
     os.environ.update(env or {})
     os.chdir(cwd)
+    # as `python -m` would: the working directory and PYTHONPATH's entries come first on sys.path
+    # (a downstream project's module named by a config's _target_ must import)
+    saved_path = list(sys.path)
+    extra = [str(cwd), *(p for p in (env or {}).get("PYTHONPATH", "").split(os.pathsep) if p)]
+    sys.path[:0] = [p for p in extra if p not in sys.path]
+    importlib.invalidate_caches()
     try:
         with warnings.catch_warnings():
             yield
     finally:
         os.chdir(saved_cwd)
         sys.argv[:] = saved_argv
+        sys.path[:] = saved_path
         if dict(os.environ) != saved_env:
             os.environ.clear()
             os.environ.update(saved_env)
