@@ -82,3 +82,12 @@ def test_auto_builds_the_schedule_it_costs(compiled):
     label = "checkpoint+compile" if compiled else "checkpoint"
     built = auto._build(label, 4)
     assert built.schedule_for(STEPS) == Schedule(STEPS, 4, "uniform" if compiled else "binomial")
+
+
+def test_a_misspelt_argument_names_the_class_and_what_it_takes():
+    """Stepping is passed on as **stepping: a wrong argument still names the class the user called."""
+    with pytest.raises(TypeError, match=r"Checkpoint got an unexpected argument 'snapshot'; it takes: solver, "
+                                        r"snapshots, schedule, steps, step_size, rtol, atol, max_steps, compile"):
+        Checkpoint("rk4", steps=4, snapshot=2)
+    with pytest.raises(TypeError, match=r"Direct got an unexpected argument 'step'"):
+        Direct(step=3)
