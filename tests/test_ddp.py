@@ -27,14 +27,10 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
-import traceback
-from datetime import timedelta
 
 import lightning
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import nde_zoo.strategies as strategies
 from nde_zoo.datamodules import DigitsDataModule
@@ -42,10 +38,10 @@ from nde_zoo.datamodules.toy2d import Toy2DDataModule
 from nde_zoo.models import CNF, ODEClassifier
 from nde_zoo.solvers.integrate import SolveStats, odeint
 from nde_zoo.strategies import Solution
+from tests.ddp_harness import WORLD, flat_grad, flat_params, records_of, spawn_and_record
 
 pytestmark = [pytest.mark.ddp, pytest.mark.filterwarnings("ignore:You are trying to .self.log")]
 
-WORLD = 2
 BATCH = 16  # per rank: the global batch is 32
 
 # Strategy configurations: (class name, kwargs, union), union = the single-process run on the
@@ -118,79 +114,14 @@ def make_case(case: str):
     return CNF(strategy, width=16, depth=1), data
 
 
-def flat_grad(module: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.grad.reshape(-1) for p in module.parameters()])
-
-
-def flat_params(module: torch.nn.Module) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in module.parameters()])
-
-
-class Probe(lightning.Callback):
-    """Keep this rank's first batch, the weights before and after the step, and the gradient."""
-
-    def __init__(self) -> None:
-        self.record: dict = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.record["batch"] = [t.detach().clone() for t in batch]
-        self.record["state_dict"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
-        self.record["params_before"] = flat_params(pl_module).clone()
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.record["grad"] = flat_grad(pl_module).clone()  # all-reduced by now
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.record["params_after"] = flat_params(pl_module).clone()
-        self.record["world_size"] = trainer.world_size
-
-
-def _worker(rank: int, port: int, out_dir: str, cases: list[str]) -> None:
-    """One rank: LOCAL_RANK is set, so Lightning's ``ddp`` joins these processes (no re-launch)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(WORLD), PYTHONWARNINGS="ignore", NDE_ZOO_COMPILE_BACKEND="aot_eager")
-    torch.set_num_threads(1)
-    results = {}
-    for case in cases:
-        try:
-            lightning.seed_everything(0, verbose=False)
-            model, datamodule = make_case(case)
-            probe = Probe()
-            trainer = lightning.Trainer(
-                accelerator="cpu", devices=WORLD, precision="64-true", max_steps=1, logger=False,
-                strategy=lightning.pytorch.strategies.DDPStrategy(timeout=timedelta(seconds=90)),
-                enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                num_sanity_val_steps=0, limit_val_batches=0, inference_mode=False, callbacks=[probe],
-            )
-            trainer.fit(model, datamodule)
-            results[case] = probe.record
-        except Exception:  # recorded, so the other cases still run and the test names the failure
-            results[case] = {"error": traceback.format_exc()}
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_records(tmp_path_factory):
     """Run every case under 2-process DDP once; ``{case: [rank 0 record, rank 1 record]}``."""
-    out = tmp_path_factory.mktemp("ddp")
-    cases = [*CASES, CONTROL]
-    mp.start_processes(_worker, args=(_free_port(), str(out), cases), nprocs=WORLD, start_method="spawn")
-    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-    return {case: [ranks[r][case] for r in range(WORLD)] for case in cases}
+    return spawn_and_record(tmp_path_factory.mktemp("ddp"), make_case, [*CASES, CONTROL],
+                            env={"NDE_ZOO_COMPILE_BACKEND": "aot_eager"})
 
 
-def _records(ddp_records, case):
-    records = ddp_records[case]
-    for r, rec in enumerate(records):
-        if "error" in rec:
-            pytest.fail(f"{case} failed on rank {r}:\n{rec['error']}")
-    return records
+_records = records_of
 
 
 def _as_double(batch):

@@ -37,6 +37,7 @@ import torch
 
 from nde_zoo.bench.autograd_memory import peak_autograd_bytes
 from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
+from nde_zoo.bench.runner import on_one_thread
 
 __all__ = ["run", "GOALS"]
 
@@ -209,12 +210,7 @@ def _payoff(seconds: float, quick: bool) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> BenchReport:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: extra threads only contend
-    try:
-        return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
+    return on_one_thread(_run, quick)
 
 
 def _run(quick: bool) -> BenchReport:

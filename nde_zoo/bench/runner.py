@@ -16,14 +16,29 @@ import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
 from nde_zoo.bench import BENCHMARKS
 from nde_zoo.bench.report import BenchReport
 
-__all__ = ["main", "write_report", "docs_path"]
+T = TypeVar("T")
+
+__all__ = ["main", "write_report", "docs_path", "on_one_thread"]
+
+
+def on_one_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``fn(*args, **kwargs)`` with torch on one thread (a shared 2-core machine: extra threads
+    only contend), the caller's thread count put back afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def docs_path() -> Path:

@@ -32,6 +32,7 @@ from torch import nn
 
 from nde_zoo.bench.autograd_memory import peak_autograd_bytes
 from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
+from nde_zoo.bench.runner import on_one_thread
 from nde_zoo.solvers import ButcherTableau, Stepping, get_tableau, odeint
 from nde_zoo.strategies import Checkpoint, Direct, GradientStrategy, Reversible
 
@@ -274,12 +275,7 @@ def _rss_table(quick: bool) -> tuple[Table, dict]:
 
 
 def run(quick: bool = False) -> BenchReport:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a shared 2-core machine: extra threads only contend
-    try:
-        return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
+    return on_one_thread(_run, quick)
 
 
 def _run(quick: bool) -> BenchReport:
