@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["DropoutBase", "compile_limits", "scan", "suspended_saved_tensors_hooks"]
+__all__ = ["DropoutBase", "compile_limits", "graphs_compiled", "profiler_memory_events", "scan",
+           "suspended_saved_tensors_hooks"]
 
 # ``torch._higher_order_ops.scan``: the compiled solves' loop. Public alternative:
 # ``torch.while_loop`` with preallocated output buffers; on the CPU its functional buffer
@@ -75,3 +77,38 @@ def suspended_saved_tensors_hooks() -> Iterator[None]:
     finally:
         for pack, unpack in reversed(lifted):
             autograd._push_saved_tensors_default_hooks(pack, unpack)
+
+
+def profiler_memory_events(profiler: Any, prefix: str) -> tuple[list[tuple[int, int]], dict[str, list[tuple[int, int]]]]:
+    """The CPU allocator's events of a stopped ``torch.profiler.profile(profile_memory=True)``:
+    ``[(time ns, +allocated / -freed bytes)]`` in time order, and the intervals of the
+    ``record_function`` blocks named ``prefix + name``, by name.
+
+    ``profiler.profiler.kineto_results`` and ``torch._C._autograd.DeviceType`` (private; public
+    alternative: ``profiler.events()``, whose memory events carry no timestamps to order them by,
+    or ``export_memory_timeline``, which writes a file and has no CPU allocator timeline).
+    """
+    cpu = torch._C._autograd.DeviceType.CPU
+    events: list[tuple[int, int]] = []
+    phases: dict[str, list[tuple[int, int]]] = {}
+    for event in profiler.profiler.kineto_results.events():
+        name = event.name()
+        if name == "[memory]":
+            if event.device_type() == cpu:
+                events.append((event.start_ns(), event.nbytes()))
+        elif name.startswith(prefix):
+            phases.setdefault(name[len(prefix):], []).append((event.start_ns(), event.end_ns()))
+    events.sort(key=lambda e: e[0])
+    return events, phases
+
+
+def graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process: a change across a call of a compiled
+    program means that call compiled again. ``torch._dynamo.utils.counters`` (private; public
+    alternative: none that counts recompiles; ``torch._logging`` can only print them)."""
+    try:
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    except (ImportError, KeyError, TypeError, AttributeError):
+        return 0

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from nde_zoo.strategies import Auto
-from nde_zoo.strategies.auto import AllocatorPeak
+from nde_zoo.memory import AllocatorPeak
 
 TS = torch.tensor([0.0, 1.0])
 

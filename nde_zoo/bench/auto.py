@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 from nde_zoo.strategies import Auto, MemoryBudgetError
-from nde_zoo.strategies.auto import AllocatorPeak, format_bytes
+from nde_zoo.memory import AllocatorPeak, format_bytes
 from nde_zoo.bench.autograd_memory import peak_autograd_bytes
 from nde_zoo.strategies.base import GradientStrategy
 

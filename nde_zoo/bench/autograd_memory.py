@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from nde_zoo.strategies.base import LiveSaved
+from nde_zoo.memory import LiveSaved
 
 __all__ = ["LiveSaved", "peak_autograd_bytes"]
 

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nde_zoo._torch_compat import compile_limits, scan, suspended_saved_tensors_hooks
+from nde_zoo._torch_compat import compile_limits, graphs_compiled, scan, suspended_saved_tensors_hooks
 
 log = logging.getLogger("nde_zoo")
 
@@ -201,11 +201,11 @@ class Programs:
         if program is not None:
             # A call whose guards fail (a field whose submodule was swapped, ...) compiles again
             # inside torch: count and time it as a compile too.
-            graphs = self._graphs_compiled()
+            graphs = graphs_compiled()
             start = time.perf_counter()
             with compile_limits():  # a guard failure recompiles inside this call
                 result = program(*args)
-            if self._graphs_compiled() != graphs:
+            if graphs_compiled() != graphs:
                 self._count(time.perf_counter() - start)
             return result
         if not self._supported(key):
@@ -258,17 +258,6 @@ class Programs:
         self.compiles += 1
         self.compile_seconds += seconds
         self.pending_seconds += seconds
-
-    @staticmethod
-    def _graphs_compiled() -> int:
-        """How many graphs Dynamo has compiled in this process (all programs): a change across a
-        call of a compiled program means that call compiled again."""
-        try:
-            from torch._dynamo.utils import counters
-
-            return int(counters["stats"]["unique_graphs"])
-        except (ImportError, KeyError, TypeError, AttributeError):
-            return 0
 
 
 def adaptive_step(

@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import inspect
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -21,10 +20,12 @@ import lightning
 import torch
 from torch import Tensor
 
+from nde_zoo.memory import LiveSaved, SavedBytes
 from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, check_inputs, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies.config import init_arguments
 from nde_zoo.strategies.fields import field_parameters
+from nde_zoo.strategies.plan import Cost, ProbeFit
 
 __all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "LiveSaved", "field_parameters"]
 
@@ -53,109 +54,6 @@ class Solution:
     path: Path | None = None
     saved_bytes: int = 0
     extras: dict[str, Any] = dataclass_field(default_factory=dict)
-
-
-class SavedBytes:
-    """Counts the bytes autograd saves for backward inside a ``with`` block.
-
-    Uses ``torch.autograd.graph.saved_tensors_hooks``; storages are counted once each,
-    however many operations save them (a weight used by every step counts once).
-    """
-
-    def __init__(self) -> None:
-        self._saved: list[weakref.ref[Tensor]] = []
-        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda x: x)
-
-    def _pack(self, tensor: Tensor) -> Tensor:
-        # Detached (same storage; autograd restores the graph edge on unpack): returning the tensor
-        # itself would make a saved *output* hold its own grad_fn, a reference cycle that Python's
-        # collector cannot see, so a solve whose backward never ran kept its whole graph.
-        packed = tensor.detach()
-        self._saved.append(weakref.ref(packed))
-        return packed
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the distinct storages still kept for backward. What a graph saved and freed
-        during the block (a field's own inner graph) does not count, and a freed address reused by
-        a later storage is not confused with it (counting by address alone was flaky)."""
-        storages: dict[int, int] = {}
-        for ref in self._saved:
-            tensor = ref()
-            if tensor is not None:
-                storage = tensor.untyped_storage()
-                storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
-
-    def __enter__(self) -> SavedBytes:
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._hooks.__exit__(*exc)
-
-
-class LiveSaved:
-    """Peak bytes of storages autograd holds for backward *at once*, each storage counted once.
-
-    The parameters' storages (``ignore``) are left out: they exist whether or not a graph does.
-    """
-
-    def __init__(self, ignore: list[Tensor]) -> None:
-        self.refs: dict[int, list[int]] = {}  # storage pointer -> [references held, bytes]
-        self.live = 0
-        self.peak = 0
-        ignored = {t.untyped_storage().data_ptr() for t in ignore}
-        outer = self
-
-        class Held:
-            def __init__(self, tensor: Tensor) -> None:
-                # A detached alias: same storage, but no strong reference back to an output's
-                # grad_fn (that cycle would keep the graph alive and inflate the count).
-                self.tensor = tensor.detach()
-                storage = tensor.untyped_storage()
-                self.ptr = None if storage.data_ptr() in ignored else storage.data_ptr()
-                if self.ptr is not None:
-                    entry = outer.refs.setdefault(self.ptr, [0, storage.nbytes()])
-                    if entry[0] == 0:
-                        outer.live += entry[1]
-                        outer.peak = max(outer.peak, outer.live)
-                    entry[0] += 1
-
-            def __del__(self) -> None:
-                if self.ptr is not None:
-                    entry = outer.refs[self.ptr]
-                    entry[0] -= 1
-                    if entry[0] == 0:
-                        outer.live -= entry[1]
-                        del outer.refs[self.ptr]
-
-        self.hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
-
-    @staticmethod
-    def kept_by(outputs: Tensor) -> list[Tensor]:
-        """The tensors the custom autograd Functions in ``outputs``' graph saved for backward.
-
-        A strategy's backward rebuilds step graphs from the states it saved (a recomputed step
-        saves its input, which shares the stored state's storage, or the whole buffer the states
-        are views of): those bytes are already in ``Solution.saved_bytes``, so pass these to
-        ``ignore`` to count only what the backward holds *on top*.
-        """
-        found: list[Tensor] = []
-        seen: set[int] = set()
-        stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if isinstance(node, torch.autograd.function.BackwardCFunction):
-                try:
-                    found.extend(t for t in node.saved_tensors if isinstance(t, Tensor))
-                except RuntimeError:  # already freed
-                    pass
-            stack.extend(next_node for next_node, _ in node.next_functions)
-        return found
 
 
 @dataclass(frozen=True)
@@ -293,6 +191,19 @@ class GradientStrategy(lightning.Callback, abc.ABC):
 
 #: the strategies with a compiled path (``compile=``), named in the refusal of the others.
 COMPILABLE = ("direct", "checkpoint", "reversible", "symplectic")
+_BY_NAME: dict[str, type[ODEStrategy]] = {}
+
+
+def strategy_class(name: str) -> type[ODEStrategy]:
+    """The ODE strategy class whose config name is ``name`` (``"reversible"`` -> Reversible)."""
+    if name not in _BY_NAME:
+        raise ValueError(f"no ODE strategy is named {name!r}; known: {', '.join(sorted(_BY_NAME))}")
+    return _BY_NAME[name]
+
+
+def exact_strategy_names() -> list[str]:
+    """The config names of the ODE strategies whose gradient is exact (``exact = True``)."""
+    return [name for name, cls in _BY_NAME.items() if cls.exact]
 
 
 class ODEStrategy(GradientStrategy):
@@ -310,23 +221,24 @@ class ODEStrategy(GradientStrategy):
     kinds = frozenset({"ode"})
     #: whether this strategy has a compiled path (``compile=True``).
     compilable: ClassVar[bool] = False
-    #: its memory model, which :class:`~nde_zoo.strategies.Auto` extrapolates from two short probes:
-    #: ``True``, linear in the steps ``N`` (a graph or a state per step); ``False``, flat in ``N``
-    #: and linear in the number of output times (Reversible).
-    memory_grows_with_steps: ClassVar[bool] = True
-    #: whether it keeps a number of states it is given (``snapshots=``), which Auto then chooses
-    #: by the strategy's :meth:`planned_schedule` (Checkpoint).
-    takes_snapshots: ClassVar[bool] = False
+    #: whether its gradient is exact for its discretisation (then Auto may choose it, by ``name``).
+    exact: ClassVar[bool] = False
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("name"):  # a strategy with a config name: Auto can build it by that name
+            _BY_NAME.setdefault(cls.name, cls)
 
     @classmethod
-    def planned_schedule(cls, steps: int, snapshots: int | None, compiled: bool) -> Any:
-        """The checkpointing schedule a solve of ``steps`` fixed steps follows with ``snapshots``
-        (:class:`~nde_zoo.strategies.schedule.Schedule`), as Auto builds this strategy."""
-        raise NotImplementedError(f"{cls.__name__} keeps no checkpointing schedule")
+    def predict(cls, fit: ProbeFit, budget: int, compiled: bool) -> Cost:
+        """This strategy's memory and time model: its peak bytes and seconds for the full solve,
+        extrapolated from two short probes (:class:`~nde_zoo.strategies.plan.ProbeFit`), which is
+        all :class:`~nde_zoo.strategies.Auto` knows of it. The default: a graph or a state per step,
+        linear in ``N`` (Direct, Symplectic); a strategy with another shape overrides this."""
+        return Cost(max(fit.grows("forward_peak"), fit.grows("backward_peak")), fit.seconds())
 
     @classmethod
     def planned_arguments(cls, snapshots: int | None, compiled: bool) -> dict[str, Any]:
-        """The constructor arguments that make a built instance follow :meth:`planned_schedule`."""
+        """The constructor arguments that build the strategy :meth:`predict` costed (its ``snapshots``)."""
         return {}
 
     def __init__(

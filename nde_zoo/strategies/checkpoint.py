@@ -17,6 +17,7 @@ from torch import Tensor
 from nde_zoo.solvers import ButcherTableau, rk_step
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
 from nde_zoo.strategies.driver import Scheme
+from nde_zoo.strategies.plan import Cost, ProbeFit, snapshot_grid
 from nde_zoo.strategies.schedule import (
     SCHEDULES,
     Schedule,
@@ -61,6 +62,7 @@ class Checkpoint(ODEStrategy):
 
     name = "checkpoint"
     compilable = True
+    exact = True
 
     @takes_stepping
     def __init__(
@@ -84,13 +86,35 @@ class Checkpoint(ODEStrategy):
         self.snapshots = None if snapshots is None else int(snapshots)
         self.schedule = schedule
 
-    takes_snapshots = True
-
     @classmethod
     def planned_schedule(cls, steps: int, snapshots: int | None, compiled: bool) -> Schedule:
         """Auto's Checkpoint: uniform compiled (one program), binomial eagerly (the fewest states
         for its recomputation, so the most budgets fit)."""
         return Schedule(steps, snapshots, "uniform" if compiled else "binomial")
+
+    @classmethod
+    def predict(cls, fit: ProbeFit, budget: int, compiled: bool) -> Cost:
+        """Probed keeping every step start (``N`` states): with ``c`` snapshots the forward keeps
+        ``N - stored(c)`` states less, the backward ``N - peak_states(c)`` less, and
+        ``recomputed_steps(c)`` steps are run again, all read from the :class:`Schedule` the built
+        strategy follows. Every step start when it fits (no recomputation); else the fastest count
+        that fits, costed on a grid (neither the peak nor the recomputation is monotone in ``c``),
+        or, when none fits, the smallest peak. Adaptive solves keep every step start (ACA)."""
+        forward_peak, backward_peak, seconds = fit.grows("forward_peak"), fit.grows("backward_peak"), fit.seconds()
+        every = Cost(max(forward_peak, backward_peak), seconds, detail="" if fit.adaptive else "every step start")
+        if fit.adaptive or every.peak <= budget:
+            return every
+        n, size, per_step = fit.steps, fit.state_bytes, fit.seconds("forward") / fit.steps
+
+        def cost(c: int) -> Cost:
+            schedule = cls.planned_schedule(n, c, compiled)
+            return Cost(max(forward_peak - size * max(0, n - len(schedule.stored)),
+                            backward_peak - size * max(0, n - schedule.peak_states)),
+                        seconds + per_step * schedule.recomputed_steps, snapshots=c)
+
+        costs = [cost(c) for c in snapshot_grid(n)]
+        fitting = [c for c in reversed(costs) if c.peak <= budget]  # of equally fast ones, the most snapshots
+        return min(fitting, key=lambda c: c.seconds) if fitting else min(costs, key=lambda c: (c.peak, c.seconds))
 
     @classmethod
     def planned_arguments(cls, snapshots: int | None, compiled: bool) -> dict[str, Any]:

@@ -26,6 +26,7 @@ class Direct(ODEStrategy):
     name = "direct"
     kinds = frozenset({"ode", "sde"})
     compilable = True
+    exact = True
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         # params= is not needed: autograd records every tensor the field reads, wherever it lives.

@@ -37,6 +37,7 @@ from torch import Tensor
 from nde_zoo.solvers import ButcherTableau, Path, rk_increment
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
 from nde_zoo.strategies.driver import Scheme, add_grads
+from nde_zoo.strategies.plan import Cost, ProbeFit
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Reversible", "ReversibleScheme"]
@@ -219,7 +220,12 @@ class Reversible(ODEStrategy):
     name = "reversible"
     kinds = frozenset({"ode", "sde"})
     compilable = True
-    memory_grows_with_steps = False
+    exact = True
+
+    @classmethod
+    def predict(cls, fit: ProbeFit, budget: int, compiled: bool) -> Cost:
+        """Flat in ``N``: the coupled state, and an output with its cotangent per output time."""
+        return Cost(max(fit.flat("forward_peak"), fit.flat("backward_peak")), fit.seconds(), flat=True)
 
     @takes_stepping
     def __init__(self, solver: str | ButcherTableau = "dopri5", *, coupling: float = 0.999, **stepping: Any) -> None:

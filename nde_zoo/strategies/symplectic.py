@@ -178,6 +178,7 @@ class Symplectic(ODEStrategy):
 
     name = "symplectic"
     compilable = True
+    exact = True
 
     def solve(self, field: Any, y0: Tensor, ts: Tensor, *, params: Sequence[Tensor] | None = None) -> Solution:
         with SavedBytes() as saved:
