@@ -30,7 +30,14 @@ def _target(node) -> type:
 
 
 def _objects(path: Path):
-    """``(key, node)`` of each object a config file describes (model files are _global_)."""
+    """``(key, node)`` of each object a config file describes (model files are _global_).
+
+    A strategy file is composed as ``strategy=<name>`` gives it: the keys its defaults list brings
+    (the stepping block of configs/strategy_stepping.yaml, ERNODE's inner strategy) are its keys too.
+    """
+    if path.parent.name == "strategy":
+        yield path.stem, _compose([f"strategy={path.stem}"]).strategy
+        return
     cfg = OmegaConf.load(path)
     if path.parent.name == "model":
         yield "model", cfg.model
@@ -58,8 +65,6 @@ def test_keys_match_the_constructor(path):
         accepted = {n for n, p in params.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
         keys = {k for k in node if not (k.startswith("_") and k.endswith("_")) and k != "defaults"}
         injected = {"strategy"} if path.parent.name == "model" else set()
-        if path.stem == "ernode":  # its inner strategy comes from its defaults list (a full nested config)
-            injected = {"inner"}
         if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
             assert keys <= accepted, f"{path.name}:{key} has keys {sorted(keys - accepted)} that {cls.__name__} does not take"
         if path.parent.name in ("model", "strategy", "data"):
