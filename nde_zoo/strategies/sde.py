@@ -17,23 +17,14 @@ Routes (``GradientStrategy.solve_sde`` delegates here):
 ``checkpoint``, ``symplectic`` and ``seminorm`` have no SDE form here: they declare
 ``kinds = {"ode"}`` and a model solving an SDE refuses them by name.
 
-Steps: SDE solves take fixed steps. A strategy configured with ``steps``/``step_size``
-uses them; an adaptive one (``rtol``/``atol``, the default configs) solves the SDE with the
-model's ``dt`` instead: torchsde's adaptive stepping (step doubling) makes reversible Heun
-inexact (torchsde warns so), and side-by-side comparisons need one grid. The method of
-``direct``/``adjoint`` follows the strategy's solver (:data:`SDE_METHODS`: ``euler`` ->
-Euler-Heun, ``heun`` -> Heun, anything else -> midpoint; higher-order ODE tableaux cannot
-raise the strong order of an SDE solve, and midpoint is torchsde's derivative-free
-Stratonovich method for diagonal noise). ``reversible`` always runs reversible Heun, and
-needs every output time on its step grid (checked). Noise comes from the ``bm`` the model
-passes (a seeded ``torchsde.BrownianInterval``), so a solve is reproducible and the
-backward pass sees the same Brownian sample as the forward.
+Steps: SDE solves take fixed steps: the strategy's ``steps``/``step_size``, or, for an adaptive
+strategy (the default configs), the model's ``dt`` (torchsde's step doubling makes reversible Heun
+inexact, and comparisons need one grid). ``direct``/``adjoint`` follow the strategy's solver
+(:data:`SDE_METHODS`; a higher-order ODE tableau cannot raise an SDE's strong order, so others run
+midpoint); ``reversible`` runs reversible Heun with every output time on its grid (checked). Noise
+comes from the model's seeded ``bm``, so the backward pass sees the forward's Brownian sample.
 
-Local error (for ERNODE): :func:`sde_local_error` compares one Stratonovich midpoint step
-of size ``h`` with two steps of ``h/2`` driven by the *same* Brownian increments
-(``W(t, t+h) = W(t, t+h/2) + W(t+h/2, t+h)``), scaled as an adaptive solver scales errors:
-``RMS((y_h - y_{h/2,h/2}) / (atol + rtol max(|y|, |y_{h/2,h/2}|)))``. This is the
-step-doubling estimate torchsde's adaptive stepping uses (``torchsde/_core/adaptive_stepping.py``).
+Local error (for ERNODE): :func:`sde_local_error`, torchsde's step-doubling estimate.
 """
 
 from __future__ import annotations
@@ -50,17 +41,8 @@ from nde_zoo.solvers.stepping import error_ratio
 from nde_zoo.strategies._autograd import check_no_hidden_inputs
 from nde_zoo.strategies.base import SavedBytes, Solution, field_parameters
 
-__all__ = [
-    "ROUTES",
-    "SDE_METHODS",
-    "sde_method",
-    "sde_step_size",
-    "check_sde",
-    "brownian",
-    "solve_sde",
-    "sde_local_error",
-    "midpoint_step",
-]
+__all__ = ["ROUTES", "SDE_METHODS", "sde_method", "sde_step_size", "check_sde", "brownian", "solve_sde",
+           "sde_local_error", "midpoint_step"]
 
 ROUTES = ("direct", "adjoint", "reversible")
 #: our ODE solver names -> torchsde's Stratonovich method for direct/adjoint; others -> midpoint.
@@ -91,14 +73,8 @@ def sde_step_size(strategy: Any, times: list[float], dt: float | None) -> float:
 
 def check_sde(sde: Any, y0: Tensor, t0: Tensor) -> None:
     """Check the SDE's interface and its output shapes once, explaining each dimension."""
-    if (
-        not isinstance(sde, nn.Module)
-        or not callable(getattr(sde, "f", None))
-        or not callable(getattr(sde, "g", None))
-    ):
-        raise TypeError(
-            f"an SDE must be an nn.Module with methods f(t, y) and g(t, y); got {type(sde).__name__}"
-        )
+    if not (isinstance(sde, nn.Module) and callable(getattr(sde, "f", None)) and callable(getattr(sde, "g", None))):
+        raise TypeError(f"an SDE must be an nn.Module with methods f(t, y) and g(t, y); got {type(sde).__name__}")
     if getattr(sde, "noise_type", None) != "diagonal" or getattr(sde, "sde_type", None) != "stratonovich":
         raise ValueError(
             "the zoo's SDE routes need noise_type='diagonal' and sde_type='stratonovich' (reversible Heun "
@@ -134,16 +110,8 @@ def brownian(t0: float, t1: float, like: Tensor, entropy: int, dt: float | None 
     The same ``entropy`` gives the same sample (whatever order it is queried in), so the
     backward pass and a test can replay it.
     """
-    return _torchsde().BrownianInterval(
-        t0=t0,
-        t1=t1,
-        size=tuple(like.shape),
-        dtype=like.dtype,
-        device=like.device,
-        entropy=int(entropy),
-        dt=dt,
-        levy_area_approximation="none",
-    )
+    return _torchsde().BrownianInterval(t0=t0, t1=t1, size=tuple(like.shape), dtype=like.dtype, device=like.device,
+                                        entropy=int(entropy), dt=dt, levy_area_approximation="none")
 
 
 class _CountedSDE(nn.Module):
@@ -242,16 +210,8 @@ def solve_sde(
         else:
             _check_hidden(sde, y0, ts[0], params, strategy.name)
             adjoint_method = "adjoint_reversible_heun" if route == "reversible" else method
-            ys = torchsde.sdeint_adjoint(
-                counted,
-                y0,
-                ts,
-                bm=bm,
-                method=method,
-                adjoint_method=adjoint_method,
-                dt=step,
-                adjoint_params=tuple(params),
-            )
+            ys = torchsde.sdeint_adjoint(counted, y0, ts, bm=bm, method=method, adjoint_method=adjoint_method,
+                                         dt=step, adjoint_params=tuple(params))
     counted.forward_done = True
     check_finite_outputs(ys, times)
     stats.accepted_steps = int(math.ceil((times[-1] - times[0]) / step - 1e-9))
@@ -271,9 +231,10 @@ def sde_local_error(
 ) -> Tensor:
     """The scaled step-doubling error of one SDE step of size ``h > 0`` from ``(t, y)``.
 
-    One midpoint step of ``h`` against two of ``h/2`` on the same Brownian path; returns the
-    RMS over batch and state of ``error / (atol + rtol max(|y|, |y_two|))`` (0-d, differentiable
-    through ``sde``'s parameters and ``y``). Six drift and six diffusion evaluations.
+    One Stratonovich midpoint step of ``h`` against two of ``h/2`` driven by the same Brownian
+    increments (``W(t, t+h) = W(t, t+h/2) + W(t+h/2, t+h)``), the estimate torchsde's adaptive
+    stepping uses; returns the RMS over batch and state of ``error / (atol + rtol max(|y|, |y_two|))``
+    (0-d, differentiable through ``sde``'s parameters and ``y``). Six drift and six diffusion evaluations.
     """
     if not h > 0:
         raise ValueError(f"the SDE local error needs a positive step, got h={h}")
