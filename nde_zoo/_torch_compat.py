@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DropoutBase", "compile_limits", "graphs_compiled", "profiler_memory_events", "scan",
+__all__ = ["DropoutBase", "compile_limits", "graphs_compiled", "profiler_memory_events", "profiler_running", "scan",
            "suspended_saved_tensors_hooks"]
 
 # ``torch._higher_order_ops.scan``: the compiled solves' loop. Public alternative:
@@ -112,3 +112,12 @@ def graphs_compiled() -> int:
         return int(counters["stats"]["unique_graphs"])
     except (ImportError, KeyError, TypeError, AttributeError):
         return 0
+
+
+def profiler_running() -> bool:
+    """Whether a ``torch.profiler`` is already running in this process (a second cannot start).
+    ``torch.autograd.profiler._is_profiler_enabled`` (private; public alternative: none, starting
+    one and catching its error, which prints to stderr)."""
+    from torch.autograd import profiler
+
+    return bool(profiler._is_profiler_enabled)

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from nde_zoo._torch_compat import profiler_memory_events
+from nde_zoo._torch_compat import profiler_memory_events, profiler_running
 
 __all__ = ["SavedBytes", "LiveSaved", "AllocatorPeak", "Probe", "measure_solve", "parse_bytes", "format_bytes",
            "available_memory"]
@@ -293,9 +293,7 @@ class AllocatorPeak:
     """
 
     def __init__(self) -> None:
-        from torch.autograd.profiler import _is_profiler_enabled
-
-        self.available = not _is_profiler_enabled
+        self.available = not profiler_running()
         self._profiler: Any = None
         self._events: list[tuple[int, int]] = []  # (time ns, bytes: + allocated, - freed)
         self._phases: dict[str, list[tuple[int, int]]] = {}  # name -> [(start ns, end ns)]

@@ -43,6 +43,23 @@ def test_the_private_names_exist_on_this_torch():
     assert seen, "the hook was not restored"
 
 
+def test_the_profilers_memory_events_and_dynamos_counter_are_read_on_this_torch():
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from nde_zoo._torch_compat import graphs_compiled, profiler_memory_events, profiler_running
+
+    assert not profiler_running()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        assert profiler_running()
+        with record_function("test::block"):
+            kept = torch.ones(1000, dtype=torch.float64)  # 8000 bytes, alive after the block
+    events, phases = profiler_memory_events(prof, "test::")
+    assert sum(nbytes for _, nbytes in events) >= kept.nbytes and list(phases) == ["block"]
+    before = graphs_compiled()
+    torch.compile(lambda x: x * 2, backend="eager")(torch.ones(3))
+    assert graphs_compiled() == before + 1
+
+
 def test_the_config_module_does_not_import_the_strategies_back():
     """base imports config (to record constructor arguments); config must not import base."""
     import ast
