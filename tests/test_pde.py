@@ -16,17 +16,20 @@ import nde_zoo.strategies as strategies
 from nde_zoo.configs_path import config_dir
 from nde_zoo.datamodules.pde import PDEDataModule, WindowDataset, reference_order, spectral_solve
 from nde_zoo.fidelity import gradient_fidelity, reference_strategy
-from nde_zoo.models.pde import ConvField, PDEModel, fd_laplacian, fixed_step_strategy
+from nde_zoo.models.pde import ConvField, PDEModel, fd_laplacian, fd_third_derivative, fixed_step_strategy
 from nde_zoo.train import run
 
 F64 = torch.float64
 
 
 def small_model(strategy, dim: int = 1, known: str = "diffusion", points: int = 16) -> PDEModel:
+    """``known``: ``diffusion``, ``dispersion`` or ``dispersion+skew`` (the skew, energy-conserving correction)."""
+    known, _, correction = known.partition("+")
     torch.manual_seed(0)
     channels = 1 if dim == 1 else 2
     model = PDEModel(strategy, dim=dim, channels=channels, points=points, length=2 * math.pi,
-                     diffusion=[0.05] * channels, known=known, width=6, depth=1, kernel_size=3)
+                     diffusion=[0.05] * channels, dispersion=0.0225, known=known, width=6, depth=1, kernel_size=3,
+                     correction=correction or "add")
     with torch.no_grad():  # the correction starts at zero: give its last layer weights, so every layer has a gradient
         last = model.field.net[-1]
         last.weight.normal_(0.0, 0.3)
@@ -51,15 +54,18 @@ EXACT = {  # name -> a strategy on 6 fixed midpoint steps over [0, 0.15] (output
 }
 
 
-@pytest.mark.parametrize("name, dim", [(n, d) for n in sorted(EXACT) for d in (1, 2) if (n, d) != ("auto", 2)])
-def test_every_exact_strategy_gives_backprops_gradient(name, dim):
+@pytest.mark.parametrize("name, dim, known", [(n, d, k) for n in sorted(EXACT) for d in (1, 2)
+                                              for k in ("diffusion", "dispersion", "dispersion+skew")
+                                              if (n, d) != ("auto", 2) and (d == 1 or k == "diffusion")])
+def test_every_exact_strategy_gives_backprops_gradient(name, dim, known):
     """Float64, a small grid: each strategy's gradient equals backprop through the same
-    discretisation (Direct's; through the coupled recursion for Reversible) to 1e-10."""
+    discretisation (Direct's; through the coupled recursion for Reversible) to 1e-10, on the
+    diffusive (Burgers, Gray-Scott) and the dispersive (KdV) known part."""
     batch = small_batch(dim)
     strategy = EXACT[name]()
     if isinstance(strategy, strategies.Auto):
         strategy.announce = False
-        model = small_model(strategy, dim).double()  # let Auto choose on this very solve, then compare its choice
+        model = small_model(strategy, dim, known).double()  # let Auto choose on this very solve, then compare its choice
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model._common_step(batch, "val").backward()
@@ -68,7 +74,7 @@ def test_every_exact_strategy_gives_backprops_gradient(name, dim):
         reference = reference_strategy(chosen)
     else:
         reference = None
-    errors = gradient_fidelity(lambda s: small_model(s, dim), strategy, batch, reference=reference)
+    errors = gradient_fidelity(lambda s: small_model(s, dim, known), strategy, batch, reference=reference)
     assert errors["all"] < 1e-10, errors
 
 
@@ -133,8 +139,48 @@ def test_circular_padding_and_the_laplacian_are_periodic():
                           torch.cat([fd_laplacian(w[:, :1], 2, 1.0), 0.5 * fd_laplacian(w[:, 1:], 2, 1.0)], 1))
 
 
-def test_generator_is_deterministic_and_cached(tmp_path, monkeypatch):
-    kwargs = dict(points=16, refine=2, n_train=3, n_val=1, n_test=1, n_obs=4, obs_dt=0.1, train_window=2)
+def test_the_third_derivative_is_periodic_second_order_and_conservative():
+    errors = []
+    for points in (32, 64):
+        dx = 2 * math.pi / points
+        x = torch.arange(points, dtype=F64) * dx
+        d3 = fd_third_derivative(torch.sin(2 * x)[None], dx)
+        symbol = 2 * math.sin(2 * dx) * (1 - math.cos(2 * dx)) / dx**3  # on sin(2x): -symbol cos(2x)
+        assert torch.allclose(d3, -symbol * torch.cos(2 * x)[None], atol=1e-9)
+        errors.append(abs(symbol - 8))  # the exact u_xxx of sin(2x) is -8 cos(2x)
+    assert 3.6 < errors[0] / errors[1] < 4.4  # second order
+    u = torch.randn(3, 1, 32, dtype=F64)
+    assert abs(float((u * fd_third_derivative(u, 0.2)).sum())) < 1e-9  # skew: sum u u_xxx = 0, no energy change
+    field = ConvField(1, 1, width=4, depth=1, known="dispersion", dispersion=0.5, dx=0.2)
+    assert torch.allclose(field(torch.tensor(0.0), u.float()), -0.5 * fd_third_derivative(u.float(), 0.2))
+    with pytest.raises(ValueError, match="1-D"):
+        ConvField(2, 2, known="dispersion")
+
+
+def test_the_skew_correction_keeps_the_energy():
+    """``correction="skew"``: ``D1(a u) + a D1 u`` with ``a = net(u)`` is skew in ``u``, so the learned part
+    (and the dispersion) leave ``sum u^2`` unchanged: ``sum u du/dt = 0`` whatever the weights."""
+    field = ConvField(1, 1, width=6, depth=2, known="dispersion", dispersion=0.0225, dx=0.1, correction="skew").double()
+    with torch.no_grad():
+        field.net[-1].weight.normal_(0.0, 0.5)
+        field.net[-1].bias.normal_(0.0, 0.5)
+    u = torch.randn(4, 1, 64, dtype=F64)
+    du = field(torch.tensor(0.0), u)
+    assert du.abs().max() > 1e-3 and abs(float((u * du).sum())) < 1e-10 * float(du.abs().sum())
+    x = torch.arange(64, dtype=F64) * (2 * math.pi / 64)
+    u = torch.sin(x)[None, None]
+    a = -u / 3  # Burgers' and KdV's -u u_x in skew form
+    skew = (torch.roll(a * u, -1, -1) - torch.roll(a * u, 1, -1) + a * (torch.roll(u, -1, -1) - torch.roll(u, 1, -1)))
+    skew = skew / (2 * (2 * math.pi / 64))
+    assert torch.allclose(skew, -u * torch.cos(x), atol=1e-2)  # second order: -u u_x to O(dx^2)
+    with pytest.raises(ValueError, match="one channel in 1-D"):
+        ConvField(2, 2, correction="skew")
+
+
+@pytest.mark.parametrize("system", ["burgers", "kdv"])
+def test_generator_is_deterministic_and_cached(system, tmp_path, monkeypatch):
+    kwargs = dict(system=system, points=16, refine=2, n_train=3, n_val=1, n_test=1, n_obs=4, obs_dt=0.1,
+                  train_window=2)
     a = PDEDataModule(cache_dir="off", **kwargs).load_or_generate()
     b = PDEDataModule(cache_dir="off", **kwargs).load_or_generate()
     other = PDEDataModule(cache_dir="off", seed=1, **kwargs).load_or_generate()
@@ -161,6 +207,7 @@ def test_the_coarse_data_are_the_fine_solution_sampled():
 
 @pytest.mark.parametrize("system, kwargs", [
     ("burgers", {}),
+    ("kdv", {}),
     ("gray_scott", dict(points=16, refine=2, length=16.0, obs_dt=20.0, solver_dt=1.0)),
 ])
 def test_reference_solver_converges_at_fourth_order(system, kwargs):
@@ -225,10 +272,24 @@ def test_fit_with_every_strategy_through_the_cli_entry_point(name, tmp_path, mon
         assert (tmp_path / "pde_rollout.png").is_file() and (tmp_path / "pde_error.png").is_file()
 
 
+@pytest.mark.parametrize("name", ["reversible", "direct"])
+def test_kdv_fits_through_the_cli_entry_point(name, tmp_path, monkeypatch):
+    """data=kdv sets the model's known part (dispersion), step and method (RK4, 0.025)."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(tmp_path, "data=kdv", "data.n_obs=2", "data.train_window=1", "data.obs_dt=0.05",
+                   f"strategy={name}", *(["strategy.coupling=1.0"] if name == "reversible" else []))
+    assert cfg.model.known == "dispersion" and cfg.model.solver == "rk4" and cfg.model.dt == 0.025
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the reversible solve stays stable and rebuilds exactly
+        results = run("fit", cfg)
+    assert math.isfinite(results[0]["test/loss"]) and (tmp_path / "pde_rollout.png").is_file()
+
+
 def test_two_dimensional_gray_scott_fits_through_the_cli_entry_point(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = _compose(tmp_path, "data=gray_scott", "data.n_obs=2", "data.train_window=1", "data.obs_dt=2.0",
-                   "data.solver_dt=1.0", "model.dt=1.0", "strategy=reversible", "strategy.coupling=0.5")
+                   "data.solver_dt=1.0", "strategy=reversible", "strategy.coupling=0.5")
+    assert cfg.model.dt == 1.0  # the data config's rollout step
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = run("fit", cfg)

@@ -1,13 +1,17 @@
 """Fields on a periodic grid for the ``pde`` model, from a finer pseudo-spectral reference solver.
 
-Two systems, each solved in float64 by Fourier differentiation (``torch.fft``) with the
+Three systems, each solved in float64 by Fourier differentiation (``torch.fft``) with the
 integrating-factor fourth-order Runge-Kutta scheme (Lawson's RK4; Trefethen, *Spectral Methods in
-MATLAB*, program 27): the stiff linear diffusion is integrated exactly in Fourier space, the
-nonlinear terms by RK4, so the time error is of order 4 (``reference_order`` measures it).
+MATLAB*, program 27): the stiff linear part (diffusion, dispersion) is integrated exactly in Fourier
+space, the nonlinear terms by RK4, so the time error is of order 4 (``reference_order`` measures it).
 
 * ``burgers`` (1-D, one channel) on ``x in [0, 2 pi)``: ``u_t + u u_x = nu u_xx``, the quadratic
   term dealiased by the 2/3 rule. Initial conditions: random zero-mean Fourier series of wavenumbers
   1 to ``modes`` with amplitudes falling as ``1/k``, scaled to standard deviation ``amplitude``.
+* ``kdv`` (1-D, one channel) on ``x in [0, 2 pi)``: Korteweg-de Vries in Zabusky and Kruskal's form,
+  ``u_t + u u_x + delta^2 u_xxx = nu u_xx`` (``dispersion = delta^2``, ``nu`` the diffusion, 0 by
+  default): dispersive and conservative, its solitons travel and collide without decaying, so the
+  state at a late time depends on the whole history. Initial conditions as Burgers'.
 * ``gray_scott`` (2-D, two channels ``u, v``) on ``[0, L)^2``:
   ``u_t = D_u lap u - u v^2 + F (1 - u)``, ``v_t = D_v lap v + u v^2 - (F + k) v``. Initial
   conditions: ``u = 1, v = 0`` with ``patches`` random square patches (side a fifth of the domain) where ``u = 1/2, v = 1/4`` (Pearson
@@ -42,10 +46,12 @@ from torch.utils.data import Dataset, TensorDataset
 
 from nde_zoo.datamodules.base import SplitDataModule
 
-__all__ = ["PDEDataModule", "SYSTEMS", "spectral_solve", "burgers_problem", "gray_scott_problem",
+__all__ = ["PDEDataModule", "SYSTEMS", "spectral_solve", "burgers_problem", "kdv_problem", "gray_scott_problem",
            "reference_order", "WindowDataset"]
 
-SYSTEMS = ("burgers", "gray_scott")
+SYSTEMS = ("burgers", "kdv", "gray_scott")
+#: the known part each system's ``model=pde`` learns a correction to (``known`` of the model)
+KNOWN_PART = {"burgers": "diffusion", "kdv": "dispersion", "gray_scott": "diffusion"}
 Problem = tuple[Tensor, Callable[[Tensor], Tensor], int]  # (linear symbol, nonlinear term, spatial dims)
 
 
@@ -75,6 +81,21 @@ def burgers_problem(points: int, nu: float, length: float = 2 * math.pi) -> Prob
     """Viscous Burgers ``u_t = nu u_xx - (u^2 / 2)_x`` on ``points`` points of ``[0, length)``."""
     (k,) = _wavenumbers(points, length, 1)
     linear = (-nu * k**2).unsqueeze(0)  # (C=1, freq)
+    g = -0.5j * k * _dealias(points, length, 1)
+
+    def nonlinear(v: Tensor) -> Tensor:
+        u = torch.fft.irfft(v, n=points)
+        return g * torch.fft.rfft(u * u)
+
+    return linear, nonlinear, 1
+
+
+def kdv_problem(points: int, dispersion: float, nu: float = 0.0, length: float = 2 * math.pi) -> Problem:
+    """Korteweg-de Vries ``u_t = -(u^2 / 2)_x - dispersion u_xxx + nu u_xx`` on ``points`` points of
+    ``[0, length)``: the dispersive term (``+i dispersion k^3`` in Fourier space) is in the linear part,
+    integrated exactly; the quadratic term dealiased by the 2/3 rule."""
+    (k,) = _wavenumbers(points, length, 1)
+    linear = (-nu * k**2 + 1j * dispersion * k**3).unsqueeze(0)  # (C=1, freq), complex
     g = -0.5j * k * _dealias(points, length, 1)
 
     def nonlinear(v: Tensor) -> Tensor:
@@ -167,20 +188,26 @@ class PDEDataModule(SplitDataModule):
     """Trajectories of a periodic PDE from a finer pseudo-spectral solve (see the module docstring).
 
     Args:
-        system: ``burgers`` (1-D, one channel) or ``gray_scott`` (2-D, two channels).
+        system: ``burgers`` or ``kdv`` (1-D, one channel) or ``gray_scott`` (2-D, two channels).
         dim / channels: checked against the system's (None: not checked); the ``pde`` model's config
-            reads them, with ``points``, ``length`` and ``diffusion``, from the data config.
+            reads them, with ``points``, ``length``, ``diffusion``, ``dispersion``, ``known``,
+            ``rollout_dt`` and ``rollout_solver``, from the data config.
         points: grid points per dimension the model sees; the reference solves on ``refine`` times as many.
         refine: the reference grid's refinement.
         length: the periodic domain's side (None: ``2 pi`` for Burgers, 32 for Gray-Scott).
         diffusion: the diffusion coefficient of each channel (None: ``[0.05]`` for Burgers' viscosity,
-            ``[0.16, 0.08]`` for Gray-Scott's ``D_u, D_v``).
+            ``[0.0]`` for KdV, ``[0.16, 0.08]`` for Gray-Scott's ``D_u, D_v``).
+        dispersion: KdV's ``delta^2`` (None: 0.0225 for KdV, 0 otherwise; only KdV takes a nonzero one).
+        known: the known part ``model=pde`` learns a correction to (None: the system's, ``diffusion``
+            or ``dispersion`` for KdV); correction: how the model adds it (``add`` or ``skew``, energy
+            conserving); rollout_dt / rollout_solver: the model's step and method for this system
+            (None: 0.05; 1.0 suits Gray-Scott). The data do not use these four.
         n_train / n_val / n_test: trajectories per split (each split from its own seed).
         n_obs: observation intervals per trajectory (``n_obs + 1`` fields, the initial one included).
         obs_dt: time between observations.
         train_window: observation intervals in a training window; ``window_stride``: between window starts.
         solver_dt: the reference solver's largest step.
-        modes / amplitude: Burgers' initial conditions (wavenumbers 1..modes, standard deviation).
+        modes / amplitude: Burgers' and KdV's initial conditions (wavenumbers 1..modes, standard deviation).
         feed / kill / patches: Gray-Scott's rates and number of initial patches.
         batch_size: examples per batch. seed: base seed. cache_dir: see the module docstring.
     """
@@ -194,6 +221,11 @@ class PDEDataModule(SplitDataModule):
         refine: int = 4,
         length: float | None = None,
         diffusion: list[float] | None = None,
+        dispersion: float | None = None,
+        known: str | None = None,
+        correction: str = "add",
+        rollout_dt: float | None = None,
+        rollout_solver: str = "midpoint",
         n_train: int = 32,
         n_val: int = 8,
         n_test: int = 8,
@@ -222,12 +254,20 @@ class PDEDataModule(SplitDataModule):
             raise ValueError(f"points must be at least 8 and refine at least 1, got {points}, {refine}")
         if n_obs < 1 or not obs_dt > 0 or not solver_dt > 0:
             raise ValueError(f"n_obs, obs_dt and solver_dt must be positive, got {n_obs}, {obs_dt}, {solver_dt}")
-        diffusion = ([0.05] if system == "burgers" else [0.16, 0.08]) if diffusion is None else diffusion
+        if diffusion is None:
+            diffusion = {"burgers": [0.05], "kdv": [0.0], "gray_scott": [0.16, 0.08]}[system]
         if len(diffusion) != self.channels or any(not float(d) >= 0 for d in diffusion):
             raise ValueError(f"diffusion must hold {self.channels} non-negative coefficient(s), got {diffusion}")
         self.points, self.refine = int(points), int(refine)
-        self.length = float(length) if length is not None else (2 * math.pi if system == "burgers" else 32.0)
+        self.length = float(length) if length is not None else (32.0 if system == "gray_scott" else 2 * math.pi)
         self.diffusion = [float(d) for d in diffusion]
+        self.dispersion = float(dispersion) if dispersion is not None else (0.0225 if system == "kdv" else 0.0)
+        if self.dispersion and system != "kdv":
+            raise ValueError(f"dispersion applies to system 'kdv' only, got {self.dispersion} for {system!r}")
+        self.known = KNOWN_PART[system] if known is None else str(known)
+        self.correction = str(correction)
+        self.rollout_dt = 0.05 if rollout_dt is None else float(rollout_dt)
+        self.rollout_solver = str(rollout_solver)
         self.sizes = {"train": n_train, "val": n_val, "test": n_test}
         self.n_obs, self.obs_dt = int(n_obs), float(obs_dt)
         self.train_window, self.window_stride = int(train_window), int(window_stride)
@@ -239,12 +279,12 @@ class PDEDataModule(SplitDataModule):
     # -- what the model needs to know ------------------------------------------------------------
     @property
     def dim(self) -> int:
-        """Spatial dimensions: 1 (Burgers) or 2 (Gray-Scott)."""
-        return 1 if self.system == "burgers" else 2
+        """Spatial dimensions: 1 (Burgers, KdV) or 2 (Gray-Scott)."""
+        return 2 if self.system == "gray_scott" else 1
 
     @property
     def channels(self) -> int:
-        return 1 if self.system == "burgers" else 2
+        return 2 if self.system == "gray_scott" else 1
 
     @property
     def times(self) -> Tensor:
@@ -256,13 +296,15 @@ class PDEDataModule(SplitDataModule):
         points = self.points * (self.refine if fine else 1)
         if self.system == "burgers":
             return burgers_problem(points, self.diffusion[0], self.length)
+        if self.system == "kdv":
+            return kdv_problem(points, self.dispersion, self.diffusion[0], self.length)
         du, dv = self.diffusion
         return gray_scott_problem(points, du, dv, self.feed, self.kill, self.length)
 
     def initial_conditions(self, n: int, generator: torch.Generator, fine: bool = True) -> Tensor:
         """``n`` random initial fields ``(n, C, *grid)`` float64 on the fine (or coarse) grid."""
         points = self.points * (self.refine if fine else 1)
-        if self.system == "burgers":
+        if self.system != "gray_scott":
             x = torch.arange(points, dtype=torch.float64) * (self.length / points)
             coef = torch.randn(n, self.modes, 2, dtype=torch.float64, generator=generator)
             k = torch.arange(1, self.modes + 1, dtype=torch.float64)
@@ -299,6 +341,8 @@ class PDEDataModule(SplitDataModule):
                       seed=self.seed, sizes=self.sizes, version=1)
         if self.system == "burgers":
             return {**shared, "modes": self.modes, "amplitude": self.amplitude}
+        if self.system == "kdv":
+            return {**shared, "modes": self.modes, "amplitude": self.amplitude, "dispersion": self.dispersion}
         return {**shared, "feed": self.feed, "kill": self.kill, "patches": self.patches}
 
     def cache_path(self) -> Path | None:

@@ -8,8 +8,9 @@ convolutional network with circular padding (periodic boundaries), either
 * the whole right-hand side (``known="none"``): ``du/dt = net(u)``, or
 * a learned correction added to a known part (``known="diffusion"``): ``du/dt = D lap_h u + net(u)``,
   with ``lap_h`` the second-order finite-difference Laplacian (periodic) and ``D`` the known
-  diffusion coefficient of each channel. The correction's last layer starts at zero, so the
-  untrained model is the known physics.
+  diffusion coefficient of each channel, or (``known="dispersion"``, 1-D: KdV) ``du/dt =
+  -c d3_h u + net(u)``, ``d3_h`` the second-order central difference of ``u_xxx`` and ``c`` the known
+  dispersion. The correction's last layer starts at zero, so the untrained model is the known physics.
 
 A training example is a window of observations ``u(t_0), ..., u(t_K)``; the model rolls out from
 ``u(t_0)`` through every observation time in one solve with the gradient strategy, and the loss is
@@ -38,11 +39,13 @@ from nde_zoo.models.base import NeuralDE
 from nde_zoo.strategies.base import GradientStrategy, Solution
 from nde_zoo.strategies.config import strategy_config, strategy_from_config
 
-__all__ = ["PDEModel", "ConvField", "fd_laplacian", "fixed_step_strategy"]
+__all__ = ["PDEModel", "ConvField", "fd_laplacian", "fd_first_derivative", "fd_third_derivative",
+           "fixed_step_strategy", "CORRECTIONS"]
 
 log = logging.getLogger("nde_zoo")
 _ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "silu": nn.SiLU}
-KNOWN = ("none", "diffusion")
+KNOWN = ("none", "diffusion", "dispersion")
+CORRECTIONS = ("add", "skew")
 
 
 def fd_laplacian(u: Tensor, dim: int, dx: float) -> Tensor:
@@ -54,6 +57,20 @@ def fd_laplacian(u: Tensor, dim: int, dx: float) -> Tensor:
     return out / (dx * dx)
 
 
+def fd_first_derivative(u: Tensor, dx: float) -> Tensor:
+    """The periodic central difference ``(u_{i+1} - u_{i-1}) / (2 dx)`` over the last axis."""
+    return (torch.roll(u, -1, -1) - torch.roll(u, 1, -1)) / (2 * dx)
+
+
+def fd_third_derivative(u: Tensor, dx: float) -> Tensor:
+    """The periodic second-order central difference of ``u_xxx`` over the last axis:
+    ``(u_{i+2} - 2 u_{i+1} + 2 u_{i-1} - u_{i-2}) / (2 dx^3)``. Its symbol is purely imaginary
+    (``-2i sin(k dx) (1 - cos(k dx)) / dx^3``, at most ``2.6 / dx^3`` in modulus): it moves energy
+    between scales and neither adds nor removes any."""
+    return (torch.roll(u, -2, -1) - 2 * torch.roll(u, -1, -1) + 2 * torch.roll(u, 1, -1)
+            - torch.roll(u, 2, -1)) / (2 * dx**3)
+
+
 class ConvField(nn.Module):
     """``du/dt`` on a periodic grid: a convolutional net (circular padding), plus ``D lap_h u`` when
     ``known="diffusion"``.
@@ -63,8 +80,13 @@ class ConvField(nn.Module):
         width / depth: hidden channels and hidden layers (each a ``kernel_size`` convolution).
         kernel_size: odd; the stencil's width in grid points.
         activation: ``tanh``, ``gelu``, ``softplus`` or ``silu``.
-        known: ``none`` (the net is the whole right-hand side) or ``diffusion``.
+        known: ``none`` (the net is the whole right-hand side), ``diffusion`` or ``dispersion`` (1-D).
         diffusion: the known coefficient of each channel (``known="diffusion"``).
+        dispersion: the known coefficient ``c`` of ``-c u_xxx`` (``known="dispersion"``).
+        correction: ``add`` (``du/dt = known + net(u)``) or ``skew`` (1-D, one channel: ``du/dt = known +
+            D1(a u) + a D1 u`` with ``a = net(u)`` and ``D1`` the central difference, a skew-symmetric
+            operator on ``u`` for any ``a``: the learned part neither adds nor removes energy
+            ``sum u^2``; Burgers' and KdV's ``-u u_x`` is ``a = -u / 3``).
         dx: grid spacing.
 
     Shapes: ``u`` ``(batch, channels, *grid)`` -> same; ``t`` is unused (autonomous).
@@ -72,7 +94,7 @@ class ConvField(nn.Module):
 
     def __init__(self, dim: int, channels: int, width: int = 32, depth: int = 2, kernel_size: int = 5,
                  activation: str = "tanh", known: str = "diffusion", diffusion: Sequence[float] | None = None,
-                 dx: float = 1.0) -> None:
+                 dx: float = 1.0, dispersion: float = 0.0, correction: str = "add") -> None:
         super().__init__()
         if dim not in (1, 2):
             raise ValueError(f"dim must be 1 or 2, got {dim}")
@@ -82,6 +104,12 @@ class ConvField(nn.Module):
             raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
         if known not in KNOWN:
             raise ValueError(f"known must be one of {', '.join(KNOWN)}, got {known!r}")
+        if known == "dispersion" and dim != 1:
+            raise ValueError(f"known='dispersion' (-c u_xxx) is 1-D, got dim={dim}")
+        if correction not in CORRECTIONS:
+            raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
+        if correction == "skew" and (dim != 1 or channels != 1):
+            raise ValueError(f"correction='skew' is for one channel in 1-D, got dim={dim}, channels={channels}")
         conv = nn.Conv1d if dim == 1 else nn.Conv2d
         layers: list[nn.Module] = []
         c_in = channels
@@ -90,11 +118,12 @@ class ConvField(nn.Module):
                        _ACTIVATIONS[activation]()]
             c_in = width
         last = conv(width, channels, kernel_size, padding=kernel_size // 2, padding_mode="circular")
-        if known == "diffusion":  # a correction: the untrained model is the known physics
+        if known != "none":  # a correction: the untrained model is the known physics
             nn.init.zeros_(last.weight)
             nn.init.zeros_(last.bias)
         self.net = nn.Sequential(*layers, last)
         self.dim, self.channels, self.known, self.dx = dim, channels, known, float(dx)
+        self.dispersion, self.correction = float(dispersion), correction
         coefficients = [0.0] * channels if diffusion is None else [float(d) for d in diffusion]
         if len(coefficients) != channels:
             raise ValueError(f"diffusion must hold {channels} coefficient(s), got {list(coefficients)}")
@@ -103,8 +132,12 @@ class ConvField(nn.Module):
 
     def forward(self, t: Tensor, u: Tensor) -> Tensor:
         out = self.net(u)
+        if self.correction == "skew":  # a = net(u) enters as D1(a u) + a D1 u: skew in u, energy kept
+            out = fd_first_derivative(out * u, self.dx) + out * fd_first_derivative(u, self.dx)
         if self.known == "diffusion":
             out = out + self.diffusion.to(u.dtype) * fd_laplacian(u, self.dim, self.dx)
+        elif self.known == "dispersion":
+            out = out - self.dispersion * fd_third_derivative(u, self.dx)
         return out
 
 
@@ -139,7 +172,11 @@ class PDEModel(NeuralDE):
         strategy: the gradient strategy of the rollout.
         dim / channels / points / length: the grid (from the data config: ``configs/data/burgers.yaml``).
         diffusion: the known diffusion coefficient of each channel (``known="diffusion"``).
-        known: ``diffusion`` (learn a correction to ``D lap_h u``) or ``none`` (learn the whole RHS).
+        dispersion: the known dispersion coefficient ``c`` of ``-c u_xxx`` (``known="dispersion"``).
+        known: ``diffusion`` (learn a correction to ``D lap_h u``), ``dispersion`` (to ``-c d3_h u``,
+            1-D) or ``none`` (learn the whole RHS).
+        correction: ``add`` (``known + net(u)``) or ``skew`` (``known + D1(a u) + a D1 u``, ``a = net(u)``:
+            energy-conserving, 1-D, one channel; :class:`ConvField`).
         width / depth / kernel_size / activation: the convolutional net (:class:`ConvField`).
         dt / solver: the rollout's step and method when the strategy is adaptive.
         field: your own field ``f(t, u)`` on ``(batch, channels, *grid)`` (an ``nn.Module`` or a config
@@ -157,7 +194,9 @@ class PDEModel(NeuralDE):
         points: int = 64,
         length: float = 2 * math.pi,
         diffusion: Sequence[float] | None = None,
+        dispersion: float = 0.0,
         known: str = "diffusion",
+        correction: str = "add",
         width: int = 16,
         depth: int = 2,
         kernel_size: int = 5,
@@ -182,7 +221,8 @@ class PDEModel(NeuralDE):
         self.dim, self.channels, self.points, self.length = int(dim), int(channels), int(points), float(length)
         self.dx = self.length / self.points
         self.field = self.build_field(field, lambda: ConvField(
-            self.dim, self.channels, width, depth, kernel_size, activation, known, diffusion, self.dx))
+            self.dim, self.channels, width, depth, kernel_size, activation, known, diffusion, self.dx, dispersion,
+            correction))
 
     # -- hooks a downstream project may override ---------------------------------------------
     def vector_field(self) -> nn.Module:
