@@ -111,25 +111,67 @@ _E2E_TESTS = (
 )
 
 
+#: tests that share a benchmark's quick run with tests/test_bench_quick.py's (their ``xdist_group`` mark
+#: names the group; the scheduler reads it here, from the test's id)
+_SHARED_GROUPS = {
+    "tests/test_cli.py::test_bench_quick_writes_its_outputs": "bench_quick:solver_overhead",
+    "tests/test_cnf_memory.py::test_quick_run_measures_nll_and_memory": "bench_quick:cnf_memory",
+}
+
+
+def xdist_group(nodeid: str) -> str:
+    """The worker a test runs on, by group (``--dist loadgroup``, tests/run_tests.sh): a test file's tests
+    share one (its module fixtures run once, as with ``--dist loadfile``), except that each benchmark's
+    quick run (tests/test_bench_quick.py's ``[NAME]``) is a group of its own, so the benchmarks spread over
+    the workers, each run once (``bench_quick`` keeps a run per worker).
+
+    The scheduler sees only the test's id: pytest 9 keeps a node's id where pytest-xdist 3.8 cannot
+    append the ``@group`` of an ``xdist_group`` mark, so its own grouping put every test on a worker of
+    its own (each worker ran the module fixtures, the DDP group and the quick runs again)."""
+    if nodeid.rfind("@") > nodeid.rfind("]"):  # pytest < 9: pytest-xdist appended the mark's group
+        return nodeid.rsplit("@", 1)[1]
+    for prefix, group in _SHARED_GROUPS.items():
+        if nodeid == prefix or nodeid.startswith(prefix + "["):
+            return group
+    path, _, rest = nodeid.partition("::")
+    if path == "tests/test_bench_quick.py" and rest.endswith("]") and "[" in rest:
+        return "bench_quick:" + rest[rest.index("[") + 1:-1]
+    return path
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup`` with the groups of :func:`xdist_group`."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_group(nodeid)
+
+    return GroupScheduling(config, log)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests that run the command line are marked ``e2e``. Groups for ``--dist loadgroup`` (tests/run_tests.sh): a test file stays on one worker, as with
-    ``--dist loadfile`` (its module fixtures run once), but the tests of one benchmark's quick run
-    form a group of their own, so the benchmarks run a few at a time across the workers, each once
-    (``bench_quick`` keeps a run per worker). A test's own ``xdist_group`` mark wins."""
+    """Tests that run the command line are marked ``e2e``. A test's ``xdist_group`` mark, and the group of
+    a test of a benchmark's quick run, must be the group :func:`xdist_group` reads from its id."""
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if (_E2E_FIXTURES & set(item.fixturenames) or item.get_closest_marker("spawns") or path in _E2E_FILES
                 or item.nodeid.startswith(_E2E_TESTS)):
             item.add_marker(pytest.mark.e2e)  # the command line end to end: `make test`, not `make check`
-        if item.get_closest_marker("xdist_group"):
-            continue
+        mark = item.get_closest_marker("xdist_group")
         params = getattr(getattr(item, "callspec", None), "params", {})
-        if "bench_quick" in item.fixturenames and "name" in params:
+        if mark is not None:
+            group = mark.args[0] if mark.args else mark.kwargs.get("name", "default")
+        elif "bench_quick" in item.fixturenames and "name" in params:
             group = f"bench_quick:{params['name']}"
         else:
-            group = path
-        item.add_marker(pytest.mark.xdist_group(group))
+            continue
+        if xdist_group(item.nodeid) != group:
+            raise pytest.UsageError(f"{item.nodeid} belongs to the group {group!r}, which its id does not "
+                                    f"say: add it to _SHARED_GROUPS in tests/conftest.py")
 
 
 # --- the guard: no unmarked spawns of the command line -------------------------------------------

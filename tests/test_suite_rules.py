@@ -109,3 +109,38 @@ def test_compose_gives_the_command_lines_config():
     assert cfg.subcommand == "fit" and cfg.model.width == 8
     assert cfg.strategy._target_.endswith("ERNODE") and cfg.strategy.inner._target_.endswith("Reversible")
     assert cfg.hydra.runtime.choices.model == "ode_classifier"
+
+
+def test_a_files_tests_share_a_worker_and_each_benchmarks_quick_run_is_a_group():
+    group = conftest.xdist_group
+    assert group("tests/test_ddp.py::test_ranks_agree[cnf-direct]") == "tests/test_ddp.py"
+    assert group("tests/test_ddp.py::test_only_the_known_exit_abort_is_tolerated") == "tests/test_ddp.py"
+    assert group("tests/test_bench_quick.py::test_quick_run_prints_its_tables[seminorm]") == (
+        "bench_quick:seminorm")
+    assert group("tests/test_bench_quick.py::test_every_goal_it_names_gets_a_verdict[seminorm]") == (
+        "bench_quick:seminorm")
+    assert group("tests/test_bench_quick.py::test_every_benchmark_says_which_tables_it_prints") == (
+        "tests/test_bench_quick.py")
+    assert group("tests/test_cli.py::test_bench_quick_writes_its_outputs") == "bench_quick:solver_overhead"
+    assert group("tests/test_cli.py::test_help[fit]@mine") == "mine"  # pytest < 9: pytest-xdist's own suffix
+
+
+def test_the_scheduler_groups_tests_by_their_id():
+    """pytest-xdist's ``loadgroup`` cannot read the ``xdist_group`` marks under pytest 9: the suite's
+    scheduler reads the groups from the ids, so a file's module fixtures run on one worker, once."""
+    options = {"dist": "loadgroup", "tx": ["2*popen"]}
+    config = SimpleNamespace(getvalue=options.get, option=SimpleNamespace(**options))
+    scheduler = conftest.pytest_xdist_make_scheduler(config, None)
+    assert scheduler._split_scope("tests/test_ddp.py::test_ranks_agree[cnf-direct]") == "tests/test_ddp.py"
+    verdicts = "tests/test_bench_quick.py::test_every_met_or_missed_line_is_a_verdict[auto]"
+    assert scheduler._split_scope(verdicts) == "bench_quick:auto"
+    options["dist"] = "load"
+    assert conftest.pytest_xdist_make_scheduler(config, None) is None  # other modes: pytest-xdist's own
+
+
+def test_a_group_mark_the_id_does_not_say_is_refused(request):
+    item = SimpleNamespace(nodeid="tests/test_x.py::test_y", fixturenames=[], callspec=None,
+                           get_closest_marker=lambda name: pytest.mark.xdist_group("elsewhere").mark
+                           if name == "xdist_group" else None, add_marker=lambda mark: None)
+    with pytest.raises(pytest.UsageError, match="belongs to the group 'elsewhere'.*_SHARED_GROUPS"):
+        conftest.pytest_collection_modifyitems(request.config, [item])
