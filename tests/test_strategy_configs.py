@@ -1,24 +1,34 @@
-"""What ``strategy=<name>`` composes, key for key and value for value (``EXPECTED``), also as
-ERNODE's inner strategy, with every stepping key (solver, steps, step_size, rtol, atol, max_steps,
-compile) overridable from the command line; Hydra's listings of the strategy group offer strategies
-only. The strategy files may be reorganised (e.g. share their stepping keys); what they compose to
-stays this.
+"""The strategy configs share one stepping block: configs/strategy_stepping.yaml.
+
+Every ODE strategy file lists ``/strategy_stepping@_here_`` in its defaults, so the stepping keys
+(solver, steps, step_size, rtol, atol, max_steps, compile) and their comments are written once.
+What ``strategy=<name>`` composes is what the files gave when each listed the keys itself, key for
+key and value for value (``EXPECTED``), also as ERNODE's inner strategy, with every stepping key
+overridable from the command line; the shared file is no strategy and no config group, so neither
+``strategy=`` nor Hydra's listings offer it.
 """
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import yaml
 from hydra import compose, initialize_config_dir
+from hydra.errors import MissingConfigException
 from omegaconf import OmegaConf
 
 from nde_zoo.configs_path import config_dir
+from nde_zoo.strategies.base import ODEStrategy
 
 CONFIGS = config_dir()
+SHARED = CONFIGS / "strategy_stepping.yaml"
+STEPPING_KEYS = ("solver", "steps", "step_size", "rtol", "atol", "max_steps", "compile")
 STEPPING = {"solver": "dopri5", "steps": None, "step_size": None, "rtol": None, "atol": None,
             "max_steps": 10000, "compile": False}
 
-#: ``cfg.strategy`` of ``strategy=<name>`` (checked key for key, in any order but ``_target_`` first).
+#: ``cfg.strategy`` of ``strategy=<name>``, as the strategy files composed before they shared the block
+#: (checked key for key, in any order but ``_target_`` first).
 EXPECTED = {
     "adjoint": {"_target_": "nde_zoo.strategies.Adjoint", **STEPPING, "adjoint_rtol": None,
                 "adjoint_atol": None, "adjoint_norm": "default"},
@@ -66,7 +76,34 @@ def test_each_stepping_key_is_overridden_from_the_command_line(name):
     assert inner == {**EXPECTED[name], "steps": 10}
 
 
-def test_the_command_line_shows_the_stepping_keys_and_lists_the_strategies(cli, tmp_path):
+def test_every_ode_strategy_file_includes_the_shared_block_first():
+    for path in sorted((CONFIGS / "strategy").glob("*.yaml")):
+        defaults = yaml.safe_load(path.read_text()).get("defaults")
+        if path.stem == "ernode":
+            assert defaults == [{"/strategy@inner": "direct"}, "_self_"]
+        else:
+            assert defaults == ["/strategy_stepping@_here_", "_self_"], path.name
+
+
+def test_the_shared_block_is_odestrategys_stepping_with_a_comment_on_each_key():
+    params = inspect.signature(ODEStrategy.__init__).parameters
+    stepping = {n: p.default for n, p in params.items() if n == "solver" or p.kind is p.KEYWORD_ONLY}
+    shared = yaml.safe_load(SHARED.read_text())
+    assert shared == {"_target_": "???", **stepping} == {"_target_": "???", **STEPPING}
+    lines = {li.split(":", 1)[0]: li for li in SHARED.read_text().splitlines() if li and not li.startswith(("#", " "))}
+    assert all("  # " in lines[k] for k in ("_target_", *STEPPING_KEYS)), "each key keeps its comment"
+
+
+def test_the_shared_block_is_not_a_strategy():
+    assert not (CONFIGS / "strategy_stepping").exists()  # no config group of that name
+    assert all("strategy_stepping" not in p.stem for p in (CONFIGS / "strategy").glob("*.yaml"))
+    with pytest.raises(MissingConfigException) as error:
+        _strategy("strategy=strategy_stepping")
+    assert "Could not find 'strategy/strategy_stepping'" in str(error.value)
+    assert sorted(error.value.options) == sorted([*EXPECTED, "ernode"])
+
+
+def test_the_command_line_shows_the_stepping_keys_and_lists_only_strategies(cli, tmp_path):
     job = cli("fit", "--cfg", "job", "strategy=reversible", cwd=tmp_path)
     assert job.returncode == 0, job.stderr[-3000:]
     assert yaml.safe_load(job.stdout)["strategy"] == EXPECTED["reversible"]
@@ -77,7 +114,9 @@ def test_the_command_line_shows_the_stepping_keys_and_lists_the_strategies(cli, 
     helped = cli("fit", "--help", cwd=tmp_path)
     assert helped.returncode == 0, helped.stderr[-3000:]
     assert f"strategy: {', '.join(sorted([*EXPECTED, 'ernode']))}\n" in helped.stdout
+    assert "strategy_stepping" not in helped.stdout
     unknown = cli("fit", "--cfg", "job", "strategy=bogus", cwd=tmp_path)
     assert unknown.returncode != 0 and "Could not find 'strategy/bogus'" in unknown.stderr
     listed = "".join(f"\t{name}\n" for name in sorted([*EXPECTED, "ernode"]))
     assert f"Available options in 'strategy':\n{listed}" in unknown.stderr
+    assert "strategy_stepping" not in unknown.stderr

@@ -259,10 +259,11 @@ def test_a_tensor_closed_over_gets_its_gradient():
 
 
 def test_config_mirrors_constructor():
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(REPO / "configs" / "strategy" / "symplectic.yaml")
+    with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("fit", overrides=["strategy=symplectic"]).strategy
     keys = set(cfg) - {"_target_"}
     assert keys == set(inspect.signature(Symplectic.__init__).parameters) - {"self"}
     strategy = instantiate(cfg)

@@ -55,7 +55,11 @@ def _strategy_from_config(name: str) -> GradientStrategy:
         raise ValueError("LocalERNODE cannot wrap itself; choose an inner strategy from " + ", ".join(valid))
     if name not in valid:
         raise ValueError(f"unknown inner strategy {name!r} for ernode; valid inner strategies: {', '.join(valid)}")
-    return instantiate(OmegaConf.load(folder / f"{name}.yaml"))
+    cfg = OmegaConf.load(folder / f"{name}.yaml")
+    # what its defaults list merges in first: the shared stepping block (configs/strategy_stepping.yaml)
+    included = [OmegaConf.load(folder.parent / f"{entry.split('@')[0].lstrip('/')}.yaml")
+                for entry in cfg.pop("defaults", []) if entry != "_self_"]
+    return instantiate(OmegaConf.merge(*included, cfg))
 
 
 def _with_compile(inner: GradientStrategy, compile: bool | str) -> GradientStrategy:
