@@ -8,9 +8,11 @@ case per strategy runs through Inductor itself, together covering every solver.
 from __future__ import annotations
 
 import functools
+import inspect
 import re
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch._dynamo
@@ -301,28 +303,91 @@ def test_cde_and_latent_ode_fields_compile(aot_eager):
 
 
 class _CountsItsCalls(nn.Module):
-    """torchdiffeq's examples' pattern: the field counts its own evaluations."""
+    """torchdiffeq's examples' pattern: the field counts its own evaluations (and may print)."""
 
-    def __init__(self) -> None:
+    def __init__(self, prints: bool = False) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 3).double()
         self.nfe = 0
+        self.scale = 1.0  # a plain value the output reads: a change must be seen, not replayed
+        self.prints = prints
 
     def forward(self, t, y):
         self.nfe += 1
+        if self.prints:
+            print("field evaluated")
+        return self.scale * torch.tanh(self.lin(y)) * torch.cos(t)
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_a_field_that_counts_its_calls_compiles_and_equals_eager(aot_eager, name, capsys):
+    field = _CountsItsCalls(prints=name == "direct")
+    y0, ts = torch.randn(2, 3, dtype=F64), torch.tensor([0.0, 0.3, 1.0], dtype=F64)
+    weights = torch.randn(3, 2, 3, dtype=F64, generator=torch.Generator().manual_seed(3))
+    eager_sol, eager = gradients(STRATEGIES[name]("midpoint", steps=6, **kwargs_for(name)), field, y0, ts, weights)
+    strategy = STRATEGIES[name]("midpoint", steps=6, compile="strict", **kwargs_for(name))  # no fall-back allowed
+    field.nfe = 0
+    compiled_sol, compiled = gradients(strategy, field, y0, ts, weights)
+    assert strategy.programs.compiles >= 1 and not strategy.programs.fallbacks
+    for c, e in zip([compiled_sol.ys.detach(), *compiled], [eager_sol.ys.detach(), *eager]):
+        assert relative(c, e) <= 1e-12
+    # its side effects ran when it was traced and checked, not at each of the solve's evaluations
+    assert compiled_sol.stats.nfe_forward == eager_sol.stats.nfe_forward
+    assert 0 < field.nfe < eager_sol.stats.nfe_forward
+    # a plain value the field reads changes: it is traced again, not replayed stale
+    field.scale = 0.5
+    eager_sol, eager = gradients(STRATEGIES[name]("midpoint", steps=6, **kwargs_for(name)), field, y0, ts, weights)
+    compiled_sol, compiled = gradients(strategy, field, y0, ts, weights)
+    for c, e in zip([compiled_sol.ys.detach(), *compiled], [eager_sol.ys.detach(), *eager]):
+        assert relative(c, e) <= 1e-12
+
+
+class _DependsOnItsCounter(_CountsItsCalls):
+    def forward(self, t, y):
+        self.nfe += 1
+        return torch.tanh(self.lin(y)) / self.nfe  # a compiled loop would replay one value of nfe
+
+
+class _Branches(_CountsItsCalls):
+    def forward(self, t, y):
+        if y.abs().sum() > 1e9:
+            return -y
         return torch.tanh(self.lin(y))
 
 
-def test_a_field_that_counts_its_calls_falls_back_naming_the_counter_and_the_fix(aot_eager):
-    field = _CountsItsCalls()
+class _ReadsItem(_CountsItsCalls):
+    def forward(self, t, y):
+        largest = y.abs().max().item()
+        return torch.tanh(self.lin(y)) / (1.0 + largest)
+
+
+class _CallsNumpy(_CountsItsCalls):
+    def forward(self, t, y):
+        scale = np.tanh(y.detach().numpy()).mean()
+        return torch.tanh(self.lin(y)) * float(scale)
+
+
+@pytest.mark.parametrize("cls, construct, line", [
+    (_DependsOnItsCounter, "depends on Python state it changes on each call (it changes nfe)", None),
+    (_Branches, "a branch on a tensor's value at test_compiled.py:{}", "if y.abs().sum() > 1e9:"),
+    (_ReadsItem, "`.item()` reads a tensor's value into Python at test_compiled.py:{}", "largest = y.abs().max().item()"),
+    (_CallsNumpy, "a NumPy call on a tensor at test_compiled.py:{}", "scale = np.tanh(y.detach().numpy()).mean()"),
+])
+def test_a_field_that_cannot_compile_falls_back_naming_the_construct_its_line_and_the_fix(aot_eager, cls, construct,
+                                                                                         line):
+    field = cls()
+    if line is not None:
+        source, first = inspect.getsourcelines(cls.forward)
+        construct = construct.format(first + next(i for i, text in enumerate(source) if line in text))
     y0, ts = torch.randn(2, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
     with pytest.warns(RuntimeWarning) as record:
         sol = Direct("midpoint", steps=4, compile=True).solve(field, y0, ts)
-    message = " ".join(str(w.message) for w in record)
-    assert "Attribute 'nfe' on an outer-scope object was changed" in message
-    assert "torch.compiler.is_compiling()" in message
-    eager = Direct("midpoint", steps=4).solve(field, y0, ts)
-    torch.testing.assert_close(sol.ys, eager.ys, rtol=0, atol=0)
+    message = " ".join(str(w.message) for w in record if "could not compile" in str(w.message))
+    assert construct in message and "Fix: " in message, message
+    if line is not None:
+        assert f"(`{line}`)" in message
+    eager = Direct("midpoint", steps=4).solve(cls(), y0, ts)  # a fresh field: the counters start alike
+    assert sol.ys.shape == eager.ys.shape and torch.isfinite(sol.ys).all()
 
 
 @pytest.mark.parametrize("name", ["checkpoint", "reversible", "symplectic"])

@@ -26,6 +26,7 @@ import logging
 import os
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from nde_zoo._torch_compat import compile_limits, graphs_compiled, scan, suspended_saved_tensors_hooks
+from nde_zoo.strategies.traced_field import FieldTraceError, TracedField, plain_state, trace_field
 
 log = logging.getLogger("nde_zoo")
 
@@ -147,10 +149,12 @@ class Programs:
         self.compile_seconds = 0.0
         self.pending_seconds = 0.0
         self.fallbacks: dict[str, int] = {}
+        self._traced: dict[Any, tuple[weakref.ref[nn.Module], TracedField]] = {}  # key -> (field, its graph)
+        self._traced_types: set[type] = set()  # field classes that compile only traced
 
     def __getstate__(self) -> dict[str, Any]:  # compiled callables do not pickle (DDP spawn, deepcopy)
         state = self.__dict__.copy()
-        state["_programs"], state["_failed"] = {}, {}
+        state["_programs"], state["_failed"], state["_traced"] = {}, {}, {}
         return state
 
     def key(self, kind: str, field: Any, inputs: Sequence[Any], extra: Any = None) -> Any:
@@ -186,19 +190,28 @@ class Programs:
         """Whether ``key`` has neither compiled nor failed yet (its first call will compile)."""
         return key not in self._programs and key not in self._failed
 
-    def run(self, key: Any, build: Callable[[], Callable[..., Any]], *args: Any) -> Any | None:
+    def run(self, key: Any, build: Callable[[], Callable[..., Any]], *args: Any,
+            example: tuple[Tensor, Tensor] | None = None) -> Any | None:
         """Run the program for ``key`` on ``args``; ``None`` when it runs eager instead.
 
         ``build()`` returns the plain Python function to compile; it is called once per key.
         Its first argument is the field (``args[0]``), passed on every call.
         The first call of a key compiles (timed). A failure there is a compile failure (graph
-        break, unsupported operation, no C++ compiler): it warns once per reason and the key
-        runs eager from then on, or raises with ``compile="strict"``.
+        break, unsupported operation, no C++ compiler). A module field that failed is then traced
+        into a pure graph (:mod:`nde_zoo.strategies.traced_field`; ``example`` is a ``(t, y)`` to
+        trace it at) and compiled as that; if that fails too, it warns once per reason, naming
+        the construct, and the key runs eager from then on, or raises with ``compile="strict"``.
         """
         if key in self._failed:
             return None
+        field = args[0]
         program = self._programs.get(key)
         if program is not None:
+            if key in self._traced:
+                traced = self._traced_for(key, field, example)
+                if traced is None:
+                    return None
+                args = (traced, *args[1:])
             # A call whose guards fail (a field whose submodule was swapped, ...) compiles again
             # inside torch: count and time it as a compile too.
             graphs = graphs_compiled()
@@ -210,6 +223,33 @@ class Programs:
             return result
         if not self._supported(key):
             return None
+        # Compiling takes seconds to minutes, once per key: say so before, and how long after,
+        # so a long first step is never silent.
+        field_type = getattr(key[1], "__name__", str(key[1]))
+        field_type = "a function field" if field_type in ("function", "method", "partial") else field_type
+        what = f"its {key[0]} program for {field_type} on {_describe_signature(key[2])}"
+        log.info("strategy %r: compiling %s (once per shape; compile=False skips this) ...", self.strategy, what)
+        start = time.perf_counter()
+        traceable = isinstance(field, nn.Module) and example is not None
+        try:
+            if traceable and type(field) in self._traced_types:  # known to need tracing: skip the failure
+                raise _NeedsTracing("its class compiles only traced into a graph")
+            compiled, result = self._compile(build, args)
+        except Exception as error:  # noqa: BLE001 - any failure to compile means: trace, or run eager
+            reason = str(error) if isinstance(error, _NeedsTracing) else _reason(error)
+            if traceable:
+                reason, compiled, result = self._compile_traced(key, build, args, example, reason)
+            if compiled is None:
+                self._fall_back(key, reason, error)
+                return None
+        self._programs[key] = compiled
+        seconds = time.perf_counter() - start
+        log.info("strategy %r: compiled %s in %.1f s", self.strategy, what, seconds)
+        self._count(seconds)
+        return result
+
+    def _compile(self, build: Callable[[], Callable[..., Any]], args: Sequence[Any]) -> tuple[Any, Any]:
+        """Compile ``build()`` and run it on ``args`` (the first call compiles): ``(program, result)``."""
         backend = os.environ.get(BACKEND_ENV, "inductor")
         mode = self.spec.mode if backend == "inductor" else None
         options = None
@@ -218,40 +258,61 @@ class Programs:
             # faster per step on the white dwarf (docs/compile.md), for a longer first compile.
             options = {"cpp_wrapper": True}
         compiled = torch.compile(build(), fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
-        # Compiling takes seconds to minutes, once per key: say so before, and how long after,
-        # so a long first step is never silent.
-        field_type = getattr(key[1], "__name__", str(key[1]))
-        field_type = "a function field" if field_type in ("function", "method", "partial") else field_type
-        what = f"its {key[0]} program for {field_type} on {_describe_signature(key[2])}"
-        log.info("strategy %r: compiling %s (once per shape; compile=False skips this) ...", self.strategy, what)
-        start = time.perf_counter()
+        with _without_saved_tensors_hooks(), compile_limits():
+            return compiled, compiled(*args)
+
+    def _compile_traced(self, key: Any, build: Callable[[], Callable[..., Any]], args: Sequence[Any],
+                        example: Any, reason: str) -> tuple[str, Any, Any]:
+        """The field traced into a pure graph, compiled: ``(reason, program, result)``, the program
+        ``None`` (and the reason why) when it cannot be traced or still does not compile."""
+        field = args[0]
         try:
-            with _without_saved_tensors_hooks(), compile_limits():
-                result = compiled(*args)
-        except Exception as error:  # noqa: BLE001 - any failure to compile means: run eager
-            reason = _reason(error)
-            if self.spec.strict:
-                raise RuntimeError(
-                    f"compile='strict': strategy {self.strategy!r} could not compile its solve: {reason}. "
-                    f"Make the field compilable (no data-dependent Python control flow, no .item(), "
-                    f"no unsupported operations), or use compile=True to fall back to eager with a warning"
-                ) from error
-            self._failed[key] = reason
-            self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
-            if reason not in self._warned:
-                self._warned.add(reason)
-                warnings.warn(
-                    f"strategy {self.strategy!r} could not compile its solve and runs it eagerly instead "
-                    f"(same gradients, slower): {reason}. compile='strict' raises instead of falling back",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return None
-        self._programs[key] = compiled
-        seconds = time.perf_counter() - start
-        log.info("strategy %r: compiled %s in %.1f s", self.strategy, what, seconds)
-        self._count(seconds)
-        return result
+            traced = trace_field(field, *example)
+        except FieldTraceError as error:
+            return str(error), None, None
+        try:
+            compiled, result = self._compile(build, (traced, *args[1:]))
+        except Exception as error:  # noqa: BLE001
+            return f"{reason} (and traced into a graph: {_reason(error)})", None, None
+        self._traced[key] = (weakref.ref(field), traced)
+        self._traced_types.add(type(field))
+        log.info("strategy %r: %s changes Python state when called, so the solve compiles it traced into a "
+                 "graph: its side effects ran once, at tracing (the strategy's NFE counts evaluations)",
+                 self.strategy, type(field).__name__)
+        return reason, compiled, result
+
+    def _traced_for(self, key: Any, field: nn.Module, example: Any) -> TracedField | None:
+        """The traced graph of ``field`` for ``key``: traced again for another field object, or when a
+        plain value it read changed (``training``, ...); ``None`` (run eager) if that fails."""
+        ref, traced = self._traced[key]
+        current = plain_state(field)
+        if ref() is not field or any(current.get(name, not value) != value for name, value in traced.plain.items()):
+            try:
+                traced = trace_field(field, *example)
+            except FieldTraceError as error:
+                self._fall_back(key, str(error), error)
+                return None
+            self._traced[key] = (weakref.ref(field), traced)
+        return traced
+
+    def _fall_back(self, key: Any, reason: str, error: BaseException) -> None:
+        """Run ``key`` eagerly from now on, warning once per reason (``strict``: raise instead)."""
+        if self.spec.strict:
+            raise RuntimeError(
+                f"compile='strict': strategy {self.strategy!r} could not compile its solve: {reason}. "
+                f"Make the field compilable (no data-dependent Python control flow, no .item(), "
+                f"no unsupported operations), or use compile=True to fall back to eager with a warning"
+            ) from error
+        self._failed[key] = reason
+        self.fallbacks[reason] = self.fallbacks.get(reason, 0) + 1
+        if reason not in self._warned:
+            self._warned.add(reason)
+            warnings.warn(
+                f"strategy {self.strategy!r} could not compile its solve and runs it eagerly instead "
+                f"(same gradients, slower): {reason}. compile='strict' raises instead of falling back",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def _count(self, seconds: float) -> None:
         """One program compiled, in ``seconds`` (its first call's time)."""
@@ -268,6 +329,7 @@ def adaptive_step(
     counted: Any,
     evaluations: Callable[[Any], int],
     extra: Any = None,
+    example: tuple[Tensor, Tensor] | None = None,
 ) -> Callable[..., Any]:
     """An adaptive solve's step as a compiled program; the controller stays in Python.
 
@@ -278,6 +340,7 @@ def adaptive_step(
         counted: the solve's :class:`~nde_zoo.solvers.CountedField`; a compiled call adds
             ``evaluations(carry)`` to its ``nfe`` (the program cannot count from inside).
         extra: what else the program bakes in (the solver, the coupling).
+        example: a ``(t, y)`` to trace a field with side effects at (:meth:`Programs.run`).
 
     The step size enters as a 0-d tensor, so accepting and rejecting steps of every size
     reuses one program per (shapes, dtype, grad mode). ``Path.sizes`` keep the Python floats.
@@ -291,9 +354,9 @@ def adaptive_step(
         key = programs.key(kind, field, [t, state, carry], (extra, torch.is_grad_enabled()))
         if programs.first_call(key):
             return_eager = eager(t, state, h, carry)  # the first step runs eagerly: it checks shapes
-            programs.run(key, build, field, t, state, t.new_tensor(h), carry)  # compile (result discarded)
+            programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)  # compile only
             return return_eager
-        result = programs.run(key, build, field, t, state, t.new_tensor(h), carry)
+        result = programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)
         if result is None:
             return eager(t, state, h, carry)
         counted.nfe += evaluations(carry)
@@ -307,6 +370,10 @@ def adaptive_step(
 #: compiled program itself runs under the hooks as usual from its second call on; the first
 #: call's result is what it computed, without the outer hooks seeing what it saved.
 _without_saved_tensors_hooks = suspended_saved_tensors_hooks
+
+
+class _NeedsTracing(Exception):
+    """A field class that already failed to compile plainly: go straight to tracing it."""
 
 
 def _describe_signature(signature: Any) -> str:
@@ -337,10 +404,10 @@ def _on_cpu(args: Sequence[Any]) -> bool:
 #: what to do about the graph breaks users meet most, by a phrase of torch's message.
 _BREAK_HINTS = {
     "outer-scope object was changed": (
-        "the field changes Python state on each call (e.g. a counter, self.nfe += 1), which a compiled "
-        "loop cannot replay; the strategy already counts evaluations (solution.stats.nfe_forward, the "
-        "nfe/forward metric), so drop the counter or skip it while compiling: "
-        "`if not torch.compiler.is_compiling(): self.nfe += 1`"
+        "the field changes Python state on each call (e.g. a counter, nfe += 1), which a compiled loop "
+        "cannot replay; an nn.Module field is traced into a pure graph instead, a function field is not: "
+        "write it as an nn.Module, or drop the counter (the strategy counts evaluations: "
+        "solution.stats.nfe_forward, the nfe/forward metric)"
     ),
 }
 
@@ -377,6 +444,8 @@ def functional_field(field: Any, names: Sequence[str]) -> Callable[[Sequence[Ten
     ``names`` are the names of the parameters (``field.named_parameters()`` order, trainable
     only); the others (frozen parameters, buffers) stay those of the module.
     """
+    if isinstance(field, TracedField):  # the traced graph, the original's names
+        return lambda params, t, y: field.graph(field.tensors(params, names), t, y)
     if not isinstance(field, nn.Module) or not names:
         return lambda params, t, y: field(t, y)
 

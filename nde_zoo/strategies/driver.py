@@ -237,7 +237,7 @@ def _forward(run: Run, y0: Tensor) -> Forward:
     step = scheme.step(counted)
     if run.adaptive_programs is not None:  # adaptive with compile=: the same step, compiled
         step = adaptive_step(run.adaptive_programs, f"{run.strategy}/adaptive_step", run.field, scheme.step,
-                             counted, scheme.step_evaluations, scheme.key())
+                             counted, scheme.step_evaluations, scheme.key(), example=(run.t_like, y0.detach()))
     record: bool | Sequence[int] = scheme.keeps in ("every", "schedule")
     if schedule is not None and not schedule.every:
         record = schedule.stored
@@ -296,7 +296,8 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
     key = programs.key(kind, run.field, [y0], extra)
     if programs.first_call(key):
         CountedField(run.field)(run.t_like, y0)  # the shape check of the eager loop's first call
-    result = programs.run(key, build, run.field, y0, grid.times, grid.sizes, grid.output_index)
+    result = programs.run(key, build, run.field, y0, grid.times, grid.sizes, grid.output_index,
+                          example=(run.t_like, y0.detach()))
     if result is None:
         return None
     ys, kept = result
@@ -467,7 +468,8 @@ def _backward_compiled(run: Run, forward: Forward, saved: Sequence[Tensor], grad
     grad_rows = torch.cat([grad_ys, grad_ys.new_zeros((1, *grad_ys.shape[1:]))])  # row len(ts): no output
     key = programs.key(f"{run.strategy}/backward", run.field, [*saved, grad_rows, *params],
                        (*scheme.key(), grid.layout, segment))
-    result = programs.run(key, build, run.field, saved, grad_rows, grid.times, grid.sizes, grid.slots, *params)
+    result = programs.run(key, build, run.field, saved, grad_rows, grid.times, grid.sizes, grid.slots, *params,
+                          example=(run.t_like, grad_ys[0].detach()))
     if result is None:
         return None
     rebuilt, y0bar, pbars = result
