@@ -302,6 +302,22 @@ def test_cde_and_latent_ode_fields_compile(aot_eager):
         assert relative(c, e) <= 1e-12
 
 
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_validation_without_gradients_reuses_the_training_programs(aot_eager, name):
+    field = MLP().double()
+    y0, ts = torch.randn(4, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
+    strategy = STRATEGIES[name]("midpoint", steps=6, compile="strict", **kwargs_for(name))
+    strategy.solve(field, y0, ts).ys.sum().backward()  # a training step compiles
+    compiles = strategy.programs.compiles
+    with torch.no_grad():
+        validation = strategy.solve(field, y0, ts).ys
+    assert strategy.programs.compiles == compiles, "a validation pass compiled the loop again"
+    assert not validation.requires_grad
+    with torch.no_grad():
+        eager = STRATEGIES[name]("midpoint", steps=6, **kwargs_for(name)).solve(field, y0, ts).ys
+    assert relative(validation, eager) <= 1e-12
+
+
 class _CountsItsCalls(nn.Module):
     """torchdiffeq's examples' pattern: the field counts its own evaluations (and may print)."""
 

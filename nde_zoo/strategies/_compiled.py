@@ -186,6 +186,10 @@ class Programs:
             self._warned.add(reason)
             warnings.warn(f"strategy {self.strategy!r}: {reason}", RuntimeWarning, stacklevel=4)
 
+    def compiled(self, key: Any) -> bool:
+        """Whether ``key`` has a compiled program (it compiled and did not fall back)."""
+        return key in self._programs
+
     def first_call(self, key: Any) -> bool:
         """Whether ``key`` has neither compiled nor failed yet (its first call will compile)."""
         return key not in self._programs and key not in self._failed

@@ -294,13 +294,21 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
     extra = (*scheme.key(), layout, keeps, schedule, torch.is_grad_enabled())
     kind = run.strategy if keeps == "graph" else f"{run.strategy}/forward"  # graph: one program, forward and backward
     key = programs.key(kind, run.field, [y0], extra)
+    graded = contextlib.nullcontext()
+    if keeps == "graph" and not torch.is_grad_enabled():
+        trained = programs.key(kind, run.field, [y0], (*extra[:-1], True))
+        if programs.compiled(trained):  # validation after training: the training program, its graph dropped,
+            key, graded = trained, torch.enable_grad()  # not a second compile of the same loop
     if programs.first_call(key):
         CountedField(run.field)(run.t_like, y0)  # the shape check of the eager loop's first call
-    result = programs.run(key, build, run.field, y0, grid.times, grid.sizes, grid.output_index,
-                          example=(run.t_like, y0.detach()))
+    with graded:
+        result = programs.run(key, build, run.field, y0, grid.times, grid.sizes, grid.output_index,
+                              example=(run.t_like, y0.detach()))
     if result is None:
         return None
     ys, kept = result
+    if not torch.is_grad_enabled():
+        ys = ys.detach()
     check_finite_outputs(ys, run.times, run.field)
     stats = SolveStats(nfe_forward=scheme.forward_nfe(grid.steps), accepted_steps=grid.steps)
     if keeps == "ends":
