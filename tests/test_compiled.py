@@ -137,7 +137,7 @@ def test_compiled_reversible_memory_is_flat_in_steps(aot_eager):
 
 
 def test_recompiles_are_bounded_with_a_ragged_last_batch(aot_eager):
-    """Two epochs of batches 8, 8, 3: each program compiles once per batch shape, no more."""
+    """Two epochs of batches 8, 8, 3: the ragged batch runs the batch-8 programs padded, no compile of its own."""
     field = MLP().double()
     strategy = Reversible("rk4", steps=12, compile="strict")
     ts = torch.linspace(0.0, 1.0, 4, dtype=F64)
@@ -146,9 +146,40 @@ def test_recompiles_are_bounded_with_a_ragged_last_batch(aot_eager):
         for batch in (8, 8, 3):
             y0 = torch.randn(batch, 3, dtype=F64).requires_grad_()
             strategy.solve(field, y0, ts).ys.sum().backward()
-    assert strategy.programs.compiles == 4  # (forward, backward) x (batch 8, batch 3)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 4
+    assert strategy.programs.compiles == 2  # (forward, backward) of batch 8; batch 3 runs them padded
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
     assert strategy.programs.compile_seconds > 0
+
+
+class _MixesRows(nn.Module):
+    """A field whose rows interact (each sees the batch mean): it must not be padded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3).double()
+
+    def forward(self, t, y):
+        return torch.tanh(self.lin(y - y.mean(0, keepdim=True)))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+@pytest.mark.parametrize("field_class", [MLP, _MixesRows])
+def test_a_ragged_batch_equals_eager_padded_or_not(aot_eager, name, field_class):
+    field = field_class().double()
+    ts = torch.tensor([0.0, 0.4, 1.0], dtype=F64)
+    strategy = STRATEGIES[name]("midpoint", steps=6, compile="strict", **kwargs_for(name))
+    full = torch.randn(8, 3, dtype=F64)
+    gradients(strategy, field, full, ts, torch.ones(3, 8, 3, dtype=F64))
+    compiles = strategy.programs.compiles
+    ragged = torch.randn(3, 3, dtype=F64, generator=torch.Generator().manual_seed(5))
+    weights = torch.randn(3, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(6))
+    compiled_sol, compiled = gradients(strategy, field, ragged, ts, weights)
+    eager_sol, eager = gradients(STRATEGIES[name]("midpoint", steps=6, **kwargs_for(name)), field, ragged, ts, weights)
+    assert compiled_sol.ys.shape == eager_sol.ys.shape == (3, 3, 3)
+    for c, e in zip([compiled_sol.ys.detach(), *compiled], [eager_sol.ys.detach(), *eager]):
+        assert relative(c, e) <= 1e-12
+    # rows apart: the full batch's programs, padded; rows mixed: compiled for its own shape
+    assert strategy.programs.compiles == compiles + (0 if field_class is MLP else compiles)
 
 
 class BranchyField(nn.Module):

@@ -186,6 +186,19 @@ class Programs:
             self._warned.add(reason)
             warnings.warn(f"strategy {self.strategy!r}: {reason}", RuntimeWarning, stacklevel=4)
 
+    def padded_batch(self, key: Any) -> int | None:
+        """The smallest batch larger than ``key``'s (its first input's first dimension) of a compiled
+        program that is ``key`` but for that batch: a ragged last batch can run it padded."""
+        kind, field_type, signature, extra = key
+        first = signature[0] if signature else None
+        if not (isinstance(first, tuple) and first and first[0] == "T" and first[1]):
+            return None
+        sizes = [other[2][0][1][0] for other in self._programs
+                 if other[0] == kind and other[1] is field_type and other[3] == extra and other[2][1:] == signature[1:]
+                 and other[2][0][0] == "T" and other[2][0][2:] == first[2:] and other[2][0][1][1:] == first[1][1:]
+                 and other[2][0][1][0] > first[1][0]]
+        return min(sizes) if sizes else None
+
     def compiled(self, key: Any) -> bool:
         """Whether ``key`` has a compiled program (it compiled and did not fall back)."""
         return key in self._programs

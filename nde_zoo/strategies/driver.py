@@ -157,6 +157,7 @@ class Forward:
     stacked: bool = False
     schedule: Schedule | None = None
     grid: Grid | None = None  # set when the forward ran compiled: its backward may too
+    rows: int | None = None  # the batch's rows when it ran padded to a compiled program's batch
 
 
 @dataclass
@@ -211,10 +212,16 @@ class _Solve(torch.autograd.Function):
     def backward(ctx: Any, grad_ys: Tensor) -> tuple[Tensor | None, ...]:
         run, forward = ctx.run, ctx.forward
         saved = ctx.saved_tensors
+        if forward.rows is not None:  # the padding rows' outputs are not the solve's: zero cotangents
+            full = saved[0].shape[1 if forward.stacked else 0]
+            grad_ys = torch.cat([grad_ys, grad_ys.new_zeros((grad_ys.shape[0], full - forward.rows,
+                                                             *grad_ys.shape[2:]))], dim=1)
         with _autocast_off(run, grad_ys):
             grads = _backward_compiled(run, forward, saved, grad_ys) if forward.grid is not None else None
             if grads is None:
                 grads = _backward_eager(run, forward, saved, grad_ys)
+        if forward.rows is not None:
+            grads[0] = grads[0][: forward.rows]
         return (None, None, *grads)
 
 
@@ -299,14 +306,21 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
         trained = programs.key(kind, run.field, [y0], (*extra[:-1], True))
         if programs.compiled(trained):  # validation after training: the training program, its graph dropped,
             key, graded = trained, torch.enable_grad()  # not a second compile of the same loop
+    rows = None
     if programs.first_call(key):
         CountedField(run.field)(run.t_like, y0)  # the shape check of the eager loop's first call
+        full = programs.padded_batch(key)
+        if full is not None and _rows_independent(run, y0, full):  # a ragged batch: the full batch's program
+            rows, y0 = y0.shape[0], _pad_rows(y0, full)
+            key = programs.key(kind, run.field, [y0], extra)
     with graded:
         result = programs.run(key, build, run.field, y0, grid.times, grid.sizes, grid.output_index,
                               example=(run.t_like, y0.detach()))
     if result is None:
         return None
     ys, kept = result
+    if rows is not None:
+        ys = ys[:, :rows]
     if not torch.is_grad_enabled():
         ys = ys.detach()
     check_finite_outputs(ys, run.times, run.field)
@@ -316,7 +330,29 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
         scheme.after_forward(y0, final, path, run.extras)
         kept = (*kept, y0)
     return Forward(ys, path, stats, tuple(kept), stacked=keeps in ("every", "schedule"), schedule=schedule,
-                   grid=grid)
+                   grid=grid, rows=rows)
+
+
+def _pad_rows(y0: Tensor, full: int) -> Tensor:
+    """``y0`` with copies of its first row up to ``full`` rows (real values: no NaN from a zero state),
+    requiring grad as ``y0`` does (inside an autograd Function's forward the copy would not)."""
+    padded = torch.cat([y0, y0[:1].expand(full - y0.shape[0], *y0.shape[1:])])
+    return padded.requires_grad_() if y0.requires_grad and not padded.requires_grad else padded
+
+
+def _rows_independent(run: Run, y0: Tensor, full: int) -> bool:
+    """Whether the field treats the batch's rows apart, so a batch padded to ``full`` rows solves each
+    real row as it would alone (its gradients too: the padding's cotangents are zero). Checked on one
+    evaluation: padded, the field must return the unpadded rows to round-off (a field of a batch's own
+    data, a CDE's path, or one mixing rows, is not padded and compiles for its shape)."""
+    tolerance = dict(rtol=1e-12, atol=1e-14) if y0.dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
+    try:
+        with torch.enable_grad():
+            alone = run.field(run.t_like, y0.detach())
+            padded = run.field(run.t_like, _pad_rows(y0.detach(), full))
+        return padded.shape[0] == full and torch.allclose(padded[: y0.shape[0]], alone, **tolerance)
+    except Exception:  # noqa: BLE001 - a field that cannot take another batch size: compile for this one
+        return False
 
 
 # -- backward ----------------------------------------------------------------------------------
