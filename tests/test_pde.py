@@ -256,20 +256,21 @@ def _compose(tmp_path, *overrides: str):
 
 
 @pytest.mark.parametrize("name", CLI_STRATEGIES)
-def test_fit_with_every_strategy_through_the_cli_entry_point(name, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # outside Hydra the run directory is the working directory
+def test_fit_with_every_strategy_through_the_cli_entry_point(name, cli, tmp_path):
+    """``python -m nde_zoo fit model=pde strategy=NAME ...``, run in this process (the ``cli`` fixture)."""
+    run_dir = tmp_path / "run"
     extra = ["strategy.memory_budget=1GB"] if name == "auto" else []
-    cfg = _compose(tmp_path, f"strategy={name}", *extra)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        results = run("fit", cfg)
-    assert results and all(math.isfinite(v) for v in results[0].values()), results
-    assert {"test/loss", "test/rel_error", "test/final_rel_error"} <= set(results[0])
-    rows = [r for metrics in tmp_path.glob("csv/version_*/metrics.csv") for r in csv.DictReader(metrics.open())]
+    out = cli("fit", *SMALL, f"strategy={name}", *extra, f"data.cache_dir={tmp_path / 'cache'}",
+              f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = [r for metrics in run_dir.glob("**/metrics.csv") for r in csv.DictReader(metrics.open())]
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert losses and all(math.isfinite(v) for v in losses)
+    tested = {k: float(v) for r in rows for k, v in r.items() if k.startswith("test/") and v}
+    assert {"test/loss", "test/rel_error", "test/final_rel_error"} <= set(tested), sorted(tested)
+    assert all(math.isfinite(v) for v in tested.values()), tested
     if name == "direct":  # the pictures, once
-        assert (tmp_path / "pde_rollout.png").is_file() and (tmp_path / "pde_error.png").is_file()
+        assert (run_dir / "pde_rollout.png").is_file() and (run_dir / "pde_error.png").is_file()
 
 
 @pytest.mark.parametrize("name", ["reversible", "direct"])
