@@ -39,10 +39,18 @@ def _all_subclasses(cls: type) -> list[type]:
 
 
 def strategies_supporting(kind: str) -> list[str]:
-    """Config names of the strategy classes that declare ``kind`` ("ode" or "sde")."""
+    """Config names of the strategy classes that declare ``kind`` ("ode" or "sde") and that
+    ``strategy=<name>`` selects (a config in ``configs/strategy/``): a subclass defined elsewhere (a
+    test's, a notebook's) is not offered by a name the command line does not know."""
     import nde_zoo.strategies  # noqa: F401  (registers every strategy class)
+    from nde_zoo.configs_path import config_dir
 
-    names = {c.name for c in _all_subclasses(GradientStrategy) if c.name and kind in c.kinds}
+    try:
+        selectable = {path.stem for path in (config_dir() / "strategy").glob("*.yaml")}
+    except FileNotFoundError:
+        selectable = None
+    names = {c.name for c in _all_subclasses(GradientStrategy)
+             if c.name and kind in c.kinds and (selectable is None or c.name in selectable)}
     return sorted(names)
 
 
