@@ -121,20 +121,15 @@ class LiveSaved:
         are views of): those bytes are already in ``Solution.saved_bytes``, so pass these to
         ``ignore`` to count only what the backward holds *on top*.
         """
+        from nde_zoo.strategies.fields import graph_nodes  # the strategies import this module
+
         found: list[Tensor] = []
-        seen: set[int] = set()
-        stack = [outputs.grad_fn] if outputs.grad_fn is not None else []
-        while stack:
-            node = stack.pop()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
+        for node in graph_nodes(outputs):
             if isinstance(node, torch.autograd.function.BackwardCFunction):
                 try:
                     found.extend(t for t in node.saved_tensors if isinstance(t, Tensor))
                 except RuntimeError:  # already freed
                     pass
-            stack.extend(next_node for next_node, _ in node.next_functions)
         return found
 
 

@@ -69,3 +69,17 @@ def test_auto_names_no_strategy_class_and_branches_on_no_strategy_name():
         if isinstance(node, ast.Compare):
             constants = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
             assert not set(constants) & set(auto_module.CANDIDATES), ast.unparse(node)
+
+
+def test_an_unknown_strategy_name_is_refused_naming_the_known_ones():
+    from nde_zoo.strategies.base import strategy_class
+
+    with pytest.raises(ValueError, match=r"no ODE strategy is named 'revesible'; known: .*reversible"):
+        strategy_class("revesible")
+
+
+def test_seminorm_refuses_another_norm_naming_adjoint():
+    from nde_zoo.strategies import Seminorm
+
+    with pytest.raises(TypeError, match=r"Seminorm fixes adjoint_norm='seminorm'.*Adjoint\(adjoint_norm=\.\.\.\)"):
+        Seminorm("dopri5", adjoint_norm="rms")

@@ -408,6 +408,15 @@ class _ReadsItem(_CountsItsCalls):
         return torch.tanh(self.lin(y)) / (1.0 + largest)
 
 
+_OUTSIDE = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+
+
+class _ReadsATensorItDoesNotOwn(_CountsItsCalls):
+    def forward(self, t, y):
+        self.nfe += 1  # a side effect: traced, and the trace meets the tensor
+        return _OUTSIDE * torch.tanh(self.lin(y))
+
+
 class _CallsNumpy(_CountsItsCalls):
     def forward(self, t, y):
         scale = np.tanh(y.detach().numpy()).mean()
@@ -419,6 +428,8 @@ class _CallsNumpy(_CountsItsCalls):
     (_Branches, "a branch on a tensor's value at test_compiled.py:{}", "if y.abs().sum() > 1e9:"),
     (_ReadsItem, "`.item()` reads a tensor's value into Python at test_compiled.py:{}", "largest = y.abs().max().item()"),
     (_CallsNumpy, "a NumPy call on a tensor at test_compiled.py:{}", "scale = np.tanh(y.detach().numpy()).mean()"),
+    (_ReadsATensorItDoesNotOwn, "a tensor _ReadsATensorItDoesNotOwn reads but does not own (not a parameter or "
+                                "buffer) at test_compiled.py:{}", "return _OUTSIDE * torch.tanh(self.lin(y))"),
 ])
 def test_a_field_that_cannot_compile_falls_back_naming_the_construct_its_line_and_the_fix(aot_eager, cls, construct,
                                                                                          line):

@@ -303,7 +303,7 @@ class Programs:
         plain value it read changed (``training``, ...); ``None`` (run eager) if that fails."""
         ref, traced = self._traced[key]
         current = plain_state(field)
-        if ref() is not field or any(current.get(name, not value) != value for name, value in traced.plain.items()):
+        if ref() is not field or any(current.get(name, _MISSING) != value for name, value in traced.plain.items()):
             try:
                 traced = trace_field(field, *example)
             except FieldTraceError as error:
@@ -387,6 +387,9 @@ def adaptive_step(
 #: compiled program itself runs under the hooks as usual from its second call on; the first
 #: call's result is what it computed, without the outer hooks seeing what it saved.
 _without_saved_tensors_hooks = suspended_saved_tensors_hooks
+
+
+_MISSING = object()  # an attribute the field no longer has
 
 
 class _NeedsTracing(Exception):

@@ -155,7 +155,7 @@ def check_finite_initial_state(y0: Tensor, t0: float, strategy: str) -> None:
     )
 
 
-def _graph_nodes(output: Tensor, stop: Any = None) -> list[Any]:
+def graph_nodes(output: Tensor, stop: Any = None) -> list[Any]:
     """Every autograd node reachable from ``output`` (depth first, each once), not beyond ``stop``."""
     nodes: list[Any] = []
     seen: set[int] = {id(stop)} if stop is not None else set()
@@ -255,9 +255,9 @@ def inspect_field(
         return found
     state_storages = {state.untyped_storage().data_ptr(), t0.untyped_storage().data_ptr()}
     # The time is an input, not a dependency: its own graph (ts requiring grad) is not walked.
-    first_nodes = _graph_nodes(first, stop=t0.grad_fn)
+    first_nodes = graph_nodes(first, stop=t0.grad_fn)
     inner = {id(node) for node in first_nodes if _leaf_of(node) is None}
-    for node in _graph_nodes(second, stop=t0.grad_fn):
+    for node in graph_nodes(second, stop=t0.grad_fn):
         if id(node) in inner and not _is_cast_of_leaves(node):
             raise FieldDependencyError(
                 f"the vector field reads a tensor computed outside it from parameters (an autograd "

@@ -68,9 +68,9 @@ def trace_field(field: nn.Module, t: Tensor, y: Tensor) -> TracedField:
     """Trace ``field(t, y)`` into a :class:`TracedField`; :class:`FieldTraceError` when it cannot be.
 
     The traced graph is checked against two eager calls of the field (to round-off): a field whose
-    output changes from call to call (it depends on state it changes, or on randomness) is refused,
-    as is one that reads a tensor requiring grad that is not its own parameter (the graph would hold
-    it as a constant, and its gradient would be lost).
+    output changes from call to call (it depends on state it changes, or on randomness) is refused;
+    so is one that reads a tensor it does not own (not a parameter or buffer: tracing with fake tensors
+    stops there, and a graph holding it as a constant would lose its gradient).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -92,11 +92,6 @@ def trace_field(field: nn.Module, t: Tensor, y: Tensor) -> TracedField:
             raise FieldTraceError(_at_line(field, node.meta.get("stack_trace") or "", "`.item()` reads a tensor's "
                                            "value into Python", "keep the value a tensor (a 0-d tensor broadcasts), "
                                            "or use compile=False"))
-    constants = [name for name, value in vars(graph).items() if isinstance(value, Tensor) and value.requires_grad]
-    if constants:
-        raise FieldTraceError(
-            f"{type(field).__name__} reads a tensor requiring grad that is not its own parameter or buffer; "
-            f"register it on the module (nn.Parameter) so the compiled solve can differentiate it")
     first, traced, second = (out.detach() for out in (field(t, y), graph(tensors, t, y), field(t, y)))
     changed = sorted(f"{prefix + '.' if prefix else ''}{name}" for (prefix, name), value in plain_state(field).items()
                      if before.get((prefix, name), value) != value)
@@ -134,6 +129,9 @@ def diagnose(field: Any, error: BaseException) -> str:
         return f"{type(field).__name__} could not be traced ({message})"
     line = (frame.line or "").strip()
     where = f"{os.path.basename(frame.filename)}:{frame.lineno} (`{line}`)"
+    if "convert all Tensors to FakeTensors" in str(error):  # a real tensor met in a fake trace
+        return (f"a tensor {type(field).__name__} reads but does not own (not a parameter or buffer) at {where}. "
+                f"Fix: register it on the module (nn.Parameter, or register_buffer), or use compile=False")
     for matches, construct, fix in _CONSTRUCTS:
         if matches(line):
             return f"{construct} at {where}. Fix: {fix}"
