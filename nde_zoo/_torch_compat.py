@@ -2,7 +2,7 @@
 
 A private name can move between torch releases; collecting them here means one file to read
 when torch is upgraded, and ``tests/test_torch_compat.py`` checks each one on the installed torch
-(the compiled path's tested range is ``TESTED_TORCH`` in :mod:`nde_zoo.strategies._compiled`).
+(the compiled path's tested range is ``TESTED_TORCH`` in :mod:`nde_zoo.driver.programs`).
 Nothing here changes torch's global state when imported: :func:`compile_limits` patches
 Dynamo's recompile limits only around our own compiled calls.
 """

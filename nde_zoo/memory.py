@@ -121,7 +121,7 @@ class LiveSaved:
         are views of): those bytes are already in ``Solution.saved_bytes``, so pass these to
         ``ignore`` to count only what the backward holds *on top*.
         """
-        from nde_zoo.strategies.fields import graph_nodes  # the strategies import this module
+        from nde_zoo.driver.fields import graph_nodes  # the strategies import this module
 
         found: list[Tensor] = []
         for node in graph_nodes(outputs):
@@ -206,7 +206,7 @@ def measure_solve(strategy: Any, field: Any, y0: Tensor, ts: Tensor, repeats: in
     it held before, during the forward and during the backward (unless ``memory`` is false: one
     timed run only), then the better of ``repeats`` timed runs. Gradients go to
     ``torch.autograd.grad``, never into ``.grad``."""
-    from nde_zoo.strategies.fields import field_parameters  # strategies import this module
+    from nde_zoo.driver.fields import field_parameters  # strategies import this module
 
     params = field_parameters(field)
     y0 = y0.detach().requires_grad_(y0.requires_grad)

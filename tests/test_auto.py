@@ -7,7 +7,6 @@ gradients against the chosen strategy's own (float64), and the choice against pr
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 
@@ -17,7 +16,7 @@ import torch
 from torch import nn
 
 from nde_zoo.strategies import Auto, Checkpoint, Direct, MemoryBudgetError, Reversible, Symplectic
-from nde_zoo.strategies._autograd import NonDeterministicFieldError
+from nde_zoo.driver.autograd import NonDeterministicFieldError
 from nde_zoo.strategies.auto import _measure, format_bytes, parse_bytes
 from nde_zoo.strategies.checkpoint import binomial_peak_states, binomial_recomputations
 

@@ -19,7 +19,7 @@ import torch._dynamo
 from torch import nn
 
 from nde_zoo.strategies import Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic
-from nde_zoo.strategies._compiled import BACKEND_ENV, CompileSpec
+from nde_zoo.driver.programs import BACKEND_ENV, CompileSpec
 from tests.test_reversible import MLP as ReferenceMLP
 
 F64 = torch.float64

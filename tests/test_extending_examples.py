@@ -72,7 +72,7 @@ def test_the_doc_covers_the_whole_contract():
 def test_a_strategy_on_the_driver_runs_eager_and_compiled_without_a_loop(example, compile, monkeypatch):
     """docs/extending.md's strategy on the driver: a forward step, what it keeps and a reverse step,
     no loop of its own; eager and compiled (strict: no silent fall-back), its gradient is Direct's."""
-    from nde_zoo.strategies._compiled import BACKEND_ENV
+    from nde_zoo.driver.programs import BACKEND_ENV
 
     monkeypatch.setenv(BACKEND_ENV, "aot_eager")
     module = example("driver_strategy")
@@ -80,3 +80,11 @@ def test_a_strategy_on_the_driver_runs_eager_and_compiled_without_a_loop(example
     source = (EXAMPLES / "driver_strategy.py").read_text()
     strategy_code = source.split("class StepwiseHeunScheme")[1].split("def gradients")[0]
     assert not re.search(r"^\s*(for|while) ", strategy_code, re.MULTILINE)  # no loop of its own
+
+
+def test_a_strategy_importing_the_driver_from_its_old_place_keeps_working():
+    """Strategies written before the driver became its own layer import it from nde_zoo.strategies.driver."""
+    import nde_zoo.driver as driver
+    from nde_zoo.strategies.driver import Scheme, add_grads, solve
+
+    assert (Scheme, add_grads, solve) == (driver.Scheme, driver.add_grads, driver.solve)

@@ -17,8 +17,8 @@ from torch import nn
 
 from nde_zoo.solvers import NonFiniteStateError
 from nde_zoo.strategies import Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic
-from nde_zoo.strategies._autograd import NonDeterministicFieldError
-from nde_zoo.strategies.fields import FieldDependencyError, field_parameters, inspect_field
+from nde_zoo.driver.autograd import NonDeterministicFieldError
+from nde_zoo.driver.fields import FieldDependencyError, field_parameters, inspect_field
 
 F64 = torch.float64
 TS = torch.linspace(0.0, 1.0, 3, dtype=F64)

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from nde_zoo.strategies import Checkpoint, Direct, Reversible, Symplectic
-from nde_zoo.strategies._autograd import NonDeterministicFieldError
+from nde_zoo.driver.autograd import NonDeterministicFieldError
 
 F64 = torch.float64
 RECOMPUTING = {"checkpoint": Checkpoint, "symplectic": Symplectic, "reversible": Reversible}

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from nde_zoo.strategies import Auto, Checkpoint, Direct
-from nde_zoo.strategies._compiled import BACKEND_ENV
-from nde_zoo.strategies.schedule import Schedule
+from nde_zoo.driver.programs import BACKEND_ENV
+from nde_zoo.driver.schedule import Schedule
 
 F64 = torch.float64
 STEPS = 24

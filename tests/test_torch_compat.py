@@ -10,7 +10,7 @@ from torch import nn
 
 def test_importing_the_strategies_leaves_dynamos_limits_at_torchs_defaults():
     import nde_zoo.strategies  # noqa: F401
-    from nde_zoo.strategies import _compiled  # noqa: F401
+    from nde_zoo.driver import programs  # noqa: F401  (the compiled programs: imported by a compiled solve)
 
     config = torch._dynamo.config
     assert config.recompile_limit == config._config["recompile_limit"].default
@@ -70,3 +70,32 @@ def test_the_config_module_does_not_import_the_strategies_back():
     tree = ast.parse(Path(config.__file__).read_text())
     imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert not any(m and m.startswith("nde_zoo.strategies") for m in imported), imported
+
+
+def _imported_modules(package_dir) -> dict[str, set[str]]:
+    import ast
+
+    found = {}
+    for path in sorted(package_dir.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        found[path.name] = names
+    return found
+
+
+def test_lower_layers_never_import_upper_ones():
+    """solvers -> driver -> strategies: the numerics know no driver, the driver knows no strategy.
+
+    Function-level imports count too: a lazy import upward is still a cycle waiting to happen.
+    """
+    from pathlib import Path
+
+    import nde_zoo
+
+    root = Path(nde_zoo.__file__).parent
+    for layer, above in (("solvers", ("nde_zoo.driver", "nde_zoo.strategies", "nde_zoo.models")),
+                         ("driver", ("nde_zoo.strategies", "nde_zoo.models"))):
+        for file, modules in _imported_modules(root / layer).items():
+            upward = sorted(m for m in modules if m.startswith(above))
+            assert not upward, f"nde_zoo/{layer}/{file} imports {upward}"

@@ -1,7 +1,7 @@
 """A new gradient strategy written against the solve driver: no loop of its own.
 
 ``StepwiseHeun`` declares the three things a strategy tells the driver
-(``nde_zoo.strategies.driver``, docs/extending.md "A strategy on the driver"):
+(``nde_zoo.driver``, docs/extending.md "A strategy on the driver"):
 
 - its forward step: Heun's method, written out here (it could be any step function);
 - what it keeps for backward: every step start (``keeps = "every"``);
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from nde_zoo.strategies import Direct
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
-from nde_zoo.strategies.driver import Scheme
+from nde_zoo.driver import Scheme
 
 
 def heun_step(field: Any, t: Tensor, y: Tensor, h: Any) -> Tensor:

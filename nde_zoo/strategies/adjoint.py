@@ -35,7 +35,7 @@ from nde_zoo.solvers import (
 )
 from nde_zoo.solvers.stepping import fixed_grid, rms_norm
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
-from nde_zoo.strategies.fields import inspect_field
+from nde_zoo.driver.fields import inspect_field
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Adjoint", "Seminorm", "TORCHDIFFEQ_METHODS"]

@@ -38,7 +38,7 @@ from nde_zoo._distributed import any_rank, log_targets, log_to, on_rank_zero, ra
 from nde_zoo.memory import Probe, available_memory, format_bytes, parse_bytes
 from nde_zoo.memory import measure_solve as _measure
 from nde_zoo.solvers import ButcherTableau, check_inputs, fixed_path, odeint
-from nde_zoo.strategies._autograd import NonDeterministicFieldError
+from nde_zoo.driver.autograd import NonDeterministicFieldError
 from nde_zoo.strategies.base import ODEStrategy, Solution, exact_strategy_names, strategy_class, takes_stepping
 from nde_zoo.strategies.plan import TIE_MARGIN, MemoryBudgetError, Plan, ProbeFit, Row, choose, probe_times
 

@@ -24,7 +24,7 @@ from nde_zoo.memory import LiveSaved, SavedBytes
 from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, check_inputs, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
 from nde_zoo.strategies.config import init_arguments
-from nde_zoo.strategies.fields import field_parameters
+from nde_zoo.driver.fields import field_parameters
 from nde_zoo.strategies.plan import Cost, ProbeFit
 
 __all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "LiveSaved", "field_parameters"]
@@ -104,7 +104,7 @@ class GradientStrategy(lightning.Callback, abc.ABC):
         """Solve ``dy/dt = field(t, y)`` from ``y0`` at ``ts[0]``; outputs at every ``ts``.
 
         ``field`` may be an ``nn.Module`` or any callable (a closure, a ``functools.partial``, a
-        bound method): the parameters it reads are found (:mod:`nde_zoo.strategies.fields`), or
+        bound method): the parameters it reads are found (:mod:`nde_zoo.driver.fields`), or
         given as ``params`` (like torchdiffeq's ``adjoint_params``).
         """
 
@@ -253,7 +253,7 @@ class ODEStrategy(GradientStrategy):
         compile: bool | str = False,
         **unexpected: Any,
     ) -> None:
-        from nde_zoo.strategies._compiled import CompileSpec, Programs  # torch.compile loads lazily
+        from nde_zoo.driver.programs import CompileSpec, Programs  # torch.compile loads lazily
         if unexpected:  # subclasses pass their stepping on as **stepping: name the class the user called
             takes = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
             raise TypeError(f"{type(self).__name__} got an unexpected argument {next(iter(unexpected))!r}; it "
@@ -279,13 +279,13 @@ class ODEStrategy(GradientStrategy):
 
     def drive(self, scheme: Any, field: Any, y0: Tensor, ts: Tensor, params: Sequence[Tensor] | None = None,
               **run: Any) -> Any:
-        """Run ``scheme`` through the solve driver (:mod:`nde_zoo.strategies.driver`): ``(ys, stats, path)``.
+        """Run ``scheme`` through the solve driver (:mod:`nde_zoo.driver.loop`): ``(ys, stats, path)``.
 
         The inputs are checked, and for a scheme with its own backward the field is inspected
-        (:func:`~nde_zoo.strategies.fields.inspect_field`: the tensors it reads become the
+        (:func:`~nde_zoo.driver.fields.inspect_field`: the tensors it reads become the
         differentiated ``params``, unless given)."""
-        from nde_zoo.strategies.driver import Run, solve
-        from nde_zoo.strategies.fields import inspect_field
+        from nde_zoo.driver.loop import Run, solve
+        from nde_zoo.driver.fields import inspect_field
 
         times = check_inputs(y0, ts)
         params = [] if scheme.keeps == "graph" else inspect_field(field, ts[0], y0, self.name, params=params)

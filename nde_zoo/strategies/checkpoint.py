@@ -1,6 +1,6 @@
 """Checkpointing: exact gradients with a few stored states and one step's graph at a time.
 
-Fixed steps follow a :class:`~nde_zoo.strategies.schedule.Schedule`: ``"uniform"`` (the default;
+Fixed steps follow a :class:`~nde_zoo.driver.schedule.Schedule`: ``"uniform"`` (the default;
 segments of ``ceil(N / snapshots)`` steps, each recomputed once) or ``"binomial"`` (Griewank &
 Walther, "Algorithm 799: Revolve", 2000: the fewest states for a bounded recomputation). Adaptive
 steps use per-step checkpointing (ACA; Zhuang et al., "Adaptive Checkpoint Adjoint", ICML 2020):
@@ -16,9 +16,9 @@ from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, rk_step
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
-from nde_zoo.strategies.driver import Scheme
+from nde_zoo.driver.loop import Scheme
 from nde_zoo.strategies.plan import Cost, ProbeFit, snapshot_grid
-from nde_zoo.strategies.schedule import (
+from nde_zoo.driver.schedule import (
     SCHEDULES,
     Schedule,
     binomial_peak_states,

@@ -8,7 +8,7 @@ from typing import Any
 from torch import Tensor
 
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
-from nde_zoo.strategies.driver import Scheme
+from nde_zoo.driver.loop import Scheme
 from nde_zoo.strategies.sde import solve_sde
 
 __all__ = ["Direct"]

@@ -64,7 +64,7 @@ def _strategy_from_config(name: str) -> GradientStrategy:
 
 def _with_compile(inner: GradientStrategy, compile: bool | str) -> GradientStrategy:
     """``inner`` with its ``compile=`` set (LocalERNODE's own ``compile`` argument)."""
-    from nde_zoo.strategies._compiled import CompileSpec, Programs
+    from nde_zoo.driver.programs import CompileSpec, Programs
 
     spec = CompileSpec.of(compile)
     if spec.enabled and not getattr(inner, "compilable", False):

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, Path, rk_increment
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution, takes_stepping
-from nde_zoo.strategies.driver import Scheme, add_grads
+from nde_zoo.driver.loop import Scheme, add_grads
 from nde_zoo.strategies.plan import Cost, ProbeFit
 from nde_zoo.strategies.sde import solve_sde
 

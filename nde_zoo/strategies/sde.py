@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from nde_zoo.solvers import SolveStats, check_finite_outputs, check_inputs
 from nde_zoo.solvers.stepping import error_ratio
-from nde_zoo.strategies._autograd import check_no_hidden_inputs
+from nde_zoo.driver.autograd import check_no_hidden_inputs
 from nde_zoo.strategies.base import SavedBytes, Solution, field_parameters
 
 __all__ = ["ROUTES", "SDE_METHODS", "sde_method", "sde_step_size", "check_sde", "brownian", "solve_sde",

@@ -46,7 +46,7 @@ from torch import Tensor
 
 from nde_zoo.solvers import ButcherTableau, stage_input
 from nde_zoo.strategies.base import ODEStrategy, SavedBytes, Solution
-from nde_zoo.strategies.driver import Scheme
+from nde_zoo.driver.loop import Scheme
 
 __all__ = ["Symplectic"]
 

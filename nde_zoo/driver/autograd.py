@@ -2,7 +2,7 @@
 
 Rule: a custom ``autograd.Function`` takes the field's parameters as
 *explicit inputs* and returns their gradients from ``backward``, so DDP's reducer hooks
-fire. Which tensors those are is found before the solve (:mod:`nde_zoo.strategies.fields`);
+fire. Which tensors those are is found before the solve (:mod:`nde_zoo.driver.fields`);
 :func:`check_no_hidden_inputs` is the backstop in backward for one that still escaped (read
 only on a branch the forward check did not take).
 """
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# Re-exported: the determinism check moved to nde_zoo.strategies.fields (inspect_field).
-from nde_zoo.strategies.fields import NonDeterministicFieldError
+# Re-exported: the determinism check moved to nde_zoo.driver.fields (inspect_field).
+from nde_zoo.driver.fields import NonDeterministicFieldError
 
 __all__ = ["_detached", "_identity", "NonDeterministicFieldError", "check_no_hidden_inputs", "vjp"]
 

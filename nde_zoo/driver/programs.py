@@ -1,7 +1,7 @@
 """Compiled programs: the cache, the compile log and the fall-back to eager.
 
 Eager PyTorch pays Python dispatch on every operation; a small field with many steps spends
-nearly all of its time there (docs/compile.md). The solve driver (:mod:`nde_zoo.strategies.driver`)
+nearly all of its time there (docs/compile.md). The solve driver (:mod:`nde_zoo.driver.loop`)
 runs a whole fixed-step loop as a ``scan`` under ``torch.compile(fullgraph=True)``, so Inductor
 sees the loop at once; this module compiles and keeps those programs. Eager stays the default
 and the reference; compiled results equal it to round-off (tests/test_compiled.py).
@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from nde_zoo._torch_compat import compile_limits, graphs_compiled, scan, suspended_saved_tensors_hooks
-from nde_zoo.strategies.traced_field import FieldTraceError, TracedField, plain_state, trace_field
+from nde_zoo.driver.traced_field import FieldTraceError, TracedField, plain_state, trace_field
 
 log = logging.getLogger("nde_zoo")
 
@@ -215,7 +215,7 @@ class Programs:
         Its first argument is the field (``args[0]``), passed on every call.
         The first call of a key compiles (timed). A failure there is a compile failure (graph
         break, unsupported operation, no C++ compiler). A module field that failed is then traced
-        into a pure graph (:mod:`nde_zoo.strategies.traced_field`; ``example`` is a ``(t, y)`` to
+        into a pure graph (:mod:`nde_zoo.driver.traced_field`; ``example`` is a ``(t, y)`` to
         trace it at) and compiled as that; if that fails too, it warns once per reason, naming
         the construct, and the key runs eager from then on, or raises with ``compile="strict"``.
         """
