@@ -7,6 +7,12 @@ builds ``make_case(case) -> (model, datamodule)``, runs one float64 training ste
 A case that raises is recorded as ``{"error": traceback}``, so the others still run and the test
 names the failure (:func:`records_of`). ``make_case`` must be picklable: a module-level function
 (or a ``functools.partial`` of one).
+
+``reference(case, record, rank) -> dict`` (optional, picklable too): what one process computes from a
+rank's record, added to that record. Each rank runs it after its last fit, once the process group is
+destroyed and the distributed environment unset (a plain process from then on), so a reference reuses
+what the rank already paid for (a compiled case's programs: 25 s for the CNF's) instead of a test
+paying it again. One that raises is recorded as ``record["reference_error"]``.
 """
 
 from __future__ import annotations
@@ -63,7 +69,7 @@ def free_port() -> int:
 
 
 def _worker(rank: int, port: int, out_dir: str, make_case: Callable[[str], tuple[Any, Any]], cases: list[str],
-            env: dict[str, str]) -> None:
+            env: dict[str, str], reference: Callable[[str, dict, int], dict] | None = None) -> None:
     """One rank: LOCAL_RANK is set, so Lightning's ``ddp`` joins these processes (no re-launch)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
                       WORLD_SIZE=str(WORLD), PYTHONWARNINGS="ignore", **env)
@@ -84,15 +90,30 @@ def _worker(rank: int, port: int, out_dir: str, make_case: Callable[[str], tuple
             results[case] = probe.record
         except Exception:  # recorded, so the other cases still run and the test names the failure
             results[case] = {"error": traceback.format_exc()}
+    if reference is not None:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        for key in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "RANK", "GROUP_RANK",
+                    "LOCAL_WORLD_SIZE"):
+            os.environ.pop(key, None)
+        for case, record in results.items():
+            if "error" in record:
+                continue
+            try:
+                record.update(reference(case, record, rank))
+            except Exception:  # recorded: the test that reads the reference names it
+                record["reference_error"] = traceback.format_exc()
     torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def spawn_and_record(out: Path, make_case: Callable[[str], tuple[Any, Any]], cases: Sequence[str],
-                     env: Mapping[str, str] | None = None) -> dict[str, list[dict]]:
+                     env: Mapping[str, str] | None = None,
+                     reference: Callable[[str, dict, int], dict] | None = None) -> dict[str, list[dict]]:
     """Run every case under ``WORLD``-process DDP once (one training step each, float64);
-    ``{case: [rank 0 record, rank 1 record, ...]}``. ``env``: more environment for the workers."""
+    ``{case: [rank 0 record, rank 1 record, ...]}``. ``env``: more environment for the workers;
+    ``reference``: each rank's one-process figures, added to its records (see the module's doc)."""
     cases = list(cases)
-    mp.start_processes(_worker, args=(free_port(), str(out), make_case, cases, dict(env or {})),
+    mp.start_processes(_worker, args=(free_port(), str(out), make_case, cases, dict(env or {}), reference),
                        nprocs=WORLD, start_method="spawn")
     ranks = [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
     return {case: [ranks[r][case] for r in range(WORLD)] for case in cases}
