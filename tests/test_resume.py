@@ -1,11 +1,14 @@
 """A ``fit`` killed by a real signal resumes from its ``last.ckpt`` and ends bit for bit where
 the uninterrupted run ends (CPU, fixed seeds), with the strategy's own state intact.
 
-Each case runs three ``python -m nde_zoo fit`` processes with the same config: one uninterrupted;
-one that is killed in the middle of epoch 2, after epoch 1 wrote ``last.ckpt`` and after a
-training step of epoch 2 moved the weights in memory (:class:`BlockAt` holds the process there
-and writes a marker, so the kill never races the end of the run); and one resumed from that
-``last.ckpt`` into the same run directory. SIGKILL is the hard kill; SIGTERM is Lightning's
+Each case runs three ``fit`` runs with the same config: one uninterrupted; one, a ``python -m
+nde_zoo fit`` process of its own, that is killed in the middle of epoch 2, after epoch 1 wrote
+``last.ckpt`` and after a training step of epoch 2 moved the weights in memory (:class:`BlockAt`
+holds the process there and writes a marker, so the kill never races the end of the run); and one
+resumed from that ``last.ckpt`` into a new run directory. Only the killed run needs a process (a
+signal kills it): the uninterrupted and the resumed runs are the command line run in this process
+(the ``cli`` fixture, tests/inprocess.py), the uninterrupted one while the killed process starts,
+which saves two interpreter start-ups (5-8 s each) per case. SIGKILL is the hard kill; SIGTERM is Lightning's
 graceful stop (it finishes the step it is in and exits without saving).
 """
 
@@ -113,20 +116,20 @@ def _plain(obj):
 
 @pytest.mark.spawns
 @pytest.mark.parametrize("case, signum", [("ernode", signal.SIGKILL), ("reversible", signal.SIGTERM)])
-def test_killed_fit_resumes_exactly(cli_subprocess, tmp_path, case, signum):
+def test_killed_fit_resumes_exactly(cli, tmp_path, case, signum):
     extra = CASES[case]
     full_dir, run_dir, marker = tmp_path / "full", tmp_path / "killed", tmp_path / "blocked"
     resumed_dir = tmp_path / "resumed"  # `fit ckpt_path=...` writes a new run directory
     block = [f"+callbacks.block._target_={__name__}.BlockAt", f"+callbacks.block.marker={marker}",
              f"+callbacks.block.epoch={KILL_EPOCH}", "+callbacks.block.batch=1"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **ENV}
-    # The uninterrupted run and the run to be killed, side by side.
-    full_log, killed_log = (tmp_path / "full.log").open("w"), (tmp_path / "killed.log").open("w")
-    full = subprocess.Popen(_fit_command(full_dir, *extra), cwd=tmp_path, env=env, stdout=full_log,
-                            stderr=subprocess.STDOUT)
+    # The run to be killed starts in its own process; the uninterrupted run runs here meanwhile.
+    killed_log = (tmp_path / "killed.log").open("w")
     killed = subprocess.Popen(_fit_command(run_dir, *extra, *block), cwd=tmp_path, env=env, stdout=killed_log,
                               stderr=subprocess.STDOUT)
     try:
+        full = cli("fit", *COMMON, f"hydra.run.dir={full_dir}", *extra, cwd=tmp_path, env=ENV)
+        (tmp_path / "full.log").write_text(full.stdout + full.stderr)
         deadline = time.monotonic() + 120
         while not marker.exists():
             assert killed.poll() is None, "the run ended before epoch 2:\n" + _tail(tmp_path / "killed.log")
@@ -137,13 +140,10 @@ def test_killed_fit_resumes_exactly(cli_subprocess, tmp_path, case, signum):
         assert int(marker.read_text()) == killed.pid
         killed.send_signal(signum)
         killed.wait(timeout=60)
-        full.wait(timeout=120)
     finally:
-        for process in (killed, full):
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-        full_log.close()
+        if killed.poll() is None:
+            killed.kill()
+            killed.wait()
         killed_log.close()
     if signum == signal.SIGKILL:
         assert killed.returncode == -signal.SIGKILL
@@ -162,9 +162,9 @@ def test_killed_fit_resumes_exactly(cli_subprocess, tmp_path, case, signum):
         assert state["step"] == KILL_EPOCH * BATCHES and state["previous_times"]  # mid-schedule, biased
 
     dump = tmp_path / "restored_state.pt"
-    out = cli_subprocess("fit", *COMMON, f"hydra.run.dir={resumed_dir}", *extra, f"ckpt_path={last}",
-                  f"+callbacks.dump._target_={__name__}.DumpStrategyState", f"+callbacks.dump.path={dump}",
-                  cwd=tmp_path, env=ENV, timeout=120)
+    out = cli("fit", *COMMON, f"hydra.run.dir={resumed_dir}", *extra, f"ckpt_path={last}",
+              f"+callbacks.dump._target_={__name__}.DumpStrategyState", f"+callbacks.dump.path={dump}",
+              cwd=tmp_path, env=ENV)
     assert out.returncode == 0, out.stderr[-3000:]
     assert hashlib.sha256(last.read_bytes()).hexdigest() == digest  # the resumed run wrote elsewhere
 
