@@ -396,12 +396,6 @@ def _ddp_rank_failing(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_rank_announcing(rank: int, port: int, auto: Auto) -> None:
     import torch.distributed as dist
 
@@ -413,42 +407,82 @@ def _ddp_rank_announcing(rank: int, port: int, auto: Auto) -> None:
         dist.destroy_process_group()
 
 
-def test_ddp_spawn_logs_the_table_once_where_the_launching_process_logs(tmp_path, capfd):
+def _ddp_scenarios(rank: int, ports: list[int], auto: Auto, out: str) -> None:
+    """Each rank runs the three DDP scenarios in turn, each in a process group of its own: one spawn
+    (the 2 x 5-8 s of imports a spawned process pays) instead of three. The announcing one runs first,
+    while nothing in the process has logged yet (a spawned process starts with no logging configured)."""
+    _ddp_rank_announcing(rank, ports[0], auto)
+    _ddp_rank(rank, ports[1], f"{out}/choose")
+    _ddp_rank_failing(rank, ports[2], f"{out}/failing")
+
+
+@pytest.fixture(scope="module")
+def ddp_scenarios(tmp_path_factory):
+    """Spawn two processes once (``torch.multiprocessing.spawn``, as ``ddp_spawn`` does) for the three DDP
+    tests below; returns ``(out, logged, stdout)``: the folder of the ranks' results, the launching
+    process's log file and what reached its console (its ``sys.stdout`` and file descriptor 1, which the
+    spawned processes inherit, captured as ``capfd`` would)."""
+    import logging
+    import os
+    import sys
+    import tempfile
+
+    out = tmp_path_factory.mktemp("auto_ddp")
+    for sub in ("choose", "failing"):
+        (out / sub).mkdir()
+    sockets = [socket.socket() for _ in range(3)]  # three distinct free ports
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    root = logging.getLogger()
+    level = root.level
+    sys.stdout.flush()
+    with tempfile.TemporaryFile("w+") as console:
+        saved_fd, saved_stdout = os.dup(1), sys.stdout
+        os.dup2(console.fileno(), 1)
+        sys.stdout = console
+        handlers = [logging.FileHandler(out / "cli.log"), logging.StreamHandler(sys.stdout)]
+        try:
+            for handler in handlers:
+                handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
+                root.addHandler(handler)
+            root.setLevel(logging.INFO)
+            auto = Auto("rk4", steps=4, memory_budget="1GB", candidates=("direct", "reversible"))
+            torch.multiprocessing.spawn(_ddp_scenarios, args=(ports, auto, str(out)), nprocs=2, join=True)
+        finally:
+            for handler in handlers:
+                root.removeHandler(handler)
+                handler.close()
+            root.setLevel(level)
+            console.flush()
+            sys.stdout = saved_stdout
+            os.dup2(saved_fd, 1)
+            os.close(saved_fd)
+        console.seek(0)
+        printed = console.read()
+    return out, (out / "cli.log").read_text(), printed
+
+
+def test_ddp_spawn_logs_the_table_once_where_the_launching_process_logs(ddp_scenarios):
     """Processes spawned for DDP (``ddp_spawn``) start with no logging configured; the table still
     reaches the launching process's console and log file (the CLI's ``cli.log``), from rank 0 only."""
-    import logging
-    import sys
-
-    root = logging.getLogger()
-    handlers = [logging.FileHandler(tmp_path / "cli.log"), logging.StreamHandler(sys.stdout)]
-    for handler in handlers:
-        handler.setFormatter(logging.Formatter("[%(name)s][%(levelname)s] - %(message)s"))
-        root.addHandler(handler)
-    level = root.level
-    root.setLevel(logging.INFO)
-    try:
-        auto = Auto("rk4", steps=4, memory_budget="1GB", candidates=("direct", "reversible"))
-        torch.multiprocessing.spawn(_ddp_rank_announcing, args=(_free_port(), auto), nprocs=2, join=True)
-    finally:
-        for handler in handlers:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(level)
-    logged = (tmp_path / "cli.log").read_text()
+    _, logged, printed = ddp_scenarios
     assert logged.count("strategy=auto for Field with a 8x2 float64 state") == 1, logged
     assert "[nde_zoo][INFO] - strategy=auto for" in logged and "| candidate | peak memory |" in logged
-    assert capfd.readouterr().out.count("strategy=auto for Field") == 1
+    assert printed.count("strategy=auto for Field") == 1
 
 
-def test_ddp_a_probe_that_fails_on_rank_0_fails_every_rank(tmp_path):
-    torch.multiprocessing.spawn(_ddp_rank_failing, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert "shape" in torch.load(tmp_path / "rank0.pt")
-    assert torch.load(tmp_path / "rank1.pt").startswith("RuntimeError: strategy=auto: probing failed on rank 0")
+def test_ddp_a_probe_that_fails_on_rank_0_fails_every_rank(ddp_scenarios):
+    out = ddp_scenarios[0] / "failing"
+    assert "shape" in torch.load(out / "rank0.pt")
+    assert torch.load(out / "rank1.pt").startswith("RuntimeError: strategy=auto: probing failed on rank 0")
 
 
-def test_ddp_ranks_choose_the_same(tmp_path):
-    torch.multiprocessing.spawn(_ddp_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+def test_ddp_ranks_choose_the_same(ddp_scenarios):
+    out = ddp_scenarios[0] / "choose"
+    results = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     assert results[0]["choice"] == results[1]["choice"] == "direct"
     assert results[1]["budget"] == 100 * 10**9  # rank 0's plan, broadcast
     assert results[0]["probes"] == results[1]["probes"] == 2 and results[1]["second"] == "direct"
