@@ -119,6 +119,24 @@ def _vm_kib(key: str) -> int:
     return 0
 
 
+def _outside_fraction(train_step: Any) -> float:
+    """The share of one training step's wall time spent outside the compiled programs: the driver's
+    checks and bookkeeping, autograd's Functions and hooks, the loss and the optimiser step.
+
+    Inside is what the profiler records as calls of compiled graphs (``CompiledFxGraph``): the
+    forward programs, and the backward ones whether autograd runs them (Direct) or the strategy's
+    backward does. The profiler's own cost counts as outside, so the figure errs high.
+    """
+    import torch
+
+    with torch.profiler.profile() as prof:
+        start = time.perf_counter()
+        train_step()
+        wall_us = (time.perf_counter() - start) * 1e6
+    inside_us = sum(e.cpu_time_total for e in prof.events() if "CompiledFxGraph" in e.name)
+    return max(0.0, 1.0 - inside_us / wall_us)
+
+
 def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int) -> dict[str, Any]:
     """One row: time the first step, ``repeats`` more, then one step's peak RSS growth."""
     import torch
@@ -144,6 +162,7 @@ def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int)
         start = time.perf_counter()
         sol = train_step()
         times.append(time.perf_counter() - start)
+    outside = _outside_fraction(train_step) if compiled else None
     rss_growth = None
     try:
         import ctypes
@@ -161,6 +180,7 @@ def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int)
         "s_per_step": statistics.median(times),
         "saved_bytes": sol.saved_bytes,
         "rss_growth_mib": rss_growth,
+        "outside_fraction": outside,
         "compiles": chosen.programs.compiles,
         "compile_s": chosen.programs.compile_seconds,
     }
@@ -230,13 +250,14 @@ def run(quick: bool = False) -> BenchReport:
                           if problem == "white_dwarf" and not quick else {})
                 results[problem][strategy] = {"eager": eager, "compiled": compiled, "cached": cached}
                 if "error" in eager or "error" in compiled:
-                    rows.append([strategy, "error", "", "", eager.get("error", compiled.get("error", "")), "", "", ""])
+                    rows.append([strategy, "error", "", "", eager.get("error", compiled.get("error", "")), "", "", "", ""])
                     continue
                 speedup = eager["s_per_step"] / compiled["s_per_step"]
                 results[problem][strategy]["speedup"] = speedup
                 rows.append([
                     strategy, f"{eager['s_per_step']:.4f}", f"{compiled['s_per_step']:.4f}", f"{speedup:.2f}x",
                     f"{compiled['first_call_s']:.1f}", _fmt(cached.get("first_call_s"), ".1f"),
+                    _fmt(None if compiled.get("outside_fraction") is None else 100 * compiled["outside_fraction"], ".0f"),
                     f"{eager['saved_bytes']:,} / {compiled['saved_bytes']:,}",
                     f"{_fmt(eager['rss_growth_mib'], '.1f')} / {_fmt(compiled['rss_growth_mib'], '.1f')}",
                 ])
@@ -244,7 +265,8 @@ def run(quick: bool = False) -> BenchReport:
             tables.append(Table(
                 f"{problem}: {solver}, N = {steps}, one training step (solve, loss, backward, AdamW)",
                 ["strategy", "eager s/step", "compiled s/step", "speed-up", "first call s (cold cache)",
-                 "first call s (warm cache)", "kept bytes eager / compiled", "peak RSS growth MiB eager / compiled"],
+                 "first call s (warm cache)", "% of the step outside the programs", "kept bytes eager / compiled",
+                 "peak RSS growth MiB eager / compiled"],
                 rows,
             ))
     diffrax = None if quick else _diffrax_rows(PROBLEMS["white_dwarf"]["steps"], repeats)
@@ -274,9 +296,16 @@ def run(quick: bool = False) -> BenchReport:
                 at_least=True),
         verdict("compiled Reversible no slower than diffrax RecursiveCheckpointAdjoint (time ratio <= 1)",
                 against_diffrax(seconds("reversible"), "RecursiveCheckpointAdjoint"), 1.0, at_least=False),
-        verdict("compiled Direct within 2x of diffrax storing every step (time ratio <= 2)",
-                against_diffrax(seconds("direct"), "RecursiveCheckpointAdjoint(every step)"), 2.0, at_least=False),
+        verdict("compiled Symplectic no slower than diffrax RecursiveCheckpointAdjoint (time ratio <= 1)",
+                against_diffrax(seconds("symplectic"), "RecursiveCheckpointAdjoint"), 1.0, at_least=False),
+        verdict("compiled Direct within 1.5x of diffrax storing every step (time ratio <= 1.5)",
+                against_diffrax(seconds("direct"), "RecursiveCheckpointAdjoint(every step)"), 1.5, at_least=False),
     ]
+    outside = [r.get("compiled", {}).get("outside_fraction") for r in results.get("white_dwarf", {}).values()]
+    outside = [f for f in outside if f is not None]
+    notes.append("time outside the compiled programs at most 10% of a white-dwarf training step (largest share): "
+                 + (f"{'met' if max(outside) <= 0.10 else 'missed'} ({100 * max(outside):.0f}%)" if outside
+                    else "not measured"))
     if "white_dwarf_counting" in results:
         measured = [r for r in counting if r is not None]
         notes.append(verdict("a field counting its calls compiles (strict, no fall-back) and every strategy is faster "

@@ -26,7 +26,9 @@ Why scans: a compiled solve is one program over the whole grid (``torch._higher_
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -271,8 +273,8 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
     """The forward loop as one compiled scan; ``None`` when it runs eagerly instead."""
     scheme, programs = run.scheme, run.programs
     assert programs is not None
-    path = fixed_path(run.times, run.stepping)
-    grid = Grid.of(path.times, path.sizes, path.output_steps, y0)
+    path, grid = _fixed_grid(tuple(run.times), run.stepping, y0.dtype, y0.device)
+    path = Path(times=array("d", path.times), output_steps=list(path.output_steps), sizes=array("d", path.sizes))
     if grid.steps == 0:
         return None
     keeps, layout = scheme.keeps, grid.layout
@@ -331,6 +333,21 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
         kept = (*kept, y0)
     return Forward(ys, path, stats, tuple(kept), stacked=keeps in ("every", "schedule"), schedule=schedule,
                    grid=grid, rows=rows)
+
+
+@functools.lru_cache(maxsize=16)
+def _fixed_grid(times: tuple[float, ...], stepping: Stepping, dtype: torch.dtype,
+                device: torch.device) -> tuple[Path, Grid]:
+    """The fixed path and its tensors, built once per (output times, stepping, dtype, device).
+
+    A training loop solves on the same grid every step; building it in Python (a loop over the
+    steps) and copying it to tensors was a tenth of a compiled white-dwarf step (N = 1000).
+    Bounded (16 grids), so a solve whose output times move every call (ERNODE's sampled time)
+    keeps nothing growing. The returned ``Path`` is a template: callers copy it.
+    """
+    path = fixed_path(list(times), stepping)
+    like = torch.empty(0, dtype=dtype, device=device)
+    return path, Grid.of(path.times, path.sizes, path.output_steps, like)
 
 
 def _pad_rows(y0: Tensor, full: int) -> Tensor:
