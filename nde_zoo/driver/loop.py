@@ -237,7 +237,8 @@ def _forward(run: Run, y0: Tensor) -> Forward:
     scheme = run.scheme
     schedule = None
     if scheme.keeps == "schedule" and not run.stepping.adaptive:
-        schedule = Schedule(fixed_path(run.times, run.stepping).steps, run.snapshots, run.schedule_kind)
+        steps = _fixed_grid(tuple(run.times), run.stepping, y0.dtype, y0.device)[0].steps
+        schedule = Schedule(steps, run.snapshots, run.schedule_kind)
     if run.programs is not None:
         compiled = _forward_compiled(run, y0, schedule)
         if compiled is not None:
