@@ -145,14 +145,28 @@ def _drop_privileges() -> tuple[str, ...]:
     return ("setpriv", "--inh-caps=-all", "--bounding-set=-all", "--")
 
 
-@pytest.mark.spawns
+def _immutable(folder: Path, on: bool = True) -> bool:
+    """As root, make ``folder`` unwritable for this very process: its immutable attribute (``chattr +i``,
+    where the filesystem has one); writing into it then raises PermissionError (EPERM) as the mode
+    bits do for anyone else (EACCES), and the fit runs in process instead of in a process without
+    capabilities (5-8 s of imports). False where that cannot be done (not root, no chattr, tmpfs)."""
+    if os.geteuid() != 0 or not shutil.which("chattr"):
+        return False
+    return subprocess.run(["chattr", "+i" if on else "-i", str(folder)], capture_output=True).returncode == 0
+
+
+@pytest.mark.spawns  # as root without an immutable attribute: the fit runs without capabilities (setpriv)
 def test_unwritable_checkpoint_folder_fails_the_fit_at_the_first_save(tmp_path):
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints").chmod(0o555)
+    immutable = _immutable(run / "checkpoints")
     try:
-        out = _fit(f"hydra.run.dir={run}", "trainer.max_epochs=3", cwd=tmp_path, prefix=_drop_privileges())
+        prefix = () if immutable else _drop_privileges()
+        out = _fit(f"hydra.run.dir={run}", "trainer.max_epochs=3", cwd=tmp_path, prefix=prefix)
     finally:
+        if immutable:
+            _immutable(run / "checkpoints", on=False)
         (run / "checkpoints").chmod(0o755)
     text = out.stdout + out.stderr
     assert out.returncode != 0, "fit exited 0 without writing a checkpoint:\n" + text[-3000:]
