@@ -88,3 +88,22 @@ def test_a_strategy_importing_the_driver_from_its_old_place_keeps_working():
     from nde_zoo.strategies.driver import Scheme, add_grads, solve
 
     assert (Scheme, add_grads, solve) == (driver.Scheme, driver.add_grads, driver.solve)
+
+
+def test_the_driver_modules_old_paths_still_import_and_unpickle():
+    """A strategy pickled before the move holds nde_zoo.strategies._compiled.Programs by that path."""
+    import importlib
+    import pickle
+
+    import nde_zoo.driver.programs as programs
+    from nde_zoo.strategies import Reversible
+
+    assert importlib.import_module("nde_zoo.strategies._compiled") is programs
+    assert importlib.import_module("nde_zoo.strategies.fields").inspect_field is not None
+    from nde_zoo.strategies.schedule import Schedule  # noqa: F401
+
+    strategy = Reversible("midpoint", steps=4, compile=True)
+    # protocol 0 names a class as text ("c<module>\n<name>"): the old path can be written in
+    old = pickle.dumps(strategy, protocol=0).replace(b"nde_zoo.driver.programs", b"nde_zoo.strategies._compiled")
+    assert b"nde_zoo.strategies._compiled" in old
+    assert type(pickle.loads(old).programs) is programs.Programs
