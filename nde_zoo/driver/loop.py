@@ -237,7 +237,7 @@ def _forward(run: Run, y0: Tensor) -> Forward:
     scheme = run.scheme
     schedule = None
     if scheme.keeps == "schedule" and not run.stepping.adaptive:
-        steps = _fixed_grid(tuple(run.times), run.stepping, y0.dtype, y0.device)[0].steps
+        steps = fixed_path_and_grid(run.times, run.stepping, y0)[0].steps
         schedule = Schedule(steps, run.snapshots, run.schedule_kind)
     if run.programs is not None:
         compiled = _forward_compiled(run, y0, schedule)
@@ -274,7 +274,7 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
     """The forward loop as one compiled scan; ``None`` when it runs eagerly instead."""
     scheme, programs = run.scheme, run.programs
     assert programs is not None
-    path, grid = _fixed_grid(tuple(run.times), run.stepping, y0.dtype, y0.device)
+    path, grid = fixed_path_and_grid(run.times, run.stepping, y0)
     path = Path(times=array("d", path.times), output_steps=list(path.output_steps), sizes=array("d", path.sizes))
     if grid.steps == 0:
         return None
@@ -336,19 +336,36 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forwar
                    grid=grid, rows=rows)
 
 
-@functools.lru_cache(maxsize=16)
-def _fixed_grid(times: tuple[float, ...], stepping: Stepping, dtype: torch.dtype,
-                device: torch.device) -> tuple[Path, Grid]:
-    """The fixed path and its tensors, built once per (output times, stepping, dtype, device).
+#: grids longer than this are built per solve, not cached: 16 cached grids cost 40 bytes a step each
+CACHED_GRID_STEPS = 1 << 17
+
+
+def fixed_path_and_grid(times: Sequence[float], stepping: Stepping, like: Tensor) -> tuple[Path, Grid]:
+    """The fixed path of a solve and its tensors (``like``'s dtype and device); the path is shared: copy it.
 
     A training loop solves on the same grid every step; building it in Python (a loop over the
-    steps) and copying it to tensors was a tenth of a compiled white-dwarf step (N = 1000).
-    Bounded (16 grids), so a solve whose output times move every call (ERNODE's sampled time)
-    keeps nothing growing. The returned ``Path`` is a template: callers copy it.
+    steps) and copying it to tensors was a tenth of a compiled white-dwarf step (N = 1000), so
+    grids up to :data:`CACHED_GRID_STEPS` steps are built once per (output times, stepping, dtype,
+    device) and kept, 16 at most: a solve whose output times move every call (ERNODE's sampled
+    time) keeps nothing growing.
     """
+    if stepping.steps is not None:
+        estimate = int(stepping.steps)
+    else:
+        estimate = int(abs(times[-1] - times[0]) / max(abs(float(stepping.step_size or 1.0)), 1e-300))
+    if estimate > CACHED_GRID_STEPS:
+        return _build_grid(tuple(times), stepping, like.dtype, like.device)
+    return _cached_grid(tuple(times), stepping, like.dtype, like.device)
+
+
+def _build_grid(times: tuple[float, ...], stepping: Stepping, dtype: torch.dtype,
+                device: torch.device) -> tuple[Path, Grid]:
     path = fixed_path(list(times), stepping)
     like = torch.empty(0, dtype=dtype, device=device)
     return path, Grid.of(path.times, path.sizes, path.output_steps, like)
+
+
+_cached_grid = functools.lru_cache(maxsize=16)(_build_grid)
 
 
 def _pad_rows(y0: Tensor, full: int) -> Tensor:
