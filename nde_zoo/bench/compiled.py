@@ -1,7 +1,8 @@
 """Eager against compiled (``compile=True``) per strategy: time per training step, compile cost, memory.
 
 Each row runs in a fresh process (``python -m nde_zoo.bench.compiled --probe ...``), so peak
-RSS growth is that row's own and compile time is not hidden by an earlier row's warm caches:
+RSS growth is that row's own and compile time is not hidden by an earlier row's warm caches
+(``--quick``, a smoke test of the harness, runs its two rows in this process):
 
 - ``s / step``: median wall time of a full training step (solve, loss, backward, AdamW step)
   after the first call; the eager and compiled rows of a problem run back to back;
@@ -186,8 +187,31 @@ def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int)
     }
 
 
+def _probe_here(problem: str, strategy: str, compiled: bool, steps: int, repeats: int,
+                backend: str | None) -> dict[str, Any]:
+    """A probe in this process (the quick run: its figures are a smoke test, not measurements,
+    and a fresh process per row cost 7 s of imports each)."""
+    import torch
+
+    from nde_zoo.driver.programs import BACKEND_ENV
+
+    threads, saved = torch.get_num_threads(), os.environ.get(BACKEND_ENV)
+    if backend is not None:
+        os.environ[BACKEND_ENV] = backend
+    try:
+        return probe(problem, strategy, compiled, steps, repeats)
+    finally:
+        torch.set_num_threads(threads)
+        if saved is None:
+            os.environ.pop(BACKEND_ENV, None)
+        else:
+            os.environ[BACKEND_ENV] = saved
+
+
 def _run_probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int,
-               cache_dir: str, backend: str | None = None) -> dict[str, Any]:
+               cache_dir: str, backend: str | None = None, here: bool = False) -> dict[str, Any]:
+    if here:
+        return _probe_here(problem, strategy, compiled, steps, repeats, backend)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
     if backend is not None:
         env["NDE_ZOO_COMPILE_BACKEND"] = backend
@@ -244,8 +268,8 @@ def run(quick: bool = False) -> BenchReport:
             steps = PROBLEMS[problem]["quick_steps" if quick else "steps"]
             rows, results[problem] = [], {}
             for strategy in strategies:
-                eager = _run_probe(problem, strategy, False, steps, repeats, cache, backend)
-                compiled = _run_probe(problem, strategy, True, steps, repeats, cache, backend)
+                eager = _run_probe(problem, strategy, False, steps, repeats, cache, backend, here=quick)
+                compiled = _run_probe(problem, strategy, True, steps, repeats, cache, backend, here=quick)
                 cached = (_run_probe(problem, strategy, True, steps, 1, cache, backend)
                           if problem == "white_dwarf" and not quick else {})
                 results[problem][strategy] = {"eager": eager, "compiled": compiled, "cached": cached}
