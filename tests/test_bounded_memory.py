@@ -221,7 +221,9 @@ def test_history_is_thinned_beyond_its_limit(monkeypatch):
     assert len({b - a for a, b in zip(steps, steps[1:], strict=False)}) == 1 and steps[-1] > 180
 
 
-def test_too_many_solves_in_one_step_warn():
+def test_too_many_solves_in_one_step_warn(monkeypatch):
+    # the cap made small, as MAX_HISTORY is above: the same cap and warning after 55 solves, not 10,005
+    monkeypatch.setattr(base, "MAX_RECORDS_PER_STEP", 50)
     strategy = Direct("euler", steps=1)
     module = SimpleNamespace(device=torch.device("cpu"), log_dict=lambda *a, **k: None)
     strategy.on_train_batch_start(None, module, None, 0)
