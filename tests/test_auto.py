@@ -19,6 +19,7 @@ from nde_zoo.strategies import Auto, Checkpoint, Direct, MemoryBudgetError, Reve
 from nde_zoo.driver.autograd import NonDeterministicFieldError
 from nde_zoo.strategies.auto import _measure, format_bytes, parse_bytes
 from nde_zoo.strategies.checkpoint import binomial_peak_states, binomial_recomputations
+from tests.ddp_harness import exit_now
 
 TS = torch.tensor([0.0, 1.0], dtype=torch.float64)
 
@@ -414,6 +415,7 @@ def _ddp_scenarios(rank: int, ports: list[int], auto: Auto, out: str) -> None:
     _ddp_rank_announcing(rank, ports[0], auto)
     _ddp_rank(rank, ports[1], f"{out}/choose")
     _ddp_rank_failing(rank, ports[2], f"{out}/failing")
+    exit_now()  # everything is saved: skip the interpreter's teardown (2 s)
 
 
 @pytest.fixture(scope="module")
