@@ -10,6 +10,7 @@ directory.
 
 from __future__ import annotations
 
+import logging
 import random
 import statistics
 import time
@@ -22,6 +23,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, RandomSampler
+
+log = logging.getLogger("nde_zoo")
 
 __all__ = ["ResumableCheckpoint", "ResumableSeeds", "StepTimer", "compile_seconds", "derived_seed"]
 
@@ -170,7 +173,11 @@ class StepTimer(lightning.Callback):
       (``strategy.compile=true``; 0 otherwise), cumulative;
     - ``memory/peak_bytes``: the largest memory figure of any training step of the epoch: the CUDA
       peak (``memory/cuda_peak_bytes``) on a GPU, the bytes autograd kept for backward
-      (``memory/saved_bytes``) on the CPU.
+      (``memory/saved_bytes``) on the CPU;
+    - ``time/first_step_s`` (the process's first epoch only): seconds from the command's start
+      (``nde_zoo.STARTED``) to the end of its first training step: imports, data, the model, and
+      the first compile with ``strategy.compile=true``. It is also logged as a line when it ends,
+      so a cold and a warm compile cache are compared from the logs alone.
 
     Epoch-level, so the CSV logger writes every epoch's value whatever ``log_every_n_steps`` is.
     """
@@ -180,6 +187,8 @@ class StepTimer(lightning.Callback):
         self._start = 0.0
         self._steps: list[float] = []
         self._peak = 0.0
+        self._first_step_s: float | None = None  # this process's first training step, once
+        self._first_logged = False
 
     @staticmethod
     def _sync(pl_module: Any) -> None:
@@ -204,6 +213,14 @@ class StepTimer(lightning.Callback):
         self._sync(pl_module)
         self._steps.append(time.perf_counter() - self._start)
         self._read_memory(trainer)  # this step's figures, or the previous one's (callback order)
+        if self._first_step_s is None:
+            import nde_zoo
+
+            self._first_step_s = time.perf_counter() - nde_zoo.STARTED
+            compiling = compile_seconds(getattr(pl_module, "strategy", None))
+            if trainer.is_global_zero:
+                log.info("first training step done %.1f s after the command started%s", self._first_step_s,
+                         f" ({compiling:.1f} s of it compiling)" if compiling else "")
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if not self._steps:
@@ -213,6 +230,8 @@ class StepTimer(lightning.Callback):
         figures = {"time/step_s": statistics.median(self._steps),
                    "time/compile_s": compile_seconds(getattr(pl_module, "strategy", None)),
                    "memory/peak_bytes": self._peak}
+        if self._first_step_s is not None and not self._first_logged:  # every rank: its first epoch
+            figures["time/first_step_s"], self._first_logged = self._first_step_s, True
         for key, value in figures.items():
             pl_module.log(key, float(value), on_step=False, on_epoch=True, batch_size=1)
 

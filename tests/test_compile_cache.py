@@ -5,7 +5,7 @@ by the kernel's source), not the traced graphs. Its FX-graph and AOTAutograd cac
 holding a ``scan`` ("Can't cache HigherOrderOperator: scan"), which every compiled solve is, so
 each new process traces again and only the C++ compile, the largest share of a cold compile, is
 skipped. This test pins the part that can be cached: the warm process compiles no kernel of its
-own, and its compile is shorter.
+own (it prints both first calls; docs/compile.md gives them).
 """
 
 from __future__ import annotations

@@ -31,6 +31,18 @@ def test_the_cache_stays_bounded_and_long_grids_are_not_kept():
     loop._cached_grid.cache_clear()
     loop.fixed_path_and_grid([0.0, 1.0], Stepping.of(steps=loop.CACHED_GRID_STEPS + 1), like)
     assert loop._cached_grid.cache_info().currsize == 0
+    # few uniform steps, many output times: each output time is a grid point too
+    many = torch.linspace(0.0, 1.0, loop.CACHED_GRID_STEPS + 1, dtype=torch.float64).tolist()
+    path, _ = loop.fixed_path_and_grid(many, Stepping.of(steps=10), like)
+    assert path.steps >= loop.CACHED_GRID_STEPS and loop._cached_grid.cache_info().currsize == 0
+
+
+def test_a_grid_first_built_in_inference_mode_trains():
+    """Lightning's sanity check validates under inference mode before the first training step."""
+    loop._cached_grid.cache_clear()
+    with torch.inference_mode():
+        _, grid = loop.fixed_path_and_grid([0.0, 1.0], Stepping.of(steps=4), torch.zeros(1))
+    assert not grid.times.is_inference() and not grid.sizes.is_inference()
 
 
 def test_a_solutions_path_is_its_own(monkeypatch):

@@ -73,13 +73,24 @@ def test_the_config_module_does_not_import_the_strategies_back():
 
 
 def _imported_modules(package_dir) -> dict[str, set[str]]:
+    """For each file of a package: every module it imports, and ``module.name`` for each name it
+    imports from one (``from nde_zoo import strategies``), relative imports resolved."""
     import ast
 
+    package = f"nde_zoo.{package_dir.name}"
     found = {}
     for path in sorted(package_dir.glob("*.py")):
-        tree = ast.parse(path.read_text())
-        names = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
-        names |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1]) if node.level else ""
+                module = ".".join(p for p in (base, node.module or "") if p)
+                names |= {module} | {f"{module}.{alias.name}" for alias in node.names}
+            elif (isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"
+                  and node.args and isinstance(node.args[0], ast.Constant)):
+                names.add(str(node.args[0].value))
         found[path.name] = names
     return found
 

@@ -2,7 +2,7 @@
 
 Each row runs in a fresh process (``python -m nde_zoo.bench.compiled --probe ...``), so peak
 RSS growth is that row's own and compile time is not hidden by an earlier row's warm caches
-(``--quick``, a smoke test of the harness, runs its two rows in this process):
+(``--quick``, a smoke test of the harness, runs its two rows in this process, without RSS):
 
 - ``s / step``: median wall time of a full training step (solve, loss, backward, AdamW step)
   after the first call; the eager and compiled rows of a problem run back to back;
@@ -49,7 +49,7 @@ PROBLEMS: dict[str, dict[str, Any]] = {
 }
 
 
-# -- one row, in its own process ---------------------------------------------------------------
+# -- one row (in its own process, but for --quick) -----------------------------------------------
 def _problem(name: str, steps: int):
     """``(field, y0, ts, loss_fn)`` of a problem."""
     import torch
@@ -138,8 +138,9 @@ def _outside_fraction(train_step: Any) -> float:
     return max(0.0, 1.0 - inside_us / wall_us)
 
 
-def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int) -> dict[str, Any]:
-    """One row: time the first step, ``repeats`` more, then one step's peak RSS growth."""
+def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int,
+          rss: bool = True) -> dict[str, Any]:
+    """One row: time the first step, ``repeats`` more, then (``rss``) one step's peak RSS growth."""
     import torch
 
     torch.set_num_threads(int(os.environ.get("NDE_ZOO_BENCH_THREADS", "1")))
@@ -163,9 +164,13 @@ def probe(problem: str, strategy: str, compiled: bool, steps: int, repeats: int)
         start = time.perf_counter()
         sol = train_step()
         times.append(time.perf_counter() - start)
-    outside = _outside_fraction(train_step) if compiled else None
+    # only Inductor's programs show in the profiler as compiled graphs
+    inductor = os.environ.get("NDE_ZOO_COMPILE_BACKEND", "inductor") == "inductor"
+    outside = _outside_fraction(train_step) if compiled and inductor else None
     rss_growth = None
     try:
+        if not rss:
+            raise OSError("not measured in this process")
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -199,7 +204,10 @@ def _probe_here(problem: str, strategy: str, compiled: bool, steps: int, repeats
     if backend is not None:
         os.environ[BACKEND_ENV] = backend
     try:
-        return probe(problem, strategy, compiled, steps, repeats)
+        with torch.random.fork_rng(devices=[]):  # the problem seeds the global generator
+            return probe(problem, strategy, compiled, steps, repeats, rss=False)  # RSS: the caller's
+    except Exception as error:  # noqa: BLE001 - a row that fails is an error row, as from a subprocess
+        return {"error": f"{type(error).__name__}: {error}"}
     finally:
         torch.set_num_threads(threads)
         if saved is None:
@@ -350,8 +358,8 @@ def run(quick: bool = False) -> BenchReport:
             "Eager against `compile=True` per strategy, each row a fresh process, one thread. The compiled "
             "programs are the whole fixed-step loops (forward and each strategy's backward) as compiled scans "
             "(docs/compile.md). Speed-up = eager s/step / compiled s/step, side by side in this run."
-            + (" QUICK RUN: the aot_eager backend at N = 100, a smoke test of this harness; its times "
-               "are not Inductor's." if quick else "")
+            + (" QUICK RUN: the aot_eager backend at N = 100, a smoke test of this harness, its rows in one "
+               "process; its times are not Inductor's." if quick else "")
         ),
         tables=tables,
         data=results,

@@ -26,8 +26,9 @@ Why scans: a compiled solve is one program over the whole grid (``torch._higher_
 from __future__ import annotations
 
 import contextlib
-import functools
 import dataclasses
+import functools
+import math
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -236,11 +237,13 @@ def _autocast_off(run: Run, like: Tensor) -> Any:
 def _forward(run: Run, y0: Tensor) -> Forward:
     scheme = run.scheme
     schedule = None
+    # compiled: the grid as tensors (cached); eager: the stepping loop builds its own path
+    fixed = fixed_path_and_grid(run.times, run.stepping, y0) if run.programs is not None else None
     if scheme.keeps == "schedule" and not run.stepping.adaptive:
-        steps = fixed_path_and_grid(run.times, run.stepping, y0)[0].steps
+        steps = fixed[0].steps if fixed is not None else fixed_path(run.times, run.stepping).steps
         schedule = Schedule(steps, run.snapshots, run.schedule_kind)
-    if run.programs is not None:
-        compiled = _forward_compiled(run, y0, schedule)
+    if fixed is not None:
+        compiled = _forward_compiled(run, y0, schedule, fixed)
         if compiled is not None:
             return compiled
     counted = CountedField(run.field)
@@ -270,15 +273,20 @@ def _forward(run: Run, y0: Tensor) -> Forward:
     return Forward(ys, path, stats, saved, schedule=schedule)
 
 
-def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None) -> Forward | None:
-    """The forward loop as one compiled scan; ``None`` when it runs eagerly instead."""
+def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None, fixed: tuple[Path, Grid]) -> Forward | None:
+    """The forward loop as one compiled scan over ``fixed`` (:func:`fixed_path_and_grid`); ``None``
+    when it runs eagerly instead."""
     scheme, programs = run.scheme, run.programs
     assert programs is not None
-    path, grid = fixed_path_and_grid(run.times, run.stepping, y0)
+    path, grid = fixed
     path = Path(times=array("d", path.times), output_steps=list(path.output_steps), sizes=array("d", path.sizes))
     if grid.steps == 0:
         return None
     keeps, layout = scheme.keeps, grid.layout
+    if keeps != "graph":
+        # Grad is off here (inside the autograd Function, or in validation): without its flag the
+        # state is the same program input for both, so the sanity check's program trains too.
+        y0 = y0.detach()
     positions = None if schedule is None or schedule.every else schedule.stored
     uniform = schedule is not None and schedule.kind == "uniform"
 
@@ -349,11 +357,12 @@ def fixed_path_and_grid(times: Sequence[float], stepping: Stepping, like: Tensor
     device) and kept, 16 at most: a solve whose output times move every call (ERNODE's sampled
     time) keeps nothing growing.
     """
+    # at most this many steps: the uniform ones, plus one for each output time landed on between them
     if stepping.steps is not None:
-        estimate = int(stepping.steps)
+        uniform = int(stepping.steps)
     else:
-        estimate = int(abs(times[-1] - times[0]) / max(abs(float(stepping.step_size or 1.0)), 1e-300))
-    if estimate > CACHED_GRID_STEPS:
+        uniform = math.ceil(abs(times[-1] - times[0]) / max(abs(float(stepping.step_size or 1.0)), 1e-300))
+    if uniform + len(times) > CACHED_GRID_STEPS:
         return _build_grid(tuple(times), stepping, like.dtype, like.device)
     return _cached_grid(tuple(times), stepping, like.dtype, like.device)
 
@@ -361,8 +370,9 @@ def fixed_path_and_grid(times: Sequence[float], stepping: Stepping, like: Tensor
 def _build_grid(times: tuple[float, ...], stepping: Stepping, dtype: torch.dtype,
                 device: torch.device) -> tuple[Path, Grid]:
     path = fixed_path(list(times), stepping)
-    like = torch.empty(0, dtype=dtype, device=device)
-    return path, Grid.of(path.times, path.sizes, path.output_steps, like)
+    with torch.inference_mode(False):  # a grid first built in validation (inference mode) also trains
+        like = torch.empty(0, dtype=dtype, device=device)
+        return path, Grid.of(path.times, path.sizes, path.output_steps, like)
 
 
 _cached_grid = functools.lru_cache(maxsize=16)(_build_grid)

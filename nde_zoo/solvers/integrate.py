@@ -382,7 +382,7 @@ def fixed_path(ts: list[float], stepping: Stepping) -> Path:
 
     ``times`` is :func:`~nde_zoo.solvers.stepping.fixed_grid`, ``sizes`` the differences as
     passed to the step function, ``output_steps`` where each output time falls. The eager loop
-    and the compiled scans (:mod:`nde_zoo.driver.programs`) both step along this path.
+    and the compiled scans (:mod:`nde_zoo.driver.loop`) both step along this path.
     """
     grid = fixed_grid_array(ts, stepping)
     path = Path(times=grid, output_steps=[0], sizes=array("d", (b - a for a, b in itertools.pairwise(grid))))

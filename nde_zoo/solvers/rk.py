@@ -43,7 +43,7 @@ def _axpy(out: Tensor, k: Tensor, coefficient: StepSize) -> Tensor:
     """``out + coefficient * k``.
 
     A Python-float step size (the eager loops) uses ``torch.add(..., alpha=)``, one kernel; a 0-d
-    tensor step size (the compiled scans of :mod:`nde_zoo.driver.programs`, where ``h`` is
+    tensor step size (the compiled scans of :mod:`nde_zoo.driver.loop`, where ``h`` is
     an element of the step-size tensor) multiplies instead. Same formula, so one step function
     serves both paths.
     """

@@ -17,7 +17,7 @@ from nde_zoo.strategies.symplectic import Symplectic
 _MOVED = {"_autograd": "autograd", "_compiled": "programs", "fields": "fields", "schedule": "schedule",
           "traced_field": "traced_field"}
 for _old, _new in _MOVED.items():
-    _sys.modules[f"{__name__}.{_old}"] = _importlib.import_module(f"nde_zoo.driver.{_new}")
+    _sys.modules[f"{__name__}.{_old}"] = globals()[_old] = _importlib.import_module(f"nde_zoo.driver.{_new}")
 
 __all__ = [
     "Adjoint",

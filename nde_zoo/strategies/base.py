@@ -12,8 +12,6 @@ import abc
 import inspect
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from dataclasses import field as dataclass_field
 from typing import Any, ClassVar
 
 import lightning
@@ -21,11 +19,14 @@ import torch
 from torch import Tensor
 
 from nde_zoo.memory import LiveSaved, SavedBytes
-from nde_zoo.solvers import ButcherTableau, Path, SolveStats, Stepping, check_inputs, get_tableau
+from nde_zoo.solvers import ButcherTableau, SolveStats, Stepping, check_inputs, get_tableau
 from nde_zoo.solvers.stepping import DEFAULT_MAX_STEPS
+from nde_zoo.driver.fields import field_parameters, inspect_field
+from nde_zoo.driver.loop import Run, solve
+from nde_zoo.driver.programs import CompileSpec, Programs
 from nde_zoo.strategies.config import init_arguments
-from nde_zoo.driver.fields import field_parameters
 from nde_zoo.strategies.plan import Cost, ProbeFit
+from nde_zoo.strategies.solution import Solution, _Record
 
 __all__ = ["Solution", "GradientStrategy", "ODEStrategy", "SavedBytes", "LiveSaved", "field_parameters"]
 
@@ -34,39 +35,6 @@ MAX_RECORDS_PER_STEP = 10_000
 #: ``GradientStrategy.history`` keeps at most this many entries: beyond it, every other one goes
 #: and only every ``2**k``-th training step is kept from then on, so the NFE plot stays even.
 MAX_HISTORY = 10_000
-
-
-@dataclass
-class Solution:
-    """The result of a solve.
-
-    Attributes:
-        ys: the state at each output time, shape ``(len(ts), batch, *state)``.
-        ts: the output times, shape ``(len(ts),)``.
-        stats: forward NFE, accepted/rejected steps; ``nfe_backward`` is filled in by
-            ``backward()``; ``saved_bytes`` is what autograd keeps alive for backward.
-        path: the accepted step times (plain floats), when the strategy ran our solver core.
-    """
-
-    ys: Tensor
-    ts: Tensor
-    stats: SolveStats
-    path: Path | None = None
-    saved_bytes: int = 0
-    extras: dict[str, Any] = dataclass_field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class _Record:
-    """What a training step's figures need from one solve: never its tensors or its graph.
-
-    ``stats`` and ``extras`` are the solution's own objects, because its backward pass fills
-    them in later (``nfe_backward``, the reversible reconstruction error).
-    """
-
-    stats: SolveStats
-    saved_bytes: int
-    extras: dict[str, Any]
 
 
 class GradientStrategy(lightning.Callback, abc.ABC):
@@ -253,7 +221,6 @@ class ODEStrategy(GradientStrategy):
         compile: bool | str = False,
         **unexpected: Any,
     ) -> None:
-        from nde_zoo.driver.programs import CompileSpec, Programs  # torch.compile loads lazily
         if unexpected:  # subclasses pass their stepping on as **stepping: name the class the user called
             takes = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
             raise TypeError(f"{type(self).__name__} got an unexpected argument {next(iter(unexpected))!r}; it "
@@ -284,9 +251,6 @@ class ODEStrategy(GradientStrategy):
         The inputs are checked, and for a scheme with its own backward the field is inspected
         (:func:`~nde_zoo.driver.fields.inspect_field`: the tensors it reads become the
         differentiated ``params``, unless given)."""
-        from nde_zoo.driver.loop import Run, solve
-        from nde_zoo.driver.fields import inspect_field
-
         times = check_inputs(y0, ts)
         params = [] if scheme.keeps == "graph" else inspect_field(field, ts[0], y0, self.name, params=params)
         compiled = self.compile.enabled

@@ -3,6 +3,6 @@
 The driver is its own layer now, :mod:`nde_zoo.driver`; import from there.
 """
 
-from nde_zoo.driver import Forward, Grid, Run, Scheme, add_grads, solve
+from nde_zoo.driver.loop import Forward, Grid, Run, Scheme, add_grads, row, scan_forward, solve
 
-__all__ = ["Forward", "Grid", "Run", "Scheme", "add_grads", "solve"]
+__all__ = ["Forward", "Grid", "Run", "Scheme", "add_grads", "row", "scan_forward", "solve"]
