@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from nde_zoo.driver import loop
 from nde_zoo.solvers import Stepping, fixed_path
 from nde_zoo.strategies import Reversible
+from tests.test_reversible import MLP
 
 
 def test_the_grid_is_built_once_and_equals_a_fresh_one():
@@ -48,20 +48,12 @@ def test_a_grid_first_built_in_inference_mode_trains():
 def test_a_solutions_path_is_its_own(monkeypatch):
     """Solutions share the cached grid's tensors, never its Path: one solve's path edited leaves the next intact."""
     monkeypatch.setenv("NDE_ZOO_COMPILE_BACKEND", "aot_eager")
-    field = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 2)).double()
-
-    class Field(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = field
-
-        def forward(self, t, y):
-            return self.net(y)
+    field = MLP(dim=2, width=8).double()  # the strategy tests' field: field(t, y)
 
     strategy = Reversible("midpoint", steps=5, compile="strict")
     y0, ts = torch.randn(3, 2, dtype=torch.float64), torch.tensor([0.0, 1.0], dtype=torch.float64)
-    first = strategy.solve(Field(), y0, ts).path
+    first = strategy.solve(field, y0, ts).path
     first.output_steps.append(99)
     first.times[0] = -1.0
-    second = strategy.solve(Field(), y0, ts).path
+    second = strategy.solve(field, y0, ts).path
     assert second.output_steps == [0, 5] and second.times[0] == 0.0

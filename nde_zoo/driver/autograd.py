@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-# Re-exported: the determinism check moved to nde_zoo.driver.fields (inspect_field).
-from nde_zoo.driver.fields import NonDeterministicFieldError
+# NonDeterministicFieldError is re-exported: the determinism check moved to nde_zoo.driver.fields.
+from nde_zoo.driver.fields import NonDeterministicFieldError, graph_nodes
 
 __all__ = ["_detached", "_identity", "NonDeterministicFieldError", "check_no_hidden_inputs", "vjp"]
 
@@ -42,16 +42,8 @@ def check_no_hidden_inputs(output: Tensor, allowed: Sequence[Tensor], strategy: 
     Call it once per backward pass on a field output recomputed with a graph from
     ``allowed`` inputs (the state and the field's parameters).
     """
-    if output.grad_fn is None:
-        return
     allowed_ids = {id(t) for t in allowed}
-    seen: set[int] = set()
-    stack = [output.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
+    for node in graph_nodes(output):
         variable = getattr(node, "variable", None)
         if variable is not None and id(variable) not in allowed_ids:
             raise RuntimeError(
@@ -61,7 +53,6 @@ def check_no_hidden_inputs(output: Tensor, allowed: Sequence[Tensor], strategy: 
                 f"it as an nn.Parameter (or a submodule) of the field, or pass it through the state "
                 f"(docs/extending.md, 'Your own vector field', shows both)"
             )
-        stack.extend(next_fn for next_fn, _ in node.next_functions)
 
 
 def vjp(
