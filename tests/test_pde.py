@@ -16,17 +16,19 @@ import nde_zoo.strategies as strategies
 from nde_zoo.configs_path import config_dir
 from nde_zoo.datamodules.pde import PDEDataModule, WindowDataset, reference_order, spectral_solve
 from nde_zoo.fidelity import gradient_fidelity, reference_strategy
-from nde_zoo.models.pde import ConvField, PDEModel, fd_laplacian, fd_third_derivative, fixed_step_strategy
+from nde_zoo.models.pde import (ConvField, PDEModel, fd_dispersion, fd_laplacian, fd_third_derivative,
+                                fixed_step_strategy)
 from nde_zoo.train import run
 
 F64 = torch.float64
 
 
 def small_model(strategy, dim: int = 1, known: str = "diffusion", points: int = 16) -> PDEModel:
-    """``known``: ``diffusion``, ``dispersion`` or ``dispersion+skew`` (the skew, energy-conserving correction)."""
+    """``known``: ``diffusion``, ``dispersion`` or ``dispersion+skew`` (the skew, energy-conserving correction).
+    One channel, but two for a diffusive 2-D field (Gray-Scott's)."""
     known, _, correction = known.partition("+")
     torch.manual_seed(0)
-    channels = 1 if dim == 1 else 2
+    channels = small_channels(dim, known)
     model = PDEModel(strategy, dim=dim, channels=channels, points=points, length=2 * math.pi,
                      diffusion=[0.05] * channels, dispersion=0.0225, known=known, width=6, depth=1, kernel_size=3,
                      correction=correction or "add")
@@ -37,9 +39,14 @@ def small_model(strategy, dim: int = 1, known: str = "diffusion", points: int = 
     return model
 
 
-def small_batch(dim: int = 1, points: int = 16, times: int = 4, batch: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def small_channels(dim: int, known: str = "diffusion") -> int:
+    return 2 if dim == 2 and known == "diffusion" else 1
+
+
+def small_batch(dim: int = 1, points: int = 16, times: int = 4, batch: int = 2,
+                known: str = "diffusion") -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    channels = 1 if dim == 1 else 2
+    channels = small_channels(dim, known.partition("+")[0])
     u = torch.randn(batch, times, channels, *([points] * dim), generator=g, dtype=F64)
     t = (torch.arange(times, dtype=F64) * 0.05).expand(batch, -1)
     return t, u
@@ -56,12 +63,12 @@ EXACT = {  # name -> a strategy on 6 fixed midpoint steps over [0, 0.15] (output
 
 @pytest.mark.parametrize("name, dim, known", [(n, d, k) for n in sorted(EXACT) for d in (1, 2)
                                               for k in ("diffusion", "dispersion", "dispersion+skew")
-                                              if (n, d) != ("auto", 2) and (d == 1 or k == "diffusion")])
+                                              if (n, d) != ("auto", 2)])
 def test_every_exact_strategy_gives_backprops_gradient(name, dim, known):
     """Float64, a small grid: each strategy's gradient equals backprop through the same
     discretisation (Direct's; through the coupled recursion for Reversible) to 1e-10, on the
-    diffusive (Burgers, Gray-Scott) and the dispersive (KdV) known part."""
-    batch = small_batch(dim)
+    diffusive (Burgers, Gray-Scott) and the dispersive (KdV, ZK) known part."""
+    batch = small_batch(dim, known=known)
     strategy = EXACT[name]()
     if isinstance(strategy, strategies.Auto):
         strategy.announce = False
@@ -153,8 +160,21 @@ def test_the_third_derivative_is_periodic_second_order_and_conservative():
     assert abs(float((u * fd_third_derivative(u, 0.2)).sum())) < 1e-9  # skew: sum u u_xxx = 0, no energy change
     field = ConvField(1, 1, width=4, depth=1, known="dispersion", dispersion=0.5, dx=0.2)
     assert torch.allclose(field(torch.tensor(0.0), u.float()), -0.5 * fd_third_derivative(u.float(), 0.2))
-    with pytest.raises(ValueError, match="1-D"):
-        ConvField(2, 2, known="dispersion")
+
+
+def test_the_two_dimensional_dispersion_is_zakharov_kuznetsovs_second_order_and_conservative():
+    """``fd_dispersion`` in 2-D: ``(u_xx + u_yy)_x`` with ``x`` the last axis, to second order, skew."""
+    errors = []
+    for points in (32, 64):
+        dx = 2 * math.pi / points
+        x = torch.arange(points, dtype=F64) * dx
+        u = torch.sin(2 * x[None, :] + x[:, None])[None]  # sin(2x + y): (u_xx + u_yy)_x = -10 cos(2x + y)
+        errors.append(float((fd_dispersion(u, 2, dx) + 10 * torch.cos(2 * x[None, :] + x[:, None])).abs().max()))
+    assert 3.6 < errors[0] / errors[1] < 4.4, errors  # second order
+    u = torch.randn(3, 1, 16, 16, dtype=F64)
+    assert abs(float((u * fd_dispersion(u, 2, 0.2)).sum())) < 1e-9  # skew: no energy change
+    field = ConvField(2, 1, width=4, depth=1, known="dispersion", dispersion=0.5, dx=0.2)
+    assert torch.allclose(field(torch.tensor(0.0), u.float()), -0.5 * fd_dispersion(u.float(), 2, 0.2))
 
 
 def test_the_skew_correction_keeps_the_energy():
@@ -173,11 +193,17 @@ def test_the_skew_correction_keeps_the_energy():
     skew = (torch.roll(a * u, -1, -1) - torch.roll(a * u, 1, -1) + a * (torch.roll(u, -1, -1) - torch.roll(u, 1, -1)))
     skew = skew / (2 * (2 * math.pi / 64))
     assert torch.allclose(skew, -u * torch.cos(x), atol=1e-2)  # second order: -u u_x to O(dx^2)
-    with pytest.raises(ValueError, match="one channel in 1-D"):
+    field2d = ConvField(2, 1, width=4, depth=1, known="dispersion", dispersion=0.0225, dx=0.1, correction="skew")
+    with torch.no_grad():
+        field2d.net[-1].weight.normal_(0.0, 0.5)
+    u = torch.randn(2, 1, 16, 16, dtype=F64)
+    du = field2d.double()(torch.tensor(0.0), u)  # ZK's skew form in 2-D: energy kept too
+    assert du.abs().max() > 1e-3 and abs(float((u * du).sum())) < 1e-10 * float(du.abs().sum())
+    with pytest.raises(ValueError, match="one channel"):
         ConvField(2, 2, correction="skew")
 
 
-@pytest.mark.parametrize("system", ["burgers", "kdv"])
+@pytest.mark.parametrize("system", ["burgers", "kdv", "zk"])
 def test_generator_is_deterministic_and_cached(system, tmp_path, monkeypatch):
     kwargs = dict(system=system, points=16, refine=2, n_train=3, n_val=1, n_test=1, n_obs=4, obs_dt=0.1,
                   train_window=2)
@@ -187,8 +213,9 @@ def test_generator_is_deterministic_and_cached(system, tmp_path, monkeypatch):
     for split in ("train", "val", "test"):
         assert torch.equal(a[split], b[split])
         assert not torch.equal(a[split], other[split])
-    assert a["train"].shape == (3, 5, 1, 16)
-    assert not torch.equal(a["train"][:, 0], a["val"][:, 0].expand(3, -1, -1))  # splits have their own seeds
+    dim = 2 if system == "zk" else 1
+    assert a["train"].shape == (3, 5, 1, *([16] * dim))
+    assert not torch.equal(a["train"][:, 0], a["val"][:, 0].expand_as(a["train"][:, 0]))  # splits have their own seeds
     cached = PDEDataModule(cache_dir=str(tmp_path), **kwargs)
     first = cached.load_or_generate()
     assert cached.cache_path().is_file() and torch.equal(first["test"], a["test"])
@@ -208,6 +235,7 @@ def test_the_coarse_data_are_the_fine_solution_sampled():
 @pytest.mark.parametrize("system, kwargs", [
     ("burgers", {}),
     ("kdv", {}),
+    ("zk", dict(points=16, refine=2)),
     ("gray_scott", dict(points=16, refine=2, length=16.0, obs_dt=20.0, solver_dt=1.0)),
 ])
 def test_reference_solver_converges_at_fourth_order(system, kwargs):
@@ -280,6 +308,19 @@ def test_kdv_fits_through_the_cli_entry_point(name, tmp_path, monkeypatch):
     cfg = _compose(tmp_path, "data=kdv", "data.n_obs=2", "data.train_window=1", "data.obs_dt=0.05",
                    f"strategy={name}", *(["strategy.coupling=1.0"] if name == "reversible" else []))
     assert cfg.model.known == "dispersion" and cfg.model.solver == "rk4" and cfg.model.dt == 0.025
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # the reversible solve stays stable and rebuilds exactly
+        results = run("fit", cfg)
+    assert math.isfinite(results[0]["test/loss"]) and (tmp_path / "pde_rollout.png").is_file()
+
+
+def test_two_dimensional_zakharov_kuznetsov_fits_through_the_cli_entry_point(tmp_path, monkeypatch):
+    """data=zk: 2-D, one channel, the dispersion and the skew correction in 2-D, RK4 steps of 0.0125."""
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(tmp_path, "data=zk", "data.n_obs=2", "data.train_window=1", "data.obs_dt=0.025",
+                   "strategy=reversible", "strategy.coupling=1.0")
+    assert (cfg.model.dim, cfg.model.channels, cfg.model.known, cfg.model.correction) == (2, 1, "dispersion", "skew")
+    assert cfg.model.solver == "rk4" and cfg.model.dt == 0.0125
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # the reversible solve stays stable and rebuilds exactly
         results = run("fit", cfg)

@@ -1,6 +1,6 @@
 """Fields on a periodic grid for the ``pde`` model, from a finer pseudo-spectral reference solver.
 
-Three systems, each solved in float64 by Fourier differentiation (``torch.fft``) with the
+Four systems, each solved in float64 by Fourier differentiation (``torch.fft``) with the
 integrating-factor fourth-order Runge-Kutta scheme (Lawson's RK4; Trefethen, *Spectral Methods in
 MATLAB*, program 27): the stiff linear part (diffusion, dispersion) is integrated exactly in Fourier
 space, the nonlinear terms by RK4, so the time error is of order 4 (``reference_order`` measures it).
@@ -12,6 +12,12 @@ space, the nonlinear terms by RK4, so the time error is of order 4 (``reference_
   ``u_t + u u_x + delta^2 u_xxx = nu u_xx`` (``dispersion = delta^2``, ``nu`` the diffusion, 0 by
   default): dispersive and conservative, its solitons travel and collide without decaying, so the
   state at a late time depends on the whole history. Initial conditions as Burgers'.
+* ``zk`` (2-D, one channel) on ``[0, 2 pi)^2``: Zakharov-Kuznetsov, KdV in two dimensions,
+  ``u_t + u u_x + delta^2 (u_xx + u_yy)_x = nu lap u`` (``x`` the last axis): as conservative and
+  dispersive as KdV, on a grid whose states are 64 times larger at 64 points a side, so backprop
+  through a rollout runs out of memory long before KdV's does. Initial conditions: random plane waves
+  of wavenumbers ``|k_x|, |k_y| <= modes`` with amplitudes falling as ``1/|k|``, scaled to standard
+  deviation ``amplitude``.
 * ``gray_scott`` (2-D, two channels ``u, v``) on ``[0, L)^2``:
   ``u_t = D_u lap u - u v^2 + F (1 - u)``, ``v_t = D_v lap v + u v^2 - (F + k) v``. Initial
   conditions: ``u = 1, v = 0`` with ``patches`` random square patches (side a fifth of the domain) where ``u = 1/2, v = 1/4`` (Pearson
@@ -46,12 +52,14 @@ from torch.utils.data import Dataset, TensorDataset
 
 from nde_zoo.datamodules.base import SplitDataModule
 
-__all__ = ["PDEDataModule", "SYSTEMS", "spectral_solve", "burgers_problem", "kdv_problem", "gray_scott_problem",
-           "reference_order", "WindowDataset"]
+__all__ = ["PDEDataModule", "SYSTEMS", "spectral_solve", "burgers_problem", "kdv_problem", "zk_problem",
+           "gray_scott_problem", "reference_order", "WindowDataset"]
 
-SYSTEMS = ("burgers", "kdv", "gray_scott")
+SYSTEMS = ("burgers", "kdv", "zk", "gray_scott")
 #: the known part each system's ``model=pde`` learns a correction to (``known`` of the model)
-KNOWN_PART = {"burgers": "diffusion", "kdv": "dispersion", "gray_scott": "diffusion"}
+KNOWN_PART = {"burgers": "diffusion", "kdv": "dispersion", "zk": "dispersion", "gray_scott": "diffusion"}
+#: the systems with a dispersion term (KdV's ``u_xxx``, Zakharov-Kuznetsov's ``(u_xx + u_yy)_x``)
+DISPERSIVE = ("kdv", "zk")
 Problem = tuple[Tensor, Callable[[Tensor], Tensor], int]  # (linear symbol, nonlinear term, spatial dims)
 
 
@@ -103,6 +111,24 @@ def kdv_problem(points: int, dispersion: float, nu: float = 0.0, length: float =
         return g * torch.fft.rfft(u * u)
 
     return linear, nonlinear, 1
+
+
+def zk_problem(points: int, dispersion: float, nu: float = 0.0, length: float = 2 * math.pi) -> Problem:
+    """Zakharov-Kuznetsov, KdV in two dimensions: ``u_t = -(u^2 / 2)_x - dispersion (u_xx + u_yy)_x +
+    nu lap u`` on ``points^2`` points of ``[0, length)^2``, ``x`` the last axis. The dispersive term
+    (``+i dispersion k_x |k|^2`` in Fourier space) is in the linear part, integrated exactly; the
+    quadratic term dealiased by the 2/3 rule. Conservative for ``nu = 0``: solitary waves travel along
+    ``x`` and keep their energy, as KdV's do."""
+    ky, kx = _wavenumbers(points, length, 2)  # x is the last (rfft) axis
+    k2 = kx**2 + ky**2
+    linear = (-nu * k2 + 1j * dispersion * kx * k2).unsqueeze(0)  # (C=1, fy, fx), complex
+    g = -0.5j * kx * _dealias(points, length, 2)
+
+    def nonlinear(v: Tensor) -> Tensor:
+        u = torch.fft.irfftn(v, s=(points, points), dim=(-2, -1))
+        return g * torch.fft.rfftn(u * u, dim=(-2, -1))
+
+    return linear, nonlinear, 2
 
 
 def gray_scott_problem(points: int, du: float, dv: float, feed: float, kill: float, length: float) -> Problem:
@@ -188,7 +214,8 @@ class PDEDataModule(SplitDataModule):
     """Trajectories of a periodic PDE from a finer pseudo-spectral solve (see the module docstring).
 
     Args:
-        system: ``burgers`` or ``kdv`` (1-D, one channel) or ``gray_scott`` (2-D, two channels).
+        system: ``burgers`` or ``kdv`` (1-D, one channel), ``zk`` (Zakharov-Kuznetsov: 2-D, one channel) or
+            ``gray_scott`` (2-D, two channels).
         dim / channels: checked against the system's (None: not checked); the ``pde`` model's config
             reads them, with ``points``, ``length``, ``diffusion``, ``dispersion``, ``known``,
             ``rollout_dt`` and ``rollout_solver``, from the data config.
@@ -196,8 +223,8 @@ class PDEDataModule(SplitDataModule):
         refine: the reference grid's refinement.
         length: the periodic domain's side (None: ``2 pi`` for Burgers, 32 for Gray-Scott).
         diffusion: the diffusion coefficient of each channel (None: ``[0.05]`` for Burgers' viscosity,
-            ``[0.0]`` for KdV, ``[0.16, 0.08]`` for Gray-Scott's ``D_u, D_v``).
-        dispersion: KdV's ``delta^2`` (None: 0.0225 for KdV, 0 otherwise; only KdV takes a nonzero one).
+            ``[0.0]`` for KdV and ZK, ``[0.16, 0.08]`` for Gray-Scott's ``D_u, D_v``).
+        dispersion: KdV's and ZK's ``delta^2`` (None: 0.0225 for them, 0 otherwise; only they take a nonzero one).
         known: the known part ``model=pde`` learns a correction to (None: the system's, ``diffusion``
             or ``dispersion`` for KdV); correction: how the model adds it (``add`` or ``skew``, energy
             conserving); rollout_dt / rollout_solver: the model's step and method for this system
@@ -207,7 +234,8 @@ class PDEDataModule(SplitDataModule):
         obs_dt: time between observations.
         train_window: observation intervals in a training window; ``window_stride``: between window starts.
         solver_dt: the reference solver's largest step.
-        modes / amplitude: Burgers' and KdV's initial conditions (wavenumbers 1..modes, standard deviation).
+        modes / amplitude: Burgers', KdV's and ZK's initial conditions (wavenumbers up to ``modes``, standard
+            deviation).
         feed / kill / patches: Gray-Scott's rates and number of initial patches.
         batch_size: examples per batch. seed: base seed. cache_dir: see the module docstring.
     """
@@ -255,15 +283,16 @@ class PDEDataModule(SplitDataModule):
         if n_obs < 1 or not obs_dt > 0 or not solver_dt > 0:
             raise ValueError(f"n_obs, obs_dt and solver_dt must be positive, got {n_obs}, {obs_dt}, {solver_dt}")
         if diffusion is None:
-            diffusion = {"burgers": [0.05], "kdv": [0.0], "gray_scott": [0.16, 0.08]}[system]
+            diffusion = {"burgers": [0.05], "kdv": [0.0], "zk": [0.0], "gray_scott": [0.16, 0.08]}[system]
         if len(diffusion) != self.channels or any(not float(d) >= 0 for d in diffusion):
             raise ValueError(f"diffusion must hold {self.channels} non-negative coefficient(s), got {diffusion}")
         self.points, self.refine = int(points), int(refine)
         self.length = float(length) if length is not None else (32.0 if system == "gray_scott" else 2 * math.pi)
         self.diffusion = [float(d) for d in diffusion]
-        self.dispersion = float(dispersion) if dispersion is not None else (0.0225 if system == "kdv" else 0.0)
-        if self.dispersion and system != "kdv":
-            raise ValueError(f"dispersion applies to system 'kdv' only, got {self.dispersion} for {system!r}")
+        self.dispersion = float(dispersion) if dispersion is not None else (0.0225 if system in DISPERSIVE else 0.0)
+        if self.dispersion and system not in DISPERSIVE:
+            raise ValueError(f"dispersion applies to systems {' and '.join(DISPERSIVE)} only, got {self.dispersion} "
+                             f"for {system!r}")
         self.known = KNOWN_PART[system] if known is None else str(known)
         self.correction = str(correction)
         self.rollout_dt = 0.05 if rollout_dt is None else float(rollout_dt)
@@ -279,8 +308,8 @@ class PDEDataModule(SplitDataModule):
     # -- what the model needs to know ------------------------------------------------------------
     @property
     def dim(self) -> int:
-        """Spatial dimensions: 1 (Burgers, KdV) or 2 (Gray-Scott)."""
-        return 2 if self.system == "gray_scott" else 1
+        """Spatial dimensions: 1 (Burgers, KdV) or 2 (ZK, Gray-Scott)."""
+        return 2 if self.system in ("zk", "gray_scott") else 1
 
     @property
     def channels(self) -> int:
@@ -298,12 +327,26 @@ class PDEDataModule(SplitDataModule):
             return burgers_problem(points, self.diffusion[0], self.length)
         if self.system == "kdv":
             return kdv_problem(points, self.dispersion, self.diffusion[0], self.length)
+        if self.system == "zk":
+            return zk_problem(points, self.dispersion, self.diffusion[0], self.length)
         du, dv = self.diffusion
         return gray_scott_problem(points, du, dv, self.feed, self.kill, self.length)
 
     def initial_conditions(self, n: int, generator: torch.Generator, fine: bool = True) -> Tensor:
         """``n`` random initial fields ``(n, C, *grid)`` float64 on the fine (or coarse) grid."""
         points = self.points * (self.refine if fine else 1)
+        if self.system == "zk":  # plane waves k = (k_x, k_y), |k_x|, |k_y| <= modes, amplitudes ~ 1/|k|
+            x = torch.arange(points, dtype=torch.float64) * (self.length / points)
+            m = torch.arange(-self.modes, self.modes + 1, dtype=torch.float64)
+            ky, kx = (k.reshape(-1) for k in torch.meshgrid(m, m, indexing="ij"))
+            half = (kx > 0) | ((kx == 0) & (ky > 0))  # one of each pair k, -k
+            kx, ky = kx[half], ky[half]
+            coef = torch.randn(n, len(kx), 2, dtype=torch.float64, generator=generator)
+            coef = coef / (kx**2 + ky**2).sqrt()[:, None]
+            phase = ky[:, None, None] * x[:, None] + kx[:, None, None] * x  # (modes, y, x)
+            u0 = torch.einsum("nm,myx->nyx", coef[..., 0], phase.cos()) + \
+                torch.einsum("nm,myx->nyx", coef[..., 1], phase.sin())
+            return (u0 * (self.amplitude / u0.flatten(1).std(dim=1)[:, None, None])).unsqueeze(1)
         if self.system != "gray_scott":
             x = torch.arange(points, dtype=torch.float64) * (self.length / points)
             coef = torch.randn(n, self.modes, 2, dtype=torch.float64, generator=generator)
@@ -341,7 +384,7 @@ class PDEDataModule(SplitDataModule):
                       seed=self.seed, sizes=self.sizes, version=1)
         if self.system == "burgers":
             return {**shared, "modes": self.modes, "amplitude": self.amplitude}
-        if self.system == "kdv":
+        if self.system in DISPERSIVE:
             return {**shared, "modes": self.modes, "amplitude": self.amplitude, "dispersion": self.dispersion}
         return {**shared, "feed": self.feed, "kill": self.kill, "patches": self.patches}
 

@@ -8,9 +8,10 @@ convolutional network with circular padding (periodic boundaries), either
 * the whole right-hand side (``known="none"``): ``du/dt = net(u)``, or
 * a learned correction added to a known part (``known="diffusion"``): ``du/dt = D lap_h u + net(u)``,
   with ``lap_h`` the second-order finite-difference Laplacian (periodic) and ``D`` the known
-  diffusion coefficient of each channel, or (``known="dispersion"``, 1-D: KdV) ``du/dt =
-  -c d3_h u + net(u)``, ``d3_h`` the second-order central difference of ``u_xxx`` and ``c`` the known
-  dispersion. The correction's last layer starts at zero, so the untrained model is the known physics.
+  diffusion coefficient of each channel, or (``known="dispersion"``: KdV in 1-D, Zakharov-Kuznetsov
+  in 2-D) ``du/dt = -c disp_h u + net(u)``, ``disp_h`` the second-order central difference of
+  ``u_xxx`` (1-D) or of ``(u_xx + u_yy)_x`` (2-D, ``x`` the last axis) and ``c`` the known dispersion.
+  The correction's last layer starts at zero, so the untrained model is the known physics.
 
 A training example is a window of observations ``u(t_0), ..., u(t_K)``; the model rolls out from
 ``u(t_0)`` through every observation time in one solve with the gradient strategy, and the loss is
@@ -40,7 +41,7 @@ from nde_zoo.strategies.base import GradientStrategy, Solution
 from nde_zoo.strategies.config import strategy_config, strategy_from_config
 
 __all__ = ["PDEModel", "ConvField", "fd_laplacian", "fd_first_derivative", "fd_third_derivative",
-           "fixed_step_strategy", "CORRECTIONS"]
+           "fd_dispersion", "fixed_step_strategy", "CORRECTIONS"]
 
 log = logging.getLogger("nde_zoo")
 _ACTIVATIONS = {"tanh": nn.Tanh, "gelu": nn.GELU, "softplus": nn.Softplus, "silu": nn.SiLU}
@@ -71,6 +72,19 @@ def fd_third_derivative(u: Tensor, dx: float) -> Tensor:
             - torch.roll(u, 2, -1)) / (2 * dx**3)
 
 
+def fd_dispersion(u: Tensor, dim: int, dx: float) -> Tensor:
+    """The periodic finite difference of ``u_xxx`` (``dim=1``, :func:`fd_third_derivative`) or of
+    ``(u_xx + u_yy)_x`` (``dim=2``, Zakharov-Kuznetsov's, ``x`` the last axis, ``y`` the one before):
+    the second difference in ``y`` followed by the central difference in ``x`` adds to ``u_xxx``'s. Both
+    difference operators commute and the central one is skew, so the symbol stays purely imaginary:
+    the operator moves energy between scales and neither adds nor removes any."""
+    out = fd_third_derivative(u, dx)
+    if dim == 2:
+        u_yy = (torch.roll(u, 1, -2) + torch.roll(u, -1, -2) - 2 * u) / (dx * dx)
+        out = out + fd_first_derivative(u_yy, dx)
+    return out
+
+
 class ConvField(nn.Module):
     """``du/dt`` on a periodic grid: a convolutional net (circular padding), plus ``D lap_h u`` when
     ``known="diffusion"``.
@@ -80,13 +94,14 @@ class ConvField(nn.Module):
         width / depth: hidden channels and hidden layers (each a ``kernel_size`` convolution).
         kernel_size: odd; the stencil's width in grid points.
         activation: ``tanh``, ``gelu``, ``softplus`` or ``silu``.
-        known: ``none`` (the net is the whole right-hand side), ``diffusion`` or ``dispersion`` (1-D).
+        known: ``none`` (the net is the whole right-hand side), ``diffusion`` or ``dispersion``
+            (:func:`fd_dispersion`).
         diffusion: the known coefficient of each channel (``known="diffusion"``).
-        dispersion: the known coefficient ``c`` of ``-c u_xxx`` (``known="dispersion"``).
-        correction: ``add`` (``du/dt = known + net(u)``) or ``skew`` (1-D, one channel: ``du/dt = known +
-            D1(a u) + a D1 u`` with ``a = net(u)`` and ``D1`` the central difference, a skew-symmetric
+        dispersion: the known coefficient ``c`` of ``-c u_xxx`` (``-c (u_xx + u_yy)_x`` in 2-D).
+        correction: ``add`` (``du/dt = known + net(u)``) or ``skew`` (one channel: ``du/dt = known +
+            D1(a u) + a D1 u`` with ``a = net(u)`` and ``D1`` the central difference in ``x``, a skew-symmetric
             operator on ``u`` for any ``a``: the learned part neither adds nor removes energy
-            ``sum u^2``; Burgers' and KdV's ``-u u_x`` is ``a = -u / 3``).
+            ``sum u^2``; Burgers', KdV's and ZK's ``-u u_x`` is ``a = -u / 3``).
         dx: grid spacing.
 
     Shapes: ``u`` ``(batch, channels, *grid)`` -> same; ``t`` is unused (autonomous).
@@ -104,12 +119,10 @@ class ConvField(nn.Module):
             raise ValueError(f"activation must be one of {', '.join(_ACTIVATIONS)}, got {activation!r}")
         if known not in KNOWN:
             raise ValueError(f"known must be one of {', '.join(KNOWN)}, got {known!r}")
-        if known == "dispersion" and dim != 1:
-            raise ValueError(f"known='dispersion' (-c u_xxx) is 1-D, got dim={dim}")
         if correction not in CORRECTIONS:
             raise ValueError(f"correction must be one of {', '.join(CORRECTIONS)}, got {correction!r}")
-        if correction == "skew" and (dim != 1 or channels != 1):
-            raise ValueError(f"correction='skew' is for one channel in 1-D, got dim={dim}, channels={channels}")
+        if correction == "skew" and channels != 1:
+            raise ValueError(f"correction='skew' is for one channel, got channels={channels}")
         conv = nn.Conv1d if dim == 1 else nn.Conv2d
         layers: list[nn.Module] = []
         c_in = channels
@@ -137,7 +150,7 @@ class ConvField(nn.Module):
         if self.known == "diffusion":
             out = out + self.diffusion.to(u.dtype) * fd_laplacian(u, self.dim, self.dx)
         elif self.known == "dispersion":
-            out = out - self.dispersion * fd_third_derivative(u, self.dx)
+            out = out - self.dispersion * fd_dispersion(u, self.dim, self.dx)
         return out
 
 
@@ -172,11 +185,12 @@ class PDEModel(NeuralDE):
         strategy: the gradient strategy of the rollout.
         dim / channels / points / length: the grid (from the data config: ``configs/data/burgers.yaml``).
         diffusion: the known diffusion coefficient of each channel (``known="diffusion"``).
-        dispersion: the known dispersion coefficient ``c`` of ``-c u_xxx`` (``known="dispersion"``).
-        known: ``diffusion`` (learn a correction to ``D lap_h u``), ``dispersion`` (to ``-c d3_h u``,
-            1-D) or ``none`` (learn the whole RHS).
+        dispersion: the known dispersion coefficient ``c`` of ``-c u_xxx`` (``-c (u_xx + u_yy)_x`` in 2-D;
+            ``known="dispersion"``).
+        known: ``diffusion`` (learn a correction to ``D lap_h u``), ``dispersion`` (to ``-c disp_h u``,
+            :func:`fd_dispersion`) or ``none`` (learn the whole RHS).
         correction: ``add`` (``known + net(u)``) or ``skew`` (``known + D1(a u) + a D1 u``, ``a = net(u)``:
-            energy-conserving, 1-D, one channel; :class:`ConvField`).
+            energy-conserving, one channel; :class:`ConvField`).
         width / depth / kernel_size / activation: the convolutional net (:class:`ConvField`).
         dt / solver: the rollout's step and method when the strategy is adaptive.
         field: your own field ``f(t, u)`` on ``(batch, channels, *grid)`` (an ``nn.Module`` or a config
