@@ -15,5 +15,5 @@ BENCHMARKS: dict[str, str] = {
     "compiled": "eager vs compile=True per strategy: s per training step, compile cost, memory (white dwarf, CNF, memory-bound)",
     "auto": "strategy=auto's plan (predicted peak, choice) against real training steps of every candidate, two budgets",
     "cde_memory": "McCallum & Foster 2024: reversible vs backprop Neural CDE with midpoint/rk4/dopri5: accuracy and memory",
-    "pde": "model=pde through long rollouts: kept bytes, s per step, longest rollout under 2 GB per strategy, auto's choice, long vs short training windows",
+    "pde": "model=pde through long rollouts: kept bytes, s per step, longest rollout under 2 GB per strategy (KdV in 1-D, ZK in 2-D), auto's choice, long vs short training windows",
 }
