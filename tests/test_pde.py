@@ -244,6 +244,19 @@ def test_reference_solver_converges_at_fourth_order(system, kwargs):
     assert 3.6 < order < 4.4, order
 
 
+def test_the_bench_reads_reversibles_reach_from_measured_rollouts_only_where_it_says_so():
+    """``bench pde``: the 2-D verdict's reach is the longest measured rollout within tolerance (a failing
+    shorter one bounds it); KdV's extrapolates beyond the two longest, at least linearly in N."""
+    from nde_zoo.bench.pde import exact_reach, measured_reach
+
+    assert measured_reach({200: 1e-6, 800: 5e-6, 1600: 2e-4}, 3.5e-4) == 1600
+    assert measured_reach({200: 1e-6, 800: 1e-3, 1600: 2e-4}, 3.5e-4) == 200
+    assert measured_reach({200: float("nan")}, 3.5e-4) == 0 and measured_reach({}, 1.0) == 0
+    growth, reach = exact_reach({100: 1e-6, 400: 4e-6}, 4e-4)  # linear growth: 100x the error at 100x N
+    assert growth == pytest.approx(1.0) and reach == pytest.approx(40000, rel=1e-6)
+    assert exact_reach({100: 1e-6, 400: 1e-3}, 4e-4)[1] == 100  # a measured rollout past tol bounds it
+
+
 def test_windows_and_whole_trajectories():
     t = torch.arange(6.0)
     u = torch.arange(2 * 6 * 3, dtype=torch.float32).reshape(2, 6, 1, 3)

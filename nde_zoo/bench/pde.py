@@ -49,7 +49,7 @@ from nde_zoo.bench.autograd_memory import peak_autograd_bytes
 from nde_zoo.bench.report import BenchReport, Check, Source, Table, Verdict
 from nde_zoo.bench.runner import on_one_thread
 
-__all__ = ["run", "GOALS", "kdv_data"]
+__all__ = ["run", "GOALS", "kdv_data", "data_config", "exact_reach", "measured_reach"]
 
 BUDGET = 2 * 1024**3
 CAP = 10**9  # the longest rollout reported for a strategy whose bytes do not grow with N
@@ -232,6 +232,17 @@ def exact_reach(errors: dict[int, float], tol: float) -> tuple[float, float]:
     return p, float(min(CAP, math.floor(n2 * (tol / max(e2, 1e-300)) ** (1.0 / p))))
 
 
+def measured_reach(errors: dict[int, float], tol: float) -> int:
+    """The longest measured ``N`` whose rebuild error, and every shorter measured rollout's, is within
+    ``tol`` (0 if none): what a rollout is known to rebuild exactly, with nothing extrapolated."""
+    reach = 0
+    for n, error in sorted(errors.items()):
+        if not (math.isfinite(error) and error <= tol):
+            break
+        reach = n
+    return reach
+
+
 def _train(model: Any, data: Any, seconds: float) -> tuple[int, float, float]:
     """AdamW (lr 1e-2) on ``data``'s training windows for ``seconds`` of wall clock: (steps, seconds, the
     largest rebuild error a reversible rollout reported on the way; NaN for other strategies)."""
@@ -393,8 +404,7 @@ def _run(quick: bool) -> BenchReport:
                          payoff_rows)
 
     # 6. the 2-D case: Direct's bytes per step against the rollout Reversible rebuilds exactly
-    zk_exact = max((n for n, (e, _) in sorted(zk["rebuild"].items()) if e <= tol and all(
-        e2 <= tol for n2, (e2, _) in zk["rebuild"].items() if n2 < n)), default=0)
+    zk_exact = measured_reach({n: e for n, (e, _) in zk["rebuild"].items()}, tol)
     zk_rows = []
     for name in ("Direct", "Reversible"):
         slope, base, n_max = _longest(zk["peak"][name])
