@@ -177,6 +177,30 @@ def test_the_two_dimensional_dispersion_is_zakharov_kuznetsovs_second_order_and_
     assert torch.allclose(field(torch.tensor(0.0), u.float()), -0.5 * fd_dispersion(u.float(), 2, 0.2))
 
 
+def test_the_zk_reference_and_the_models_dispersion_share_their_axes():
+    """data=zk's spectral linear term is the model's ``-c fd_dispersion`` to second order on the same
+    field (``x`` the last axis in both): a swapped axis in either would differ by O(1)."""
+    from nde_zoo.datamodules.pde import zk_problem
+
+    c, points = 0.0225, 64
+    dx = 2 * math.pi / points
+    x = torch.arange(points, dtype=F64) * dx
+    u = torch.sin(2 * x[None, :] + x[:, None])[None, None]  # (1, C=1, y, x)
+    linear, _, _ = zk_problem(points, c)
+    spectral = torch.fft.irfftn(linear * torch.fft.rfftn(u, dim=(-2, -1)), s=(points, points), dim=(-2, -1))
+    assert torch.allclose(spectral, 10 * c * torch.cos(2 * x[None, :] + x[:, None]), atol=1e-10)
+    assert (spectral + c * fd_dispersion(u, 2, dx)).abs().max() < 0.02 * spectral.abs().max()
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, u):
+        return self.factor * u
+
+
 def test_the_skew_correction_keeps_the_energy():
     """``correction="skew"``: ``D1(a u) + a D1 u`` with ``a = net(u)`` is skew in ``u``, so the learned part
     (and the dispersion) leave ``sum u^2`` unchanged: ``sum u du/dt = 0`` whatever the weights."""
@@ -189,7 +213,7 @@ def test_the_skew_correction_keeps_the_energy():
     assert du.abs().max() > 1e-3 and abs(float((u * du).sum())) < 1e-10 * float(du.abs().sum())
     x = torch.arange(64, dtype=F64) * (2 * math.pi / 64)
     u = torch.sin(x)[None, None]
-    a = -u / 3  # Burgers' and KdV's -u u_x in skew form
+    a = -u / 3  # Burgers', KdV's and ZK's -u u_x in skew form
     skew = (torch.roll(a * u, -1, -1) - torch.roll(a * u, 1, -1) + a * (torch.roll(u, -1, -1) - torch.roll(u, 1, -1)))
     skew = skew / (2 * (2 * math.pi / 64))
     assert torch.allclose(skew, -u * torch.cos(x), atol=1e-2)  # second order: -u u_x to O(dx^2)
@@ -197,8 +221,15 @@ def test_the_skew_correction_keeps_the_energy():
     with torch.no_grad():
         field2d.net[-1].weight.normal_(0.0, 0.5)
     u = torch.randn(2, 1, 16, 16, dtype=F64)
-    du = field2d.double()(torch.tensor(0.0), u)  # ZK's skew form in 2-D: energy kept too
-    assert du.abs().max() > 1e-3 and abs(float((u * du).sum())) < 1e-10 * float(du.abs().sum())
+    field2d = field2d.double()
+    du = field2d(torch.tensor(0.0), u)  # ZK's skew form in 2-D: the energy is kept
+    correction = du + 0.0225 * fd_dispersion(u, 2, 0.1)  # the learned part alone
+    assert correction.abs().max() > 1e-3 and abs(float((u * du).sum())) < 1e-10 * float(du.abs().sum())
+    x = torch.arange(64, dtype=F64) * (2 * math.pi / 64)
+    u = torch.sin(x[None, :] + 2 * x[:, None])[None, None]  # sin(x + 2y): -u u_x = -u cos(x + 2y), along x
+    advection = ConvField(2, 1, known="none", dx=2 * math.pi / 64, correction="skew").double()
+    advection.net = _Scale(-1 / 3)  # a = -u / 3: the field is then ZK's -u u_x, differenced along x
+    assert torch.allclose(advection(torch.tensor(0.0), u), -u * torch.cos(x[None, :] + 2 * x[:, None]), atol=1e-2)
     with pytest.raises(ValueError, match="one channel"):
         ConvField(2, 2, correction="skew")
 

@@ -221,12 +221,12 @@ class PDEDataModule(SplitDataModule):
             ``rollout_dt`` and ``rollout_solver``, from the data config.
         points: grid points per dimension the model sees; the reference solves on ``refine`` times as many.
         refine: the reference grid's refinement.
-        length: the periodic domain's side (None: ``2 pi`` for Burgers, 32 for Gray-Scott).
+        length: the periodic domain's side (None: ``2 pi`` for Burgers, KdV and ZK, 32 for Gray-Scott).
         diffusion: the diffusion coefficient of each channel (None: ``[0.05]`` for Burgers' viscosity,
             ``[0.0]`` for KdV and ZK, ``[0.16, 0.08]`` for Gray-Scott's ``D_u, D_v``).
         dispersion: KdV's and ZK's ``delta^2`` (None: 0.0225 for them, 0 otherwise; only they take a nonzero one).
         known: the known part ``model=pde`` learns a correction to (None: the system's, ``diffusion``
-            or ``dispersion`` for KdV); correction: how the model adds it (``add`` or ``skew``, energy
+            or ``dispersion`` for KdV and ZK); correction: how the model adds it (``add`` or ``skew``, energy
             conserving); rollout_dt / rollout_solver: the model's step and method for this system
             (None: 0.05; 1.0 suits Gray-Scott). The data do not use these four.
         n_train / n_val / n_test: trajectories per split (each split from its own seed).
