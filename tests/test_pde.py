@@ -16,8 +16,8 @@ import nde_zoo.strategies as strategies
 from nde_zoo.configs_path import config_dir
 from nde_zoo.datamodules.pde import PDEDataModule, WindowDataset, reference_order, spectral_solve
 from nde_zoo.fidelity import gradient_fidelity, reference_strategy
-from nde_zoo.models.pde import (ConvField, PDEModel, fd_dispersion, fd_laplacian, fd_third_derivative,
-                                fixed_step_strategy)
+from nde_zoo.models.pde import (ConvField, PDEModel, fd_dispersion, fd_first_derivative, fd_laplacian,
+                                fd_third_derivative, fixed_step_strategy)
 from nde_zoo.train import run
 
 F64 = torch.float64
@@ -173,6 +173,9 @@ def test_the_two_dimensional_dispersion_is_zakharov_kuznetsovs_second_order_and_
     assert 3.6 < errors[0] / errors[1] < 4.4, errors  # second order
     u = torch.randn(3, 1, 16, 16, dtype=F64)
     assert abs(float((u * fd_dispersion(u, 2, 0.2)).sum())) < 1e-9  # skew: no energy change
+    line = u[:, :, 0]  # in 1-D the central difference of the Laplacian is the u_xxx stencil
+    assert torch.allclose(fd_dispersion(line, 1, 0.2), fd_first_derivative(fd_laplacian(line, 1, 0.2), 0.2),
+                          rtol=1e-12, atol=1e-9)
     field = ConvField(2, 1, width=4, depth=1, known="dispersion", dispersion=0.5, dx=0.2)
     assert torch.allclose(field(torch.tensor(0.0), u.float()), -0.5 * fd_dispersion(u.float(), 2, 0.2))
 

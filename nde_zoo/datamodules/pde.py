@@ -102,15 +102,7 @@ def kdv_problem(points: int, dispersion: float, nu: float = 0.0, length: float =
     """Korteweg-de Vries ``u_t = -(u^2 / 2)_x - dispersion u_xxx + nu u_xx`` on ``points`` points of
     ``[0, length)``: the dispersive term (``+i dispersion k^3`` in Fourier space) is in the linear part,
     integrated exactly; the quadratic term dealiased by the 2/3 rule."""
-    (k,) = _wavenumbers(points, length, 1)
-    linear = (-nu * k**2 + 1j * dispersion * k**3).unsqueeze(0)  # (C=1, freq), complex
-    g = -0.5j * k * _dealias(points, length, 1)
-
-    def nonlinear(v: Tensor) -> Tensor:
-        u = torch.fft.irfft(v, n=points)
-        return g * torch.fft.rfft(u * u)
-
-    return linear, nonlinear, 1
+    return _dispersive_problem(points, dispersion, nu, length, dims=1)
 
 
 def zk_problem(points: int, dispersion: float, nu: float = 0.0, length: float = 2 * math.pi) -> Problem:
@@ -119,16 +111,23 @@ def zk_problem(points: int, dispersion: float, nu: float = 0.0, length: float = 
     (``+i dispersion k_x |k|^2`` in Fourier space) is in the linear part, integrated exactly; the
     quadratic term dealiased by the 2/3 rule. Conservative for ``nu = 0``: solitary waves travel along
     ``x`` and keep their energy, as KdV's do."""
-    ky, kx = _wavenumbers(points, length, 2)  # x is the last (rfft) axis
-    k2 = kx**2 + ky**2
-    linear = (-nu * k2 + 1j * dispersion * kx * k2).unsqueeze(0)  # (C=1, fy, fx), complex
-    g = -0.5j * kx * _dealias(points, length, 2)
+    return _dispersive_problem(points, dispersion, nu, length, dims=2)
+
+
+def _dispersive_problem(points: int, dispersion: float, nu: float, length: float, dims: int) -> Problem:
+    """``u_t = -(u^2 / 2)_x - dispersion (lap u)_x + nu lap u`` in ``dims`` dimensions, ``x`` the last
+    axis: KdV in 1-D, Zakharov-Kuznetsov in 2-D."""
+    *_, kx = k = _wavenumbers(points, length, dims)  # x is the last (rfft) axis
+    k2 = sum(ki**2 for ki in k)
+    linear = (-nu * k2 + 1j * dispersion * (kx * k2)).unsqueeze(0)  # (C=1, *freq), complex
+    g = -0.5j * kx * _dealias(points, length, dims)
+    axes, shape = tuple(range(-dims, 0)), (points,) * dims
 
     def nonlinear(v: Tensor) -> Tensor:
-        u = torch.fft.irfftn(v, s=(points, points), dim=(-2, -1))
-        return g * torch.fft.rfftn(u * u, dim=(-2, -1))
+        u = torch.fft.irfftn(v, s=shape, dim=axes)
+        return g * torch.fft.rfftn(u * u, dim=axes)
 
-    return linear, nonlinear, 2
+    return linear, nonlinear, dims
 
 
 def gray_scott_problem(points: int, du: float, dv: float, feed: float, kill: float, length: float) -> Problem:

@@ -75,14 +75,13 @@ def fd_third_derivative(u: Tensor, dx: float) -> Tensor:
 def fd_dispersion(u: Tensor, dim: int, dx: float) -> Tensor:
     """The periodic finite difference of ``u_xxx`` (``dim=1``, :func:`fd_third_derivative`) or of
     ``(u_xx + u_yy)_x`` (``dim=2``, Zakharov-Kuznetsov's, ``x`` the last axis, ``y`` the one before):
-    the second difference in ``y`` followed by the central difference in ``x`` adds to ``u_xxx``'s. Both
-    difference operators commute and the central one is skew, so the symbol stays purely imaginary:
-    the operator moves energy between scales and neither adds nor removes any."""
-    out = fd_third_derivative(u, dx)
-    if dim == 2:
-        u_yy = (torch.roll(u, 1, -2) + torch.roll(u, -1, -2) - 2 * u) / (dx * dx)
-        out = out + fd_first_derivative(u_yy, dx)
-    return out
+    the central difference in ``x`` of the finite-difference Laplacian (in 1-D that is exactly
+    :func:`fd_third_derivative`'s stencil). The two operators commute and the central one is skew, so
+    the symbol stays purely imaginary: the operator moves energy between scales and neither adds nor
+    removes any."""
+    if dim == 1:
+        return fd_third_derivative(u, dx)
+    return fd_first_derivative(fd_laplacian(u, dim, dx), dx)
 
 
 class ConvField(nn.Module):
