@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from nde_zoo.datamodules import Toy2DDataModule
 from nde_zoo.datamodules.toy2d import TOY2D, sample_toy2d
 from nde_zoo.models import CNF
-from nde_zoo.models.cnf import CNFField
+from nde_zoo.models.cnf import CNFField, ConcatSquashVelocity, MLPVelocity
 from nde_zoo.strategies import (Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic)
 
 F64 = torch.float64
@@ -79,8 +79,61 @@ def test_hutchinson_needs_a_probe():
         field(torch.tensor(0.0), torch.randn(2, 11))
 
 
-def test_inference_mode_is_refused_clearly():
+class _ByAutograd(CNFField):
+    """The same velocity, its trace taken by autograd: a subclass overriding ``velocity`` (a user's route)."""
+
+    def velocity(self, t, z):
+        return self.net(t, z)
+
+
+VELOCITIES = {
+    "concatsquash-elu": lambda dim: ConcatSquashVelocity(dim, 16, 2, "elu"),
+    "concatsquash-softplus": lambda dim: ConcatSquashVelocity(dim, 16, 2, "softplus"),
+    "concatsquash-tanh": lambda dim: ConcatSquashVelocity(dim, 16, 3, "tanh"),
+    "concat": lambda dim: MLPVelocity(dim, 16, 2),
+}
+
+
+@pytest.mark.parametrize("trace", ["exact", "hutchinson"])
+@pytest.mark.parametrize("velocity", sorted(VELOCITIES))
+def test_the_trace_by_hand_equals_autograds_with_its_gradients(velocity, trace):
+    """The built-in velocities' forward-mode trace (``forward_and_jvp``) is autograd's trace to
+    round-off, and so are the parameter gradients through it (float64). Large states push units
+    past Softplus's linear threshold and deep into ELU's exponential branch."""
+    torch.manual_seed(0)
+    dim = 3
+    net = VELOCITIES[velocity](dim).double()
+    max_dim = 8 if trace == "exact" else 1
+    by_hand = CNFField(dim, exact_trace_max_dim=max_dim, velocity=net)
+    by_autograd = _ByAutograd(dim, exact_trace_max_dim=max_dim, velocity=net)
+    assert by_hand.takes_trace_by_hand() and not by_autograd.takes_trace_by_hand()
+    state = torch.cat([torch.randn(6, dim + 1, dtype=F64), 40 * torch.randn(2, dim + 1, dtype=F64)])
+    t = torch.tensor(0.3, dtype=F64)
+    outputs, grads = [], []
+    for field in (by_hand, by_autograd):
+        field.draw_probe(state, torch.Generator().manual_seed(1))
+        y = state.clone().requires_grad_()
+        out = field(t, y)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=F64).reshape(out.shape)
+        grads.append(torch.autograd.grad((out * weights).sum(), [y, *net.parameters()]))
+        outputs.append(out.detach())
+    assert torch.allclose(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_the_built_in_flow_runs_under_inference_mode():
+    torch.manual_seed(0)
     model = CNF(Direct("rk4", steps=2), width=8)
+    x = torch.randn(4, 2)
+    with torch.no_grad():
+        expected = model(x)
+    with torch.inference_mode():
+        assert torch.equal(model(x), expected)
+
+
+def test_inference_mode_is_refused_clearly_for_a_trace_taken_by_autograd():
+    model = CNF(Direct("rk4", steps=2), field=_ByAutograd(2, velocity=MLPVelocity(2, 8, 1)))
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode=false"):
         model(torch.randn(4, 2))
 
