@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from nde_zoo.bench.compiled import verdict
 
 
@@ -10,3 +12,15 @@ def test_verdict_says_missed_when_the_ratio_falls_short():
     assert verdict("goal", 25.0, 20.0, at_least=True) == "goal: met (25x)"
     assert verdict("goal", 1.2, 1.0, at_least=False) == "goal: missed (1.2x)"
     assert verdict("goal", None, 1.0, at_least=False) == "goal: not measured"
+
+
+def test_the_problems_can_be_narrowed_by_name(monkeypatch):
+    from nde_zoo.bench.compiled import PROBLEMS, PROBLEMS_ENV, _chosen_problems
+
+    monkeypatch.delenv(PROBLEMS_ENV, raising=False)
+    assert _chosen_problems() == list(PROBLEMS)
+    monkeypatch.setenv(PROBLEMS_ENV, "memory_bound, white_dwarf")
+    assert _chosen_problems() == ["memory_bound", "white_dwarf"]
+    monkeypatch.setenv(PROBLEMS_ENV, "white_dwarf,lorenz")
+    with pytest.raises(ValueError, match=r"unknown problems \['lorenz'\]: choose among white_dwarf"):
+        _chosen_problems()

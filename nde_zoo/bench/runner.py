@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> BenchReport | None:
     module = importlib.import_module(f"nde_zoo.bench.{args.name}")
     report: BenchReport = module.run(quick=args.quick)
     command = "python -m nde_zoo bench " + " ".join(argv if argv is not None else sys.argv[2:])
+    # a benchmark's own settings from the environment (e.g. which problems ran) belong to its command
+    settings = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith("NDE_ZOO_BENCH_"))
+    command = " ".join([*settings, command])
     docs = docs_path() if (not args.quick or args.docs) else None
     write_report(report, Path(args.out), command, docs)
     print(report.markdown())
