@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from nde_zoo.datamodules import Toy2DDataModule
 from nde_zoo.datamodules.toy2d import TOY2D, sample_toy2d
 from nde_zoo.models import CNF
-from nde_zoo.models.cnf import CNFField, ConcatSquashVelocity, MLPVelocity
+from nde_zoo.models.cnf import CNFField, ConcatSquashLinear, ConcatSquashVelocity, MLPVelocity
 from nde_zoo.strategies import (Adjoint, Checkpoint, Direct, LocalERNODE, Reversible, Seminorm, Symplectic)
 
 F64 = torch.float64
@@ -120,6 +120,47 @@ def test_the_trace_by_hand_equals_autograds_with_its_gradients(velocity, trace):
     assert torch.allclose(outputs[0], outputs[1], rtol=1e-12, atol=1e-12)
     for a, b in zip(*grads, strict=True):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+class _FasterVelocity(ConcatSquashVelocity):
+    """A user's subclass that changes ``forward`` alone: its inherited products would differentiate the parent."""
+
+    def forward(self, t, z):
+        return 2 * super().forward(t, z)
+
+
+class _SquashedLayer(ConcatSquashLinear):
+    def forward(self, t, x):
+        return torch.tanh(super().forward(t, x))
+
+
+def _gelu_velocity(dim):
+    net = ConcatSquashVelocity(dim, 8, 1)
+    net.activation = nn.GELU()  # a layer the products do not know
+    return net
+
+
+def _squashed_layer_velocity(dim):
+    net = ConcatSquashVelocity(dim, 8, 1)
+    net.layers[0] = _SquashedLayer(dim, 8)
+    return net
+
+
+@pytest.mark.parametrize("make", [_FasterVelocity, _gelu_velocity, _squashed_layer_velocity],
+                         ids=["forward-overridden", "unknown-activation", "layer-forward-overridden"])
+def test_a_velocity_its_products_may_not_match_is_differentiated_by_autograd(make):
+    """Never a silently wrong trace: where ``forward_and_jvp`` might not differentiate ``forward``, the
+    trace is autograd's of ``forward`` itself."""
+    torch.manual_seed(0)
+    net = make(2) if make is not _FasterVelocity else make(2, 8, 1)
+    field = CNFField(2, velocity=net.double())
+    assert not field.takes_trace_by_hand()
+    state, t = torch.randn(5, 3, dtype=F64), torch.tensor(0.4, dtype=F64)
+    expected = _ByAutograd(2, velocity=net)(t, state)
+    assert torch.equal(field(t, state), expected)
+    z = state[:, :2].clone().requires_grad_()
+    jacobian = torch.autograd.functional.jacobian(lambda z: net(t, z).sum(0), z)  # (2, batch, 2)
+    assert torch.allclose(-expected[:, 2].detach(), jacobian.diagonal(dim1=0, dim2=2).sum(1), atol=1e-12)
 
 
 def test_the_built_in_flow_runs_under_inference_mode():

@@ -107,7 +107,11 @@ class ConcatSquashVelocity(nn.Module):
         self.activation = ACTIVATIONS[activation]()
 
     def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        return self.forward_and_jvp(t, z, None)[0]
+        for i, layer in enumerate(self.layers):
+            z = layer(t, z)
+            if i < len(self.layers) - 1:
+                z = self.activation(z)
+        return z
 
     def forward_and_jvp(self, t: Tensor, z: Tensor, v: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``f(t, z)`` and ``(df/dz) v`` for tangents ``v`` ``(batch or 1, k, dim)`` -> ``(batch, k, dim)``.
@@ -155,6 +159,27 @@ class MLPVelocity(nn.Module):
         return x, v
 
 
+_JVP_LEAVES = (nn.Linear, nn.ELU, nn.Softplus, nn.Tanh)
+
+
+def _defined_in(cls: type, name: str) -> type:
+    return next(k for k in cls.__mro__ if name in k.__dict__)
+
+
+def _jvp_matches_forward(velocity: nn.Module) -> bool:
+    """True when ``forward_and_jvp`` can be trusted to differentiate ``forward`` (see
+    :meth:`CNFField.takes_trace_by_hand`): a subclass that overrides ``forward`` alone would
+    otherwise be differentiated as its parent, a silently wrong trace."""
+    for module in velocity.modules():
+        kind = type(module)
+        if hasattr(module, "forward_and_jvp"):
+            if not issubclass(_defined_in(kind, "forward_and_jvp"), _defined_in(kind, "forward")):
+                return False
+        elif not any(True for _ in module.children()) and kind not in _JVP_LEAVES:
+            return False
+    return True
+
+
 class CNFField(nn.Module):
     """``[f(t, z), -tr(df/dz)]`` for a velocity field ``f`` (by default :class:`MLPVelocity`).
 
@@ -187,8 +212,12 @@ class CNFField(nn.Module):
 
     def takes_trace_by_hand(self) -> bool:
         """Whether the velocity gives its own Jacobian-vector products (``forward_and_jvp``), as the
-        built-in ones do; a subclass that overrides :meth:`velocity` is differentiated by autograd."""
-        return hasattr(self.net, "forward_and_jvp") and type(self).velocity is CNFField.velocity
+        built-in ones do. Autograd takes the trace instead wherever the products could disagree with
+        the function: a subclass overriding :meth:`velocity`, a module whose ``forward`` is overridden
+        below its ``forward_and_jvp``, or a layer the products do not know (other than ``nn.Linear``,
+        ``nn.ELU``, ``nn.Softplus``, ``nn.Tanh``, exactly those types)."""
+        return (hasattr(self.net, "forward_and_jvp") and type(self).velocity is CNFField.velocity
+                and _jvp_matches_forward(self.net))
 
     def forward(self, t: Tensor, state: Tensor) -> Tensor:
         if self.takes_trace_by_hand():
@@ -224,8 +253,8 @@ class CNFField(nn.Module):
         the one tangent ``e``, ``e^T J e``. The field is then an ordinary forward computation: no
         ``torch.autograd.grad`` inside it, so a strategy differentiates it once (not through a
         graph of graphs), it runs under inference mode, and a compiled solve traces plain matrix
-        products (seconds, where ``vmap(jacrev)`` took minutes). The cost is ``dim`` extra products
-        per layer for the exact trace, one for Hutchinson's.
+        products (docs/compile.md). The cost is ``dim`` extra products per layer for the exact
+        trace, one for Hutchinson's.
         """
         z = state[:, : self.dim]
         if self.exact:
