@@ -246,3 +246,13 @@ def test_learning_rate_follows_the_cosine_down_to_its_final_factor(tmp_path):
     assert trainer.global_step == 8
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(1e-3)
     assert CNF(Direct("rk4", steps=2), width=8).configure_optimizers().__class__.__name__ == "AdamW"
+
+
+def test_products_by_hand_name_an_activation_they_do_not_know():
+    from nde_zoo.models.cnf import activation_and_jvp
+
+    a = torch.randn(3, 4)
+    h, v = activation_and_jvp(nn.GELU(), a, None)  # no tangents: just the activation
+    assert torch.equal(h, nn.GELU()(a)) and v is None
+    with pytest.raises(TypeError, match="no derivative by hand for GELU"):
+        activation_and_jvp(nn.GELU(), a, torch.ones(1, 2, 4))
