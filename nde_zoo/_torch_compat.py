@@ -51,11 +51,14 @@ def compile_limits() -> Iterator[None]:
     import torch._dynamo
 
     config = torch._dynamo.config
-    with config.patch(
-        recompile_limit=max(config.recompile_limit, RECOMPILE_LIMIT),
-        accumulated_recompile_limit=max(config.accumulated_recompile_limit, ACCUMULATED_RECOMPILE_LIMIT),
-    ):
+    before = config.recompile_limit, config.accumulated_recompile_limit
+    # set and restored by hand: ``config.patch`` cost 0.1 ms a call, twice a compiled training step
+    config.recompile_limit = max(before[0], RECOMPILE_LIMIT)
+    config.accumulated_recompile_limit = max(before[1], ACCUMULATED_RECOMPILE_LIMIT)
+    try:
         yield
+    finally:
+        config.recompile_limit, config.accumulated_recompile_limit = before
 
 
 @contextlib.contextmanager

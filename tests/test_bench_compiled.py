@@ -24,3 +24,15 @@ def test_the_problems_can_be_narrowed_by_name(monkeypatch):
     monkeypatch.setenv(PROBLEMS_ENV, "white_dwarf,lorenz")
     with pytest.raises(ValueError, match=r"unknown problems \['lorenz'\]: choose among white_dwarf"):
         _chosen_problems()
+
+
+def test_the_driver_share_comes_from_the_programs_own_clock():
+    """A compiled row's driver share: the solve's time less the time in its program calls, as a
+    share of the training step; an eager row has none."""
+    from nde_zoo.bench.compiled import _probe_here
+
+    compiled = _probe_here("white_dwarf", "checkpoint", True, 20, 2, "aot_eager")
+    assert "error" not in compiled, compiled
+    assert compiled["compiles"] == 2 and 0.0 < compiled["driver_fraction"] < 1.0
+    eager = _probe_here("white_dwarf", "checkpoint", False, 20, 2, "aot_eager")
+    assert eager["driver_fraction"] is None

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import types
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -142,11 +143,12 @@ def _global_names(code: types.CodeType) -> Iterator[str]:
             yield from _global_names(const)
 
 
-def check_finite_initial_state(y0: Tensor, t0: float, strategy: str) -> None:
+def check_finite_initial_state(y0: Tensor, t0: float | Tensor, strategy: str) -> None:
     """Name a NaN/inf initial state as bad input (before a strategy blames the dynamics or the field)."""
-    finite = torch.isfinite(y0.detach().reshape(len(y0), -1)).all(dim=1) if y0.ndim else torch.isfinite(y0)
-    if bool(finite.all()):
+    if bool(torch.isfinite(y0.detach()).all()):
         return
+    t0 = float(t0.detach()) if isinstance(t0, Tensor) else t0
+    finite = torch.isfinite(y0.detach().reshape(len(y0), -1)).all(dim=1) if y0.ndim else torch.isfinite(y0)
     bad = (~finite).nonzero().flatten().tolist() if finite.ndim else [0]
     raise NonFiniteStateError(
         f"the initial state y0 of the {strategy} solve is NaN or infinite at t={t0} in {len(bad)} of "
@@ -210,6 +212,10 @@ def inspect_field(
     - ``recomputes``: the strategy evaluates the field again in backward, so dropout in training
       mode and two evaluations that differ are refused (:class:`NonDeterministicFieldError`).
 
+    A module field that passed, reading nothing beyond its own parameters, is not evaluated again
+    while its parameters, its train/eval mode and ``recomputes`` stay the same (a training loop's
+    later solves): its dropout is still checked on every solve (see ``_probed_fields``).
+
     Args:
         field: the vector field, ``field(t, y) -> dy/dt`` of ``y``'s shape.
         t0: scalar tensor, the initial time; y0: ``(batch, *state)``.
@@ -220,13 +226,16 @@ def inspect_field(
     Returns:
         the trainable tensors to pass to the strategy's backward as explicit inputs.
     """
-    check_finite_initial_state(y0, float(t0.detach()), strategy)
+    check_finite_initial_state(y0, t0, strategy)
     found = field_parameters(field, params)
     if not torch.is_grad_enabled():
         return found
+    probed = _probed_fields.get(field) if isinstance(field, nn.Module) else None
+    signature = (recomputes, tuple(map(id, found)), field.training if isinstance(field, nn.Module) else None)
+    if probed == signature and not (recomputes and _training_dropouts(field)):
+        return found
     if recomputes and isinstance(field, nn.Module):
-        dropouts = [name or type(field).__name__ for name, m in field.named_modules()
-                    if isinstance(m, DropoutBase) and m.training and m.p > 0]
+        dropouts = _training_dropouts(field)
         if dropouts:
             raise NonDeterministicFieldError(
                 f"the vector field is non-deterministic: dropout in training mode ({', '.join(dropouts)}). "
@@ -267,6 +276,7 @@ def inspect_field(
                 f"through the state (docs/extending.md ('Your own vector field') shows both), or use strategy=direct"
             )
     known = {id(p) for p in found}
+    static = len(found)
     for node in first_nodes:
         leaf = _leaf_of(node)
         # A leaf on the state's storage is the state itself, made to require grad inside the
@@ -275,4 +285,25 @@ def inspect_field(
             continue
         known.add(id(leaf))
         found.append(leaf)
+    if isinstance(field, nn.Module) and len(found) == static:
+        _probed_fields[field] = signature
     return found
+
+
+#: Module fields whose probe passed, with what it was probed for: ``(recomputes, the ids of the
+#: parameters found, training)``. The probe (two evaluations and two graph walks) was a fiftieth of
+#: a compiled white-dwarf training step; a training loop solves with the same field every step.
+#: Only a module whose graph reads no tensor beyond its statically found parameters is kept: a
+#: module reading a global or a plain tensor attribute is probed on every solve, since what those
+#: names hold can change between solves without the module knowing. A parameter added, removed,
+#: replaced or frozen, a train/eval switch, or dropout turned on probes again.
+_probed_fields: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
+
+
+def _training_dropouts(field: Any) -> list[str]:
+    """The dropout modules of ``field`` in training mode with ``p > 0`` (they draw a new mask per call)."""
+    if not isinstance(field, nn.Module) or not any(
+            isinstance(m, DropoutBase) and m.training and m.p > 0 for m in field.modules()):
+        return []
+    return [name or type(field).__name__ for name, m in field.named_modules()
+            if isinstance(m, DropoutBase) and m.training and m.p > 0]

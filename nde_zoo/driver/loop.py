@@ -378,6 +378,7 @@ def _build_grid(times: tuple[float, ...], stepping: Stepping, dtype: torch.dtype
 _cached_grid = functools.lru_cache(maxsize=16)(_build_grid)
 
 
+
 def _pad_rows(y0: Tensor, full: int) -> Tensor:
     """``y0`` with copies of its first row up to ``full`` rows (real values: no NaN from a zero state),
     requiring grad as ``y0`` does (inside an autograd Function's forward the copy would not)."""
@@ -512,9 +513,7 @@ def _backward_compiled(run: Run, forward: Forward, saved: Sequence[Tensor], grad
     segment = 1 if schedule is None else schedule.segment
     count = 1 if ends else saved[0].shape[0]  # stored states
     padding = count * segment - path.steps if segment > 1 else 0  # identity steps (h = 0) after the end
-    end = path.times[-1]
-    grid = forward.grid if not padding else Grid.of(
-        [*path.times, *[end] * padding], [*path.sizes, *[0.0] * padding], path.output_steps, grad_ys)
+    grid = forward.grid if not padding else forward.grid.padded(padding, path.times[-1])
     step_of = scheme.step
 
     def build() -> Callable[..., Any]:
@@ -621,10 +620,24 @@ class Grid:
         """
         return (self.steps, self.segment, len(self.output_steps))
 
-    @property
+    def padded(self, padding: int, end: float) -> Grid:
+        """This grid with ``padding`` identity steps (``h = 0``) at its end time ``end``: whole segments
+        for a uniform checkpoint schedule's reverse scan (kept with this grid, as cached as it is)."""
+        cache = self.__dict__.setdefault("_padded", {})
+        if padding not in cache:
+            with torch.inference_mode(False):
+                cache[padding] = Grid(
+                    times=torch.cat([self.times, self.times.new_full((padding,), end)]),
+                    sizes=torch.cat([self.sizes, self.sizes.new_zeros(padding)]),
+                    slots=torch.cat([self.slots, self.slots.new_full((padding,), len(self.output_steps))]),
+                    output_steps=self.output_steps, segment=self.segment)
+        return cache[padding]
+
+    @functools.cached_property  # a frozen dataclass keeps it in its __dict__: one tensor per (cached) grid
     def output_index(self) -> Tensor:
         """``(len(ts),)`` int64: the step boundary of each output time."""
-        return torch.tensor(self.output_steps, dtype=torch.long, device=self.slots.device)
+        with torch.inference_mode(False):  # first read in validation, it also serves training
+            return torch.tensor(self.output_steps, dtype=torch.long, device=self.slots.device)
 
 
 def scan_forward(

@@ -137,6 +137,9 @@ class Programs:
         pending_seconds: compile seconds not yet logged (``compile/seconds``; the strategy logs
             and clears them at the end of a training batch).
         fallbacks: ``{reason: count}`` of keys that fell back to eager.
+        run_seconds: wall time of the calls of compiled programs after their first (Dynamo's
+            guards and dispatch included); a solve's time less this is the driver's own (checks,
+            bookkeeping, the field's probe). ``bench compiled`` reports that share.
     """
 
     def __init__(self, spec: CompileSpec, strategy: str) -> None:
@@ -148,6 +151,7 @@ class Programs:
         self.compiles = 0
         self.compile_seconds = 0.0
         self.pending_seconds = 0.0
+        self.run_seconds = 0.0
         self.fallbacks: dict[str, int] = {}
         self._traced: dict[Any, tuple[weakref.ref[nn.Module], TracedField]] = {}  # key -> (field, its graph)
         self._traced_types: set[type] = set()  # field classes that compile only traced
@@ -235,8 +239,11 @@ class Programs:
             start = time.perf_counter()
             with compile_limits():  # a guard failure recompiles inside this call
                 result = program(*args)
+            seconds = time.perf_counter() - start
             if graphs_compiled() != graphs:
-                self._count(time.perf_counter() - start)
+                self._count(seconds)
+            else:
+                self.run_seconds += seconds
             return result
         if not self._supported(key):
             return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import weakref
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -162,7 +163,31 @@ def check_inputs(y0: Tensor, ts: Tensor) -> list[float]:
         raise TypeError(f"ts is {ts.dtype} but y0 is {y0.dtype}; pass ts.to(y0) so both share a dtype")
     if ts.device != y0.device:
         raise TypeError(f"ts is on {ts.device} but y0 is on {y0.device}; move both to one device")
-    times = ts.tolist()
+    return list(_checked_times(ts))
+
+
+#: The last ``ts`` checked: ``(weak reference, version counter, its times)``. A training loop solves
+#: on the same ``ts`` tensor every step; reading 1,000 times back and checking them took a twentieth
+#: of a compiled white-dwarf step (N = 1000). An in-place change bumps the version and is checked again.
+_last_times: tuple[Any, int, tuple[float, ...]] | None = None
+
+
+def _checked_times(ts: Tensor) -> tuple[float, ...]:
+    """``ts`` as Python floats, checked finite and strictly monotone (memoised for the last ``ts``)."""
+    global _last_times
+    try:
+        version = ts._version
+    except RuntimeError:  # an inference-mode tensor has no version counter: checked every time
+        return _check_times(ts.tolist())
+    last = _last_times
+    if last is not None and last[0]() is ts and last[1] == version:
+        return last[2]
+    times = _check_times(ts.tolist())
+    _last_times = (weakref.ref(ts), version, times)
+    return times
+
+
+def _check_times(times: list[float]) -> tuple[float, ...]:
     if not all(math.isfinite(t) for t in times):
         raise ValueError(f"ts must be finite, got {times}")
     if len(times) > 1:
@@ -173,7 +198,7 @@ def check_inputs(y0: Tensor, ts: Tensor) -> list[float]:
                 f"ts must be strictly monotone (all increasing or all decreasing) with no duplicates; "
                 f"ts[{bad}] = {times[bad]} and ts[{bad + 1}] = {times[bad + 1]} break it"
             )
-    return times
+    return tuple(times)
 
 
 def check_finite_outputs(ys: Tensor, ts: list[float], field: Any = None) -> None:
@@ -183,9 +208,9 @@ def check_finite_outputs(ys: Tensor, ts: list[float], field: Any = None) -> None
     NaN/inf at the last finite output state (NaN weights, NaN data it reads) is the field's fault,
     not a blow-up of the dynamics (one extra evaluation, only on this error path).
     """
-    finite = torch.isfinite(ys.detach().reshape(ys.shape[0], -1)).all(dim=1)
-    if bool(finite.all()):
+    if bool(torch.isfinite(ys.detach()).all()):
         return
+    finite = torch.isfinite(ys.detach().reshape(ys.shape[0], -1)).all(dim=1)
     j = int((~finite).nonzero()[0])
     if j == 0:  # the first output is y0 itself: bad input, not a blow-up
         rows = torch.isfinite(ys[0].detach().reshape(ys.shape[1], -1)).all(dim=1) if ys.ndim > 1 else finite[:1]
