@@ -233,7 +233,8 @@ def test_compile_argument_is_validated():
 
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_adaptive_steps_compile_the_step_and_equal_eager(aot_eager, name):
-    """Adaptive solves compile the step (stages and error estimate); the controller stays in Python."""
+    """Adaptive solves compile the step (stages and error estimate) and, for a strategy with its own
+    backward, each step's reverse; the controller and the reverse loop stay in Python."""
     field = MLP().double()
     y0 = torch.randn(4, 3, dtype=F64)
     ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
@@ -243,11 +244,14 @@ def test_adaptive_steps_compile_the_step_and_equal_eager(aot_eager, name):
     strategy = cls("dopri5", rtol=1e-6, atol=1e-8, compile="strict")
     compiled_sol, compiled = gradients(strategy, field, y0, ts, weights)
     # one step program for every step size; the first step adds one (no reused FSAL stage yet, or
-    # the caller's y0 requiring grad), however many steps are taken
-    assert 1 <= strategy.programs.compiles <= 2
+    # the caller's y0 requiring grad), however many steps are taken; one reverse program for all
+    reverse = [key for key in strategy.programs._programs if key[0].endswith("/reverse_step")]
+    assert len(reverse) == (0 if name == "direct" else 1)
+    assert 1 + len(reverse) <= strategy.programs.compiles <= 2 + len(reverse)
     assert compiled_sol.stats.accepted_steps > 2
     assert compiled_sol.path.sizes == eager_sol.path.sizes  # the same accepted steps
     assert compiled_sol.stats.nfe_forward == eager_sol.stats.nfe_forward
+    assert compiled_sol.stats.nfe_backward == eager_sol.stats.nfe_backward
     for c, e in zip([compiled_sol.ys.detach(), *compiled], [eager_sol.ys.detach(), *eager]):
         assert relative(c, e) <= 1e-12
 

@@ -476,22 +476,62 @@ def _backward_eager(run: Run, forward: Forward, saved: Sequence[Tensor], grad_ys
             return state
 
         reversal = schedule.reversal(stored, advance, held.hold)
+    # an adaptive solve with compile=: each step's reverse is one compiled program (its steps vary
+    # in number and size from solve to solve, so there is no fixed loop to compile whole)
+    reverse = _compiled_reverse(run) if run.adaptive_programs is not None else None
+    compiled_steps = 0
     for n in reversed(range(path.steps)):
         t = time(times[n])
         t_first = time(times[n - 1]) + sizes[n - 1] if n > 0 and scheme.tableau.fsal else t
         # a recomputed state must not outlive its step: the reversal frees its buffers as it goes
         start = state if scheme.keeps == "ends" else next(reversal)[1]
-        state, bar, pbars = scheme.reverse(ops, t, sizes[n], t_first, start, bar)
+        result = None if reverse is None else reverse(t, sizes[n], t_first, start, bar)
+        if result is None:
+            reverse = None  # it could not compile: the eager reverse, for this step and the rest
+            state, bar, pbars = scheme.reverse(ops, t, sizes[n], t_first, start, bar)
+        else:
+            state, bar, pbars = result
+            compiled_steps += 1
         del start
         param_grads = add_grads(param_grads, pbars)
         for j in output_at.get(n, []):
             bar = scheme.add_output(bar, grad_ys[j])
-    stats.nfe_backward += ops.field.nfe
+    stats.nfe_backward += ops.field.nfe + scheme.backward_nfe(compiled_steps)
     if scheme.keeps == "ends":
         scheme.after_backward(y0, state, run.extras)
     else:
         stats.held_bytes = max(stats.held_bytes, held.peak)
     return [scheme.y0_bar(bar), *param_grads]
+
+
+def _compiled_reverse(run: Run) -> Callable[..., Any] | None:
+    """One step's reverse (``Scheme.reverse``) as a compiled program, for adaptive solves:
+    ``reverse(t, h, t_first, state, bar) -> (state, bar, pbars)``, or ``None`` from a call that runs
+    eagerly instead. The step size enters as a 0-d tensor, so the steps of every size share one
+    program per shapes (as :func:`~nde_zoo.driver.programs.adaptive_step` does forward)."""
+    programs, scheme = run.adaptive_programs, run.scheme
+    assert programs is not None
+    params = tuple(run.params)
+    names = functional_names(programs, run.field, params)
+    if names is None:
+        return None
+
+    def build() -> Callable[..., Any]:
+        def program(field, t, h, t_first, state, bar, *params):
+            ops = CompiledOps(functional_field(field, names), params)
+            state, bar, pbars = scheme.reverse(ops, t, h, t_first, state, bar)
+            return state, bar, tuple(torch.zeros_like(p) if q is None else q for p, q in zip(params, pbars))
+
+        return program
+
+    def reverse(t: Tensor, h: float, t_first: Tensor, state: Any, bar: Any) -> Any:
+        key = programs.key(f"{run.strategy}/reverse_step", run.field, [t, state, bar, *params], scheme.key())
+        like = state[0] if isinstance(state, (tuple, list)) else state
+        t_first = t_first.clone() if t_first is t else t_first  # one tensor as two inputs would recompile
+        return programs.run(key, build, run.field, t, t.new_tensor(h), t_first, state, bar, *params,
+                            example=(run.t_like, like.detach()))
+
+    return reverse
 
 
 def _backward_compiled(run: Run, forward: Forward, saved: Sequence[Tensor], grad_ys: Tensor) -> list[Tensor | None] | None:
