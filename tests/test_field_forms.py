@@ -203,24 +203,24 @@ def test_direct_differentiates_a_tensor_computed_outside_the_field():
     assert net.weight.grad is not None and float(net.weight.grad.abs().max()) > 0
 
 
-# -- the probe runs once per module field, and again whenever what it found could differ ------------
+# -- the probe runs on every solve: what a field reads can change between solves -------------------
 
 #: a leaf tensor a module's ``forward`` reads as a global (rebound between solves below).
 SCALE: torch.Tensor | None = None
 
 
 class Counted(nn.Module):
-    """A module field that records its calls; ``dropout`` is off until its ``p`` is raised."""
+    """A module field that records its calls, reads ``SCALE`` when set and a plain tensor attribute."""
 
     def __init__(self) -> None:
         super().__init__()
         self.lin = nn.Linear(3, 3).double()
-        self.dropout = nn.Dropout(p=0.0)
+        self.context = torch.zeros(3, dtype=F64)  # a plain attribute: set per batch by its user
         self.calls = 0
 
     def forward(self, t, y):
         self.calls += 1
-        out = torch.tanh(self.lin(self.dropout(y)))
+        out = torch.tanh(self.lin(y) + self.context)
         return out * SCALE if SCALE is not None else out
 
 
@@ -230,36 +230,25 @@ def _calls_of_one_solve(strategy, field, y0):
     return field.calls - before
 
 
-def test_a_module_field_is_probed_on_its_first_solve_and_again_when_its_parameters_change():
-    global SCALE
-    SCALE = None
-    field, y0, strategy = Counted(), torch.randn(4, 3, dtype=F64), Checkpoint(**STEPPING)
-    first = _calls_of_one_solve(strategy, field, y0)
-    later = _calls_of_one_solve(strategy, field, y0)
-    assert first - later == 2  # the probe's two evaluations, on the first solve only
-    # a replaced parameter is probed again, and its gradient is the one Direct gives
-    field.lin.weight = nn.Parameter(torch.randn(3, 3, dtype=F64))
-    assert _calls_of_one_solve(strategy, field, y0) == first
-    got = field.lin.weight.grad.clone()
-    field.lin.weight.grad = None
-    Direct(**STEPPING).solve(field, y0, TS).ys.square().sum().backward()
-    torch.testing.assert_close(got, field.lin.weight.grad, rtol=1e-10, atol=1e-12)
-    # a frozen parameter, and a train/eval switch, probe again
-    field.lin.bias.requires_grad_(False)
-    assert _calls_of_one_solve(strategy, field, y0) == first
-    field.eval()
-    assert _calls_of_one_solve(strategy, field, y0) == first
-    assert _calls_of_one_solve(strategy, field, y0) == later
-    # dropout turned on after the probe passed is refused on the next solve
-    field.train()
-    field.dropout.p = 0.5
-    with pytest.raises(NonDeterministicFieldError, match="dropout in training mode"):
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_context_that_starts_requiring_grad_between_solves_is_refused(compile, monkeypatch):
+    """A module field trained for a while with a context that needs no gradient (an encoder still
+    frozen), then given one computed from trainable parameters: the next solve refuses it, as the
+    first would have, rather than dropping the encoder's gradient."""
+    monkeypatch.setenv("NDE_ZOO_COMPILE_BACKEND", "aot_eager")
+    field, y0 = Counted(), torch.randn(4, 3, dtype=F64)
+    strategy = Checkpoint(**STEPPING, compile=compile)
+    encoder = nn.Linear(3, 3).double().requires_grad_(False)
+    for _ in range(2):
+        field.context = encoder(y0.mean(0))
+        _calls_of_one_solve(strategy, field, y0)
+    encoder.requires_grad_(True)  # unfrozen
+    field.context = encoder(y0.mean(0))
+    with pytest.raises(FieldDependencyError, match="computed outside it"):
         strategy.solve(field, y0, TS)
 
 
-def test_a_module_reading_a_global_tensor_is_probed_on_every_solve():
-    """What a global name holds can change between solves without the module knowing: the
-    tensor it holds at each solve gets the gradient."""
+def test_a_module_reading_a_global_tensor_gets_the_gradient_of_what_it_holds_at_each_solve():
     global SCALE
     field, y0, strategy = Counted(), torch.randn(4, 3, dtype=F64), Checkpoint(**STEPPING)
     try:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import types
-import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -212,10 +211,6 @@ def inspect_field(
     - ``recomputes``: the strategy evaluates the field again in backward, so dropout in training
       mode and two evaluations that differ are refused (:class:`NonDeterministicFieldError`).
 
-    A module field that passed, reading nothing beyond its own parameters, is not evaluated again
-    while its parameters, its train/eval mode and ``recomputes`` stay the same (a training loop's
-    later solves): its dropout is still checked on every solve (see ``_probed_fields``).
-
     Args:
         field: the vector field, ``field(t, y) -> dy/dt`` of ``y``'s shape.
         t0: scalar tensor, the initial time; y0: ``(batch, *state)``.
@@ -229,10 +224,6 @@ def inspect_field(
     check_finite_initial_state(y0, t0, strategy)
     found = field_parameters(field, params)
     if not torch.is_grad_enabled():
-        return found
-    probed = _probed_fields.get(field) if isinstance(field, nn.Module) else None
-    signature = (recomputes, tuple(map(id, found)), field.training if isinstance(field, nn.Module) else None)
-    if probed == signature and not (recomputes and _training_dropouts(field)):
         return found
     if recomputes and isinstance(field, nn.Module):
         dropouts = _training_dropouts(field)
@@ -276,7 +267,6 @@ def inspect_field(
                 f"through the state (docs/extending.md ('Your own vector field') shows both), or use strategy=direct"
             )
     known = {id(p) for p in found}
-    static = len(found)
     for node in first_nodes:
         leaf = _leaf_of(node)
         # A leaf on the state's storage is the state itself, made to require grad inside the
@@ -285,19 +275,10 @@ def inspect_field(
             continue
         known.add(id(leaf))
         found.append(leaf)
-    if isinstance(field, nn.Module) and len(found) == static:
-        _probed_fields[field] = signature
+    # Probed on every solve, never remembered per field: what a field reads besides its parameters
+    # (a plain tensor attribute, a global) can start requiring grad between two solves (an encoder
+    # unfrozen, a context set per batch), and only a new probe sees it (tests/test_field_forms.py).
     return found
-
-
-#: Module fields whose probe passed, with what it was probed for: ``(recomputes, the ids of the
-#: parameters found, training)``. The probe (two evaluations and two graph walks) was a fiftieth of
-#: a compiled white-dwarf training step; a training loop solves with the same field every step.
-#: Only a module whose graph reads no tensor beyond its statically found parameters is kept: a
-#: module reading a global or a plain tensor attribute is probed on every solve, since what those
-#: names hold can change between solves without the module knowing. A parameter added, removed,
-#: replaced or frozen, a train/eval switch, or dropout turned on probes again.
-_probed_fields: weakref.WeakKeyDictionary[nn.Module, tuple[Any, ...]] = weakref.WeakKeyDictionary()
 
 
 def _training_dropouts(field: Any) -> list[str]:
