@@ -378,7 +378,6 @@ def _build_grid(times: tuple[float, ...], stepping: Stepping, dtype: torch.dtype
 _cached_grid = functools.lru_cache(maxsize=16)(_build_grid)
 
 
-
 def _pad_rows(y0: Tensor, full: int) -> Tensor:
     """``y0`` with copies of its first row up to ``full`` rows (real values: no NaN from a zero state),
     requiring grad as ``y0`` does (inside an autograd Function's forward the copy would not)."""
