@@ -36,3 +36,15 @@ def test_the_driver_share_comes_from_the_programs_own_clock():
     assert compiled["compiles"] == 2 and 0.0 < compiled["driver_fraction"] < 1.0
     eager = _probe_here("white_dwarf", "checkpoint", False, 20, 2, "aot_eager")
     assert eager["driver_fraction"] is None
+
+
+def test_the_adaptive_problem_solves_adaptively_for_every_strategy():
+    """``cnf_dopri5`` gives every strategy dopri5 at its tolerance (Checkpoint: every accepted step
+    start, no snapshot count), compiled or not."""
+    from nde_zoo.bench.compiled import PROBLEMS, STRATEGY_NAMES, _strategy
+
+    for name in STRATEGY_NAMES:
+        for compiled in (False, True):
+            strategy = _strategy(name, "cnf_dopri5", PROBLEMS["cnf_dopri5"]["steps"], compiled)
+            assert strategy.stepping.adaptive and strategy.stepping.rtol == strategy.stepping.atol == 1e-5
+            assert strategy.tableau.name == "dopri5" and strategy.compile.enabled == compiled
