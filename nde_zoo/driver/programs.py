@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from nde_zoo._torch_compat import compile_limits, graphs_compiled, scan, suspended_saved_tensors_hooks
-from nde_zoo.driver.traced_field import FieldTraceError, TracedField, plain_state, trace_field
+from nde_zoo.driver.traced_field import FieldTraceError, TracedField, diagnose_function, plain_state, trace_field
 
 log = logging.getLogger("nde_zoo")
 
@@ -261,8 +261,11 @@ class Programs:
             compiled, result = self._compile(build, args)
         except Exception as error:  # noqa: BLE001 - any failure to compile means: trace, or run eager
             reason = str(error) if isinstance(error, _NeedsTracing) else _reason(error)
+            compiled = result = None
             if traceable:
                 reason, compiled, result = self._compile_traced(key, build, args, example, reason)
+            elif example is not None and not isinstance(field, nn.Module):
+                reason = diagnose_function(field, *example, error) or reason
             if compiled is None:
                 self._fall_back(key, reason, error)
                 return None
@@ -302,9 +305,9 @@ class Programs:
             return f"{reason} (and traced into a graph: {_reason(error)})", None, None
         self._traced[key] = (weakref.ref(field), traced)
         self._traced_types.add(type(field))
-        log.info("strategy %r: %s changes Python state when called, so the solve compiles it traced into a "
-                 "graph: its side effects ran once, at tracing (the strategy's NFE counts evaluations)",
-                 self.strategy, type(field).__name__)
+        log.info("strategy %r: %s did not compile as written (%s), so the solve compiles it traced into a graph "
+                 "instead: any Python side effects of its forward ran when it was traced, not at each evaluation "
+                 "(the strategy's NFE counts evaluations)", self.strategy, type(field).__name__, reason)
         return reason, compiled, result
 
     def _traced_for(self, key: Any, field: nn.Module, example: Any) -> TracedField | None:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["TracedField", "trace_field", "FieldTraceError", "plain_state"]
+__all__ = ["TracedField", "trace_field", "FieldTraceError", "plain_state", "diagnose_function"]
 
 
 class FieldTraceError(RuntimeError):
@@ -87,11 +87,9 @@ def trace_field(field: nn.Module, t: Tensor, y: Tensor) -> TracedField:
             graph = make_fx(pure, tracing_mode="fake", record_stack_traces=True)(tensors, t, y)
     except Exception as error:  # noqa: BLE001 - any failure to trace: say where and why
         raise FieldTraceError(diagnose(field, error)) from error
-    for node in graph.graph.nodes:  # a value read into Python (.item(), float(tensor)) traces, but no loop takes it
-        if node.op == "call_function" and "_local_scalar_dense" in str(node.target):
-            raise FieldTraceError(_at_line(field, node.meta.get("stack_trace") or "", "`.item()` reads a tensor's "
-                                           "value into Python", "keep the value a tensor (a 0-d tensor broadcasts), "
-                                           "or use compile=False"))
+    reads = _reads_a_value(field, graph)
+    if reads is not None:
+        raise FieldTraceError(reads)
     first, traced, second = (out.detach() for out in (field(t, y), graph(tensors, t, y), field(t, y)))
     changed = sorted(f"{prefix + '.' if prefix else ''}{name}" for (prefix, name), value in plain_state(field).items()
                      if before.get((prefix, name), value) != value)
@@ -104,6 +102,18 @@ def trace_field(field: nn.Module, t: Tensor, y: Tensor) -> TracedField:
             f"parameters only, or use compile=False")
     state = {key: value for key, value in plain_state(field).items() if key not in before or before[key] == value}
     return TracedField(field, graph, state)
+
+
+def _reads_a_value(field: Any, graph: Any) -> str | None:
+    """A value read into Python (``.item()``, ``float(tensor)``) traces, but no loop takes it: its line."""
+    construct, fix = "`.item()` reads a tensor's value into Python", "keep the value a tensor (a 0-d tensor " \
+        "broadcasts), or use compile=False"
+    for node in graph.graph.nodes:
+        if node.op == "call_function" and "_local_scalar_dense" in str(node.target):
+            stack = node.meta.get("stack_trace") or ""
+            line = None if stack else _source_line(field, r"\.item\(\)")  # a function's trace records no stack
+            return f"{construct} at {line}. Fix: {fix}" if line else _at_line(field, stack, construct, fix)
+    return None
 
 
 #: what to do about each construct a field cannot be traced through, by what its line shows.
@@ -136,6 +146,75 @@ def diagnose(field: Any, error: BaseException) -> str:
         if matches(line):
             return f"{construct} at {where}. Fix: {fix}"
     return f"{type(field).__name__} could not be traced at {where}: {message}"
+
+
+def diagnose_function(field: Any, t: Tensor, y: Tensor, error: BaseException) -> str | None:
+    """Why a field that is a function, not an ``nn.Module``, did not compile (``error``, Dynamo's): the
+    construct, its file and line, and the fix; ``None`` where none is recognised (torch's reason stands).
+
+    A function cannot be traced into a graph of its parameters (it reads them from its closure or its
+    globals, not by name), so it runs eagerly; this names why. Torch's message often lacks the line
+    (``.item()`` or a NumPy call fail later, in a partitioner), so the field is first traced with fake
+    tensors, which stops at the line itself (its Python side effects run once more there); failing that,
+    torch's own text is matched (:data:`_COMPILE_BREAKS`).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from nde_zoo._torch_compat import suspended_saved_tensors_hooks
+
+    try:
+        with suspended_saved_tensors_hooks():
+            graph = make_fx(lambda t, y: field(t, y), tracing_mode="fake", _allow_non_fake_inputs=True,
+                            record_stack_traces=True)(t, y)
+    except Exception as trace_error:  # noqa: BLE001 - any failure names its line
+        if _field_frame(field, trace_error) is not None:
+            return diagnose(field, trace_error)
+    else:
+        reads = _reads_a_value(field, graph)
+        if reads is not None:
+            return reads
+    chain: list[BaseException] = [error]
+    while len(chain) < 16 and (chain[-1].__cause__ or chain[-1].__context__) not in (None, *chain):
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    text = "\n".join(str(e) for e in chain)
+    for phrase, construct, fix, pattern in _COMPILE_BREAKS:
+        if phrase in text:
+            if pattern is not None:  # torch's message does not reach the field's line: find it in the source
+                line = _source_line(field, pattern)
+                if line is not None:
+                    return f"{construct} at {line}. Fix: {fix}"
+            return _at_line(field, text, construct, fix)
+    return None
+
+
+#: what a function field cannot compile through, by a phrase of Dynamo's message: the construct, the
+#: fix, and (where Dynamo's message has no line of the field's) a pattern that finds the line.
+_COMPILE_BREAKS = (
+    ("aliasing during higher order op tracing",
+     "a tensor the field reads from outside it, transposed with `.T` or `.mT` (torch's loop capture takes "
+     "each such view as a second input aliasing the tensor, which it refuses)",
+     "write `W.t()` or `W.transpose(-2, -1)` (`torch.nn.functional.linear(y, W)` for `y @ W.T`), or make the "
+     "field an nn.Module owning W (it is then traced into a graph), or use compile=False", r"\.m?T\b"),
+    ("Mutating a variable from outside the scope", "the field changes Python state on each call (e.g. a counter)",
+     "drop it (the strategy counts evaluations: solution.stats.nfe_forward, the nfe/forward metric), or write the "
+     "field as an nn.Module (its side effects then run once, when it is traced), or use compile=False", None),
+    ("builtin operator `print`", "a print() call",
+     "drop it (log outside the field), or write the field as an nn.Module (it then prints once, when traced), or "
+     "use compile=False", None),
+)
+
+
+def _source_line(field: Any, pattern: str) -> str | None:
+    """``file:line (`code`)`` of the first line of ``field``'s source matching ``pattern``."""
+    try:
+        lines, first = inspect.getsourcelines(inspect.unwrap(field))
+        filename = inspect.getsourcefile(inspect.unwrap(field)) or ""
+    except (OSError, TypeError):
+        return None
+    for offset, code in enumerate(lines):
+        if re.search(pattern, code.split("#", 1)[0]):
+            return f"{os.path.basename(filename)}:{first + offset} (`{code.strip()}`)"
+    return None
 
 
 #: frames in these folders are torch's or ours, never the line of a user's field to point at.

@@ -88,7 +88,8 @@ class ConcatSquashLinear(nn.Module):
         u = self.gate(tt)
         gate = 0.5 + 0.5 * u / (1 + u.abs())  # (1, dim_out)
         out = self.linear(x) * gate + self.shift(tt)
-        return out, None if v is None else (v @ self.linear.weight.T) * gate
+        # F.linear, not `v @ weight.T`: a compiled loop refuses `.T` of a parameter (an aliasing input)
+        return out, None if v is None else nn.functional.linear(v, self.linear.weight) * gate
 
 
 class ConcatSquashVelocity(nn.Module):
@@ -149,11 +150,11 @@ class MLPVelocity(nn.Module):
         first, *rest = self.net
         x = first(x)
         if v is not None:  # time is an input with no tangent: only the weight's z columns act
-            v = v @ first.weight[:, : z.shape[1]].T
+            v = nn.functional.linear(v, first.weight[:, : z.shape[1]])
         for module in rest:
             if isinstance(module, nn.Linear):
                 x = module(x)
-                v = None if v is None else v @ module.weight.T
+                v = None if v is None else nn.functional.linear(v, module.weight)
             else:
                 x, v = activation_and_jvp(module, x, v)
         return x, v
