@@ -302,7 +302,9 @@ class Programs:
         try:
             compiled, result = self._compile(build, (traced, *args[1:]))
         except Exception as error:  # noqa: BLE001
-            return f"{reason} (and traced into a graph: {_reason(error)})", None, None
+            traced_reason = _reason(error)
+            again = "the same" if traced_reason == reason else traced_reason
+            return f"{reason} (traced into a graph: {again})", None, None
         self._traced[key] = (weakref.ref(field), traced)
         self._traced_types.add(type(field))
         log.info("strategy %r: %s did not compile as written (%s), so the solve compiles it traced into a graph "
@@ -440,6 +442,12 @@ _BREAK_HINTS = {
         "cannot replay; an nn.Module field is traced into a pure graph instead, a function field is not: "
         "write it as an nn.Module, or drop the counter (the strategy counts evaluations: "
         "solution.stats.nfe_forward, the nfe/forward metric)"
+    ),
+    "input mutation during higher order op": (
+        "the field changes a tensor in place at each call (a BatchNorm in training mode updating its running "
+        "statistics, or an in-place operation on a buffer or an input), which a compiled loop cannot replay: "
+        "solve with the field in eval mode, or BatchNorm(track_running_stats=False), or write the update out of "
+        "place, or use compile=False"
     ),
 }
 

@@ -1,8 +1,9 @@
-"""Fields written as functions (closures, lambdas) under ``compile=True``: what does not compile
+"""Fields as users write them under ``compile=True``. Functions (closures, lambdas): what does not compile
 falls back to eager with a warning naming the construct, its line and the fix (never a crash), and
 the gradients stay eager's. Also: a module field that reads its weight as ``.T`` is traced, and the
-log names the compile error that made it so (not a side effect it does not have); the CNF's own
-velocities compile as written.
+log names the compile error that made it so (not a side effect it does not have); a BatchNorm in
+training mode (running statistics changed in place) is named with its fix; the CNF's own velocities
+compile as written.
 
 The programs compile with ``aot_eager`` (Dynamo and AOTAutograd, no Inductor): what falls back, and
 why, is decided before any backend runs.
@@ -85,7 +86,7 @@ def test_a_function_field_that_cannot_compile_falls_back_naming_the_construct_it
     with pytest.warns(RuntimeWarning) as record:
         sol = strategy.solve(field, y0, ts)
     message = " ".join(str(w.message) for w in record if "could not compile" in str(w.message))
-    where = f"test_compiled_function_fields.py:{_line_of(field, line)}"
+    where = f"test_compiled_user_fields.py:{_line_of(field, line)}"
     assert construct in message and where in message and line in message, message
     assert "Fix: " in message and fix in message.split("Fix: ", 1)[1], message
     assert strategy.programs.compiles == 0 and strategy.programs.fallbacks
@@ -147,3 +148,27 @@ def test_the_cnf_velocities_compile_as_written(aot_eager, velocity, caplog):
         strategy.solve(field, y0, torch.tensor([0.0, 1.0], dtype=F64))
     assert not strategy.programs._traced
     assert not [r for r in caplog.records if "traced into a graph" in r.getMessage()]
+
+
+class _Normalised(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 3).double()
+        self.norm = nn.BatchNorm1d(3).double()
+
+    def forward(self, t, y):
+        return torch.tanh(self.norm(self.lin(y)))
+
+
+def test_a_batchnorm_in_training_mode_falls_back_naming_it_and_compiles_in_eval_mode(aot_eager):
+    field = _Normalised()
+    y0, ts = torch.randn(4, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
+    with pytest.warns(RuntimeWarning) as record:
+        Direct("midpoint", steps=2, compile=True).solve(field, y0, ts)
+    message = " ".join(str(w.message) for w in record if "could not compile" in str(w.message))
+    assert "BatchNorm in training mode" in message and "eval mode" in message, message
+    field.eval()  # running statistics: nothing changes in place
+    strategy = Direct("midpoint", steps=2, compile="strict")
+    compiled = strategy.solve(field, y0, ts).ys
+    assert strategy.programs.compiles == 1
+    torch.testing.assert_close(compiled, Direct("midpoint", steps=2).solve(field, y0, ts).ys, rtol=1e-12, atol=0)
