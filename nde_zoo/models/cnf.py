@@ -47,7 +47,10 @@ def activation_and_jvp(activation: nn.Module, a: Tensor, v: Tensor | None) -> tu
     h = activation(a)
     if v is None:
         return h, None
-    if isinstance(activation, nn.ELU):
+    if isinstance(activation, nn.ELU) and activation.alpha == 1.0:
+        # from the output, in two operations: 1 above zero, exp(a) = h + 1 at or below (h = expm1(a))
+        slope = h.clamp(max=0) + 1
+    elif isinstance(activation, nn.ELU):
         slope = torch.where(a > 0, torch.ones_like(a), activation.alpha * a.clamp(max=0).exp())
     elif isinstance(activation, nn.Softplus):
         scaled = a * activation.beta
