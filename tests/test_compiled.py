@@ -256,6 +256,42 @@ def test_adaptive_steps_compile_the_step_and_equal_eager(aot_eager, name):
         assert relative(c, e) <= 1e-12
 
 
+def test_direct_on_a_large_state_compiles_each_step_and_equals_eager(aot_eager):
+    """From STEP_PROGRAMS_FROM state elements, compiled Direct runs one compiled step program in the
+    eager loop (autograd between the steps) instead of a scan whose autograd stacks every residual;
+    below it, the scan. Gradients and NFE are eager's either way."""
+    from nde_zoo.driver.loop import STEP_PROGRAMS_FROM
+
+    field = nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 64)).double()
+
+    def solve_with(batch: int):
+        y0 = torch.randn(batch, 64, dtype=F64)
+        ts = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+        weights = torch.randn(3, batch, 64, dtype=F64)
+        eager_sol, eager = gradients(Direct("midpoint", steps=6), _AsField(field), y0, ts, weights)
+        strategy = Direct("midpoint", steps=6, compile="strict")
+        compiled_sol, compiled = gradients(strategy, _AsField(field), y0, ts, weights)
+        assert compiled_sol.stats.nfe_forward == eager_sol.stats.nfe_forward == 12
+        for c, e in zip([compiled_sol.ys.detach(), *compiled], [eager_sol.ys.detach(), *eager]):
+            assert relative(c, e) <= 1e-12
+        return sorted(key[0] for key in strategy.programs._programs)
+
+    large = STEP_PROGRAMS_FROM // 64
+    assert solve_with(large) == ["direct/step"]  # one program for every step (the first runs eagerly)
+    assert solve_with(large - 1) == ["direct"]  # the whole loop, forward and backward
+
+
+class _AsField(nn.Module):
+    """``net`` as a field ``f(t, y)``."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, t, y):
+        return self.net(y)
+
+
 def test_ernode_passes_compile_to_its_inner_strategy(aot_eager):
     strategy = LocalERNODE(inner=Reversible("rk4", steps=8), compile="strict")
     assert strategy.inner.compile.strict

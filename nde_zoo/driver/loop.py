@@ -242,15 +242,19 @@ def _forward(run: Run, y0: Tensor) -> Forward:
     if scheme.keeps == "schedule" and not run.stepping.adaptive:
         steps = fixed[0].steps if fixed is not None else fixed_path(run.times, run.stepping).steps
         schedule = Schedule(steps, run.snapshots, run.schedule_kind)
+    step_programs, kind = run.adaptive_programs, f"{run.strategy}/adaptive_step"
     if fixed is not None:
-        compiled = _forward_compiled(run, y0, schedule, fixed)
-        if compiled is not None:
-            return compiled
+        if scheme.keeps == "graph" and y0.numel() >= STEP_PROGRAMS_FROM and y0.device.type == "cpu":
+            step_programs, kind = run.programs, f"{run.strategy}/step"  # each step compiled, autograd between
+        else:
+            compiled = _forward_compiled(run, y0, schedule, fixed)
+            if compiled is not None:
+                return compiled
     counted = CountedField(run.field)
     step = scheme.step(counted)
-    if run.adaptive_programs is not None:  # adaptive with compile=: the same step, compiled
-        step = adaptive_step(run.adaptive_programs, f"{run.strategy}/adaptive_step", run.field, scheme.step,
-                             counted, scheme.step_evaluations, scheme.key(), example=(run.t_like, y0.detach()))
+    if step_programs is not None:  # adaptive, or Direct on a large state: the same step, compiled
+        step = adaptive_step(step_programs, kind, run.field, scheme.step, counted, scheme.step_evaluations,
+                             scheme.key(), example=(run.t_like, y0.detach()))
     record: bool | Sequence[int] = scheme.keeps in ("every", "schedule")
     if schedule is not None and not schedule.every:
         record = schedule.stored
@@ -343,6 +347,14 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None, fixed: tu
     return Forward(ys, path, stats, tuple(kept), stacked=keeps in ("every", "schedule"), schedule=schedule,
                    grid=grid, rows=rows)
 
+
+#: Direct (autograd through the loop) compiles each step, not the whole loop, from this many state elements
+#: (``y0.numel()``). Autograd through a compiled scan stacks every step's residuals in copies of its own,
+#: which costs more than the fusion saves once the state is large: on a 64 -> 128 -> 64 tanh MLP,
+#: midpoint, N = 100, one thread, the scan ran at 1.35x eager's speed with a batch of 64 (4,096 elements),
+#: 0.79x at 512 and 0.80x at 2048 (131,072); each step compiled: 1.21x, 0.98x, 1.02x (docs/compile.md).
+#: Measured on the CPU only: on a GPU the scan stays (unmeasured there, and CUDA graphs favour one program).
+STEP_PROGRAMS_FROM = 1 << 14
 
 #: grids longer than this are built per solve, not cached: 16 cached grids cost 40 bytes a step each
 CACHED_GRID_STEPS = 1 << 17
