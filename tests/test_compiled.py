@@ -274,6 +274,11 @@ def test_direct_on_a_large_state_compiles_each_step_and_equals_eager(aot_eager):
         assert compiled_sol.stats.nfe_forward == eager_sol.stats.nfe_forward == 12
         for c, e in zip([compiled_sol.ys.detach(), *compiled], [eager_sol.ys.detach(), *eager]):
             assert relative(c, e) <= 1e-12
+        compiles = strategy.programs.compiles
+        with torch.no_grad():  # validation after training: the training programs, no new compile
+            validated = strategy.solve(_AsField(field), y0, ts)
+        assert strategy.programs.compiles == compiles and not validated.ys.requires_grad
+        assert relative(validated.ys, eager_sol.ys.detach()) <= 1e-12
         return sorted(key[0] for key in strategy.programs._programs)
 
     large = STEP_PROGRAMS_FROM // 64
@@ -387,12 +392,16 @@ def test_cde_and_latent_ode_fields_compile(aot_eager):
         assert relative(c, e) <= 1e-12
 
 
+@pytest.mark.parametrize("encoded", [False, True], ids=["data-y0", "encoded-y0"])
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_validation_without_gradients_reuses_the_training_programs(aot_eager, name):
+def test_validation_without_gradients_reuses_the_training_programs(aot_eager, name, encoded):
+    """``encoded``: in training y0 requires grad (an encoder's output, as in the ODE classifier), in
+    validation it does not; the training programs still serve."""
     field = MLP().double()
     y0, ts = torch.randn(4, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
     strategy = STRATEGIES[name]("midpoint", steps=6, compile="strict", **kwargs_for(name))
-    strategy.solve(field, y0, ts).ys.sum().backward()  # a training step compiles
+    trained_y0 = y0.clone().requires_grad_() if encoded else y0
+    strategy.solve(field, trained_y0, ts).ys.sum().backward()  # a training step compiles
     compiles = strategy.programs.compiles
     with torch.no_grad():
         validation = strategy.solve(field, y0, ts).ys

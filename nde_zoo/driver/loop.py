@@ -318,9 +318,13 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None, fixed: tu
     key = programs.key(kind, run.field, [y0], extra)
     graded = contextlib.nullcontext()
     if keeps == "graph" and not torch.is_grad_enabled():
-        trained = programs.key(kind, run.field, [y0], (*extra[:-1], True))
-        if programs.compiled(trained):  # validation after training: the training program, its graph dropped,
-            key, graded = trained, torch.enable_grad()  # not a second compile of the same loop
+        # validation after training: the training program, its graph dropped, not a second compile of
+        # the same loop; trained on a y0 that required grad (an encoder's output), it gets such a leaf
+        for like in (y0, y0.detach().requires_grad_()):
+            trained = programs.key(kind, run.field, [like], (*extra[:-1], True))
+            if programs.compiled(trained):
+                key, graded, y0 = trained, torch.enable_grad(), like
+                break
     rows = None
     if programs.first_call(key):
         CountedField(run.field)(run.t_like, y0)  # the shape check of the eager loop's first call

@@ -22,6 +22,7 @@ What this module provides:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -122,6 +123,21 @@ def _signature(value: Any) -> Any:
     if isinstance(value, (tuple, list)):
         return tuple(_signature(v) for v in value)
     return value
+
+
+def _requiring_grad(signature: Any) -> Any:
+    """``signature`` (:func:`_signature`) with its floating-point tensors requiring grad."""
+    if isinstance(signature, tuple) and len(signature) == 5 and signature[0] == "T":
+        return (*signature[:4], signature[4] or signature[2].is_floating_point)
+    if isinstance(signature, (tuple, list)):
+        return tuple(_requiring_grad(s) for s in signature)
+    return signature
+
+
+def _as_leaves(value: Any) -> Any:
+    """``value``'s floating-point tensors as leaves requiring grad (views: nothing is copied)."""
+    return torch.utils._pytree.tree_map(
+        lambda x: x.detach().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x, value)
 
 
 class Programs:
@@ -383,15 +399,30 @@ def adaptive_step(
 
     def step(t: Tensor, state: Any, h: float, carry: Any) -> Any:
         key = programs.key(kind, field, [t, state, carry], (extra, torch.is_grad_enabled()))
+        graded = False
+        if not torch.is_grad_enabled() and not programs.compiled(key):
+            # a pass without gradients after training (validation): the training program, its graph
+            # dropped, not a second compile of the same step (there, the state may have required grad)
+            kind_, type_, (t_sig, *rest), _ = programs.key(kind, field, [t, state, carry], (extra, True))
+            for as_trained in (False, True):
+                signature = (t_sig, *_requiring_grad(rest)) if as_trained else (t_sig, *rest)
+                trained = (kind_, type_, signature, (extra, True))
+                if programs.compiled(trained):
+                    key, graded = trained, True
+                    if as_trained:  # as the program was traced (its guards check requires_grad): leaves
+                        state, carry = _as_leaves(state), _as_leaves(carry)
+                    break
         if programs.first_call(key):
             return_eager = eager(t, state, h, carry)  # the first step runs eagerly: it checks shapes
             programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)  # compile only
             return return_eager
-        result = programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)
+        with torch.enable_grad() if graded else contextlib.nullcontext():
+            result = programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)
         if result is None:
             return eager(t, state, h, carry)
         counted.nfe += evaluations(carry)
-        return result
+        return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, result) \
+            if graded else result
 
     return step
 
