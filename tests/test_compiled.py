@@ -279,6 +279,11 @@ def test_direct_on_a_large_state_compiles_each_step_and_equals_eager(aot_eager):
             validated = strategy.solve(_AsField(field), y0, ts)
         assert strategy.programs.compiles == compiles and not validated.ys.requires_grad
         assert relative(validated.ys, eager_sol.ys.detach()) <= 1e-12
+        checked = Direct("midpoint", steps=6, compile="strict")  # a sanity check before any training
+        with torch.no_grad():
+            checked.solve(_AsField(field), y0, ts)
+        gradients(checked, _AsField(field), y0, ts, weights)
+        assert checked.programs.compiles == compiles
         return sorted(key[0] for key in strategy.programs._programs)
 
     large = STEP_PROGRAMS_FROM // 64
@@ -392,17 +397,25 @@ def test_cde_and_latent_ode_fields_compile(aot_eager):
         assert relative(c, e) <= 1e-12
 
 
+@pytest.mark.parametrize("validation_first", [False, True], ids=["after-training", "sanity-check-first"])
 @pytest.mark.parametrize("encoded", [False, True], ids=["data-y0", "encoded-y0"])
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
-def test_validation_without_gradients_reuses_the_training_programs(aot_eager, name, encoded):
+def test_validation_without_gradients_reuses_the_training_programs(aot_eager, name, encoded, validation_first):
     """``encoded``: in training y0 requires grad (an encoder's output, as in the ODE classifier), in
-    validation it does not; the training programs still serve."""
+    validation it does not. ``validation_first``: the pass without gradients comes before any training
+    (Lightning's sanity check). Either way training and validation share their programs."""
     field = MLP().double()
     y0, ts = torch.randn(4, 3, dtype=F64), torch.linspace(0.0, 1.0, 3, dtype=F64)
     strategy = STRATEGIES[name]("midpoint", steps=6, compile="strict", **kwargs_for(name))
     trained_y0 = y0.clone().requires_grad_() if encoded else y0
-    strategy.solve(field, trained_y0, ts).ys.sum().backward()  # a training step compiles
+    alone = STRATEGIES[name]("midpoint", steps=6, compile="strict", **kwargs_for(name))
+    alone.solve(field, trained_y0, ts).ys.sum().backward()  # what training alone compiles
+    if validation_first:
+        with torch.no_grad():
+            strategy.solve(field, y0, ts)
+    strategy.solve(field, trained_y0, ts).ys.sum().backward()  # a training step
     compiles = strategy.programs.compiles
+    assert compiles == alone.programs.compiles, "the sanity check compiled a program training does not use"
     with torch.no_grad():
         validation = strategy.solve(field, y0, ts).ys
     assert strategy.programs.compiles == compiles, "a validation pass compiled the loop again"

@@ -254,7 +254,7 @@ def _forward(run: Run, y0: Tensor) -> Forward:
     step = scheme.step(counted)
     if step_programs is not None:  # adaptive, or Direct on a large state: the same step, compiled
         step = adaptive_step(step_programs, kind, run.field, scheme.step, counted, scheme.step_evaluations,
-                             scheme.key(), example=(run.t_like, y0.detach()))
+                             scheme.key(), example=(run.t_like, y0.detach()), differentiated=scheme.keeps == "graph")
     record: bool | Sequence[int] = scheme.keeps in ("every", "schedule")
     if schedule is not None and not schedule.every:
         record = schedule.stored
@@ -313,26 +313,27 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None, fixed: tu
 
         return program
 
-    extra = (*scheme.key(), layout, keeps, schedule, torch.is_grad_enabled())
+    graded = contextlib.nullcontext()
+    if keeps == "graph":
+        # One program, with its graph, for training and for passes without gradients (validation, and
+        # Lightning's sanity check before any training), whichever comes first: a pass without gradients
+        # runs it and drops the graph. y0 always requires grad (a leaf where it does not: the data; kept
+        # with its graph where it does: an encoder's output), so both passes have the same inputs.
+        if not torch.is_grad_enabled():
+            graded = torch.enable_grad()
+        if not y0.requires_grad:
+            y0 = y0.detach().requires_grad_()
+    extra = (*scheme.key(), layout, keeps, schedule, keeps == "graph" or torch.is_grad_enabled())
     kind = run.strategy if keeps == "graph" else f"{run.strategy}/forward"  # graph: one program, forward and backward
     key = programs.key(kind, run.field, [y0], extra)
-    graded = contextlib.nullcontext()
-    if keeps == "graph" and not torch.is_grad_enabled():
-        # validation after training: the training program, its graph dropped, not a second compile of
-        # the same loop; trained on a y0 that required grad (an encoder's output), it gets such a leaf
-        for like in (y0, y0.detach().requires_grad_()):
-            trained = programs.key(kind, run.field, [like], (*extra[:-1], True))
-            if programs.compiled(trained):
-                key, graded, y0 = trained, torch.enable_grad(), like
-                break
     rows = None
-    if programs.first_call(key):
-        CountedField(run.field)(run.t_like, y0)  # the shape check of the eager loop's first call
-        full = programs.padded_batch(key)
-        if full is not None and _rows_independent(run, y0, full):  # a ragged batch: the full batch's program
-            rows, y0 = y0.shape[0], _pad_rows(y0, full)
-            key = programs.key(kind, run.field, [y0], extra)
     with graded:
+        if programs.first_call(key):
+            CountedField(run.field)(run.t_like, y0)  # the shape check of the eager loop's first call
+            full = programs.padded_batch(key)
+            if full is not None and _rows_independent(run, y0, full):  # a ragged batch: the full batch's program
+                rows, y0 = y0.shape[0], _pad_rows(y0, full)
+                key = programs.key(kind, run.field, [y0], extra)
         result = programs.run(key, build, run.field, y0, grid.times, grid.sizes, grid.output_index,
                               example=(run.t_like, y0.detach()))
     if result is None:

@@ -125,19 +125,16 @@ def _signature(value: Any) -> Any:
     return value
 
 
-def _requiring_grad(signature: Any) -> Any:
-    """``signature`` (:func:`_signature`) with its floating-point tensors requiring grad."""
-    if isinstance(signature, tuple) and len(signature) == 5 and signature[0] == "T":
-        return (*signature[:4], signature[4] or signature[2].is_floating_point)
-    if isinstance(signature, (tuple, list)):
-        return tuple(_requiring_grad(s) for s in signature)
-    return signature
-
-
-def _as_leaves(value: Any) -> Any:
-    """``value``'s floating-point tensors as leaves requiring grad (views: nothing is copied)."""
+def _requiring_grad(value: Any) -> Any:
+    """``value``'s floating-point tensors that do not require grad as leaves that do (views: nothing is
+    copied); those that do are kept, with their graph."""
     return torch.utils._pytree.tree_map(
-        lambda x: x.detach().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x, value)
+        lambda x: x.detach().requires_grad_() if isinstance(x, Tensor) and x.is_floating_point()
+        and not x.requires_grad else x, value)
+
+
+def _detached(value: Any) -> Any:
+    return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, value)
 
 
 class Programs:
@@ -377,6 +374,7 @@ def adaptive_step(
     evaluations: Callable[[Any], int],
     extra: Any = None,
     example: tuple[Tensor, Tensor] | None = None,
+    differentiated: bool = False,
 ) -> Callable[..., Any]:
     """An adaptive solve's step as a compiled program; the controller stays in Python.
 
@@ -388,6 +386,10 @@ def adaptive_step(
             ``evaluations(carry)`` to its ``nfe`` (the program cannot count from inside).
         extra: what else the program bakes in (the solver, the coupling).
         example: a ``(t, y)`` to trace a field with side effects at (:meth:`Programs.run`).
+        differentiated: the step is differentiated by autograd (Direct). Its program is then always
+            the one with a graph, its state and carry leaves requiring grad where they do not: a pass
+            without gradients (validation, Lightning's sanity check before any training) runs it
+            and drops the graph, so training and validation share one program, whichever comes first.
 
     The step size enters as a 0-d tensor, so accepting and rejecting steps of every size
     reuses one program per (shapes, dtype, grad mode). ``Path.sizes`` keep the Python floats.
@@ -398,31 +400,20 @@ def adaptive_step(
         return lambda f, t, state, h, carry: make_step(f)(t, state, h, carry)
 
     def step(t: Tensor, state: Any, h: float, carry: Any) -> Any:
-        key = programs.key(kind, field, [t, state, carry], (extra, torch.is_grad_enabled()))
         graded = False
-        if not torch.is_grad_enabled() and not programs.compiled(key):
-            # a pass without gradients after training (validation): the training program, its graph
-            # dropped, not a second compile of the same step (there, the state may have required grad)
-            kind_, type_, (t_sig, *rest), _ = programs.key(kind, field, [t, state, carry], (extra, True))
-            for as_trained in (False, True):
-                signature = (t_sig, *_requiring_grad(rest)) if as_trained else (t_sig, *rest)
-                trained = (kind_, type_, signature, (extra, True))
-                if programs.compiled(trained):
-                    key, graded = trained, True
-                    if as_trained:  # as the program was traced (its guards check requires_grad): leaves
-                        state, carry = _as_leaves(state), _as_leaves(carry)
-                    break
-        if programs.first_call(key):
-            return_eager = eager(t, state, h, carry)  # the first step runs eagerly: it checks shapes
-            programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)  # compile only
-            return return_eager
+        if differentiated:  # one program with its graph for training, validation and the sanity check
+            graded, state, carry = not torch.is_grad_enabled(), _requiring_grad(state), _requiring_grad(carry)
+        key = programs.key(kind, field, [t, state, carry], (extra, differentiated or torch.is_grad_enabled()))
         with torch.enable_grad() if graded else contextlib.nullcontext():
+            if programs.first_call(key):
+                return_eager = eager(t, state, h, carry)  # the first step runs eagerly: it checks shapes
+                programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)  # compile only
+                return _detached(return_eager) if graded else return_eager
             result = programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)
         if result is None:
             return eager(t, state, h, carry)
         counted.nfe += evaluations(carry)
-        return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, result) \
-            if graded else result
+        return _detached(result) if graded else result
 
     return step
 
