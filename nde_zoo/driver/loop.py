@@ -57,6 +57,7 @@ from nde_zoo.driver.programs import (
     func_vjp,
     functional_field,
     functional_names,
+    requiring_grad,
     scan,
 )
 from nde_zoo.driver.schedule import HeldStates, Schedule
@@ -321,8 +322,7 @@ def _forward_compiled(run: Run, y0: Tensor, schedule: Schedule | None, fixed: tu
         # with its graph where it does: an encoder's output), so both passes have the same inputs.
         if not torch.is_grad_enabled():
             graded = torch.enable_grad()
-        if not y0.requires_grad:
-            y0 = y0.detach().requires_grad_()
+        y0 = requiring_grad(y0)
     extra = (*scheme.key(), layout, keeps, schedule, keeps == "graph" or torch.is_grad_enabled())
     kind = run.strategy if keeps == "graph" else f"{run.strategy}/forward"  # graph: one program, forward and backward
     key = programs.key(kind, run.field, [y0], extra)

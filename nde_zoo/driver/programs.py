@@ -125,7 +125,7 @@ def _signature(value: Any) -> Any:
     return value
 
 
-def _requiring_grad(value: Any) -> Any:
+def requiring_grad(value: Any) -> Any:
     """``value``'s floating-point tensors that do not require grad as leaves that do (views: nothing is
     copied); those that do are kept, with their graph."""
     return torch.utils._pytree.tree_map(
@@ -133,7 +133,8 @@ def _requiring_grad(value: Any) -> Any:
         and not x.requires_grad else x, value)
 
 
-def _detached(value: Any) -> Any:
+def _detach_all(value: Any) -> Any:
+    """``value``'s tensors detached (a tree of outputs)."""
     return torch.utils._pytree.tree_map(lambda x: x.detach() if isinstance(x, Tensor) else x, value)
 
 
@@ -402,18 +403,18 @@ def adaptive_step(
     def step(t: Tensor, state: Any, h: float, carry: Any) -> Any:
         graded = False
         if differentiated:  # one program with its graph for training, validation and the sanity check
-            graded, state, carry = not torch.is_grad_enabled(), _requiring_grad(state), _requiring_grad(carry)
+            graded, state, carry = not torch.is_grad_enabled(), requiring_grad(state), requiring_grad(carry)
         key = programs.key(kind, field, [t, state, carry], (extra, differentiated or torch.is_grad_enabled()))
         with torch.enable_grad() if graded else contextlib.nullcontext():
             if programs.first_call(key):
                 return_eager = eager(t, state, h, carry)  # the first step runs eagerly: it checks shapes
                 programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)  # compile only
-                return _detached(return_eager) if graded else return_eager
+                return _detach_all(return_eager) if graded else return_eager
             result = programs.run(key, build, field, t, state, t.new_tensor(h), carry, example=example)
         if result is None:
             return eager(t, state, h, carry)
         counted.nfe += evaluations(carry)
-        return _detached(result) if graded else result
+        return _detach_all(result) if graded else result
 
     return step
 
