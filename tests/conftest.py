@@ -31,6 +31,10 @@ REPO = Path(__file__).resolve().parents[1]
 # two, with the machine's load at 9). NDE_ZOO_TEST_THREADS=N gives them N.
 _THREADS = os.environ.get("NDE_ZOO_TEST_THREADS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", _THREADS)
+# Inductor compiles in the test process too, not in a pool of processes of its own: each pool process
+# imports torch before it compiles anything (2 s of a 19 s first compile here), and on two busy cores
+# the pool only competes with the other worker.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", _THREADS)
 import torch  # noqa: E402
 
 torch.set_num_threads(int(_THREADS))
@@ -138,15 +142,51 @@ def xdist_group(nodeid: str) -> str:
     return path
 
 
+#: seconds a group takes on one worker of `make test` (2 cores, idle, cold caches; 2026-12-08): only the
+#: order in which the workers take the groups depends on them (:func:`heaviest_groups_first`). A group not
+#: listed counts ``_SECONDS_PER_TEST`` a test.
+GROUP_SECONDS = {
+    "tests/test_compiled.py": 210, "tests/test_ddp.py": 55, "tests/test_auto.py": 50,
+    "tests/test_cli_strategies.py": 45, "tests/test_cli.py": 38, "tests/test_matrix.py": 35,
+    "tests/test_compile_cache.py": 32, "bench_quick:pde": 30, "tests/test_checkpoint_safety.py": 28,
+    "tests/test_launch.py": 50, "tests/test_ddp_rank_death.py": 25, "tests/test_pde.py": 21,
+    "bench_quick:symplectic": 18, "bench_quick:white_dwarf": 18, "tests/test_resume.py": 17,
+    "bench_quick:cde_memory": 15, "bench_quick:cnf_memory": 15, "tests/test_bounded_memory.py": 14,
+    "tests/test_schedule.py": 14, "tests/test_ddp_sync.py": 13, "tests/test_compiled_user_fields.py": 13,
+    "bench_quick:seminorm": 12, "tests/test_packaging.py": 12,
+}
+_SECONDS_PER_TEST = 0.1
+
+
+def heaviest_first(groups: dict[str, int]) -> list[str]:
+    """The groups (name -> number of tests) in the order the workers take them: the longest first
+    (longest-processing-time scheduling), so that the session does not end with one worker running a long
+    group alone while the other waits; groups of equal weight keep the collection's order."""
+    return sorted(groups, key=lambda group: -GROUP_SECONDS.get(group, _SECONDS_PER_TEST * groups[group]))
+
+
 def pytest_xdist_make_scheduler(config, log):
-    """``--dist loadgroup`` with the groups of :func:`xdist_group`."""
+    """``--dist loadgroup`` with the groups of :func:`xdist_group`, the heaviest taken first."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
+    config.option.loadscopereorder = False  # xdist's own order (most tests first) is replaced below
+
     class GroupScheduling(LoadScopeScheduling):
+        _ordered = False
+
         def _split_scope(self, nodeid: str) -> str:
             return xdist_group(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self._ordered:  # the queue is complete when the first unit is taken
+                self._ordered = True
+                units = dict(self.workqueue)
+                self.workqueue.clear()
+                for group in heaviest_first({group: len(tests) for group, tests in units.items()}):
+                    self.workqueue[group] = units[group]
+            super()._assign_work_unit(node)
 
     return GroupScheduling(config, log)
 

@@ -2,15 +2,17 @@
 # The test commands of the README and of CI (.ci/run):
 #   bash tests/run_tests.sh PYTHON [PYTEST_ARGS...]           `make test`: the full suite
 #   NDE_ZOO_TEST_TIER=check bash tests/run_tests.sh PYTHON    `make check`: the fast tier (no e2e, slow, DDP)
-# 1. Everything but the standalone tests, in one pytest session on two workers. A test file stays on one
-#    worker (its module fixtures run once); each benchmark's quick run is a group of its own
-#    (tests/conftest.py), so they spread over the workers.
-# 2. (full suite) Tests marked `standalone` (they launch the command line in several processes: torchrun,
-#    srun, a rank killed mid-fit) one pytest process each, NDE_ZOO_STANDALONE_JOBS (2) at a time, each
-#    one's output printed when it ends.
+# Everything but the tests marked `manual`, in one pytest session on two workers. A test file stays on one
+# worker (its module fixtures run once); each benchmark's quick run is a group of its own, and the longest
+# groups are taken first (tests/conftest.py), so the two workers finish together. The tests marked
+# `standalone` (several processes each: torchrun, srun, a rank killed mid-fit) run in the session too,
+# while the other worker goes on: much of their time is spent starting processes and waiting on them.
+# Bytecode is cached (.pyc, and pytest's rewritten test modules) whatever PYTHONDONTWRITEBYTECODE says:
+# each worker and each process a test starts would otherwise compile the package and the tests again.
 # The slowest tests are listed at the end of each session (--durations in pyproject.toml), and a test
 # not marked `slow` fails over the time limit (tests/conftest.py).
 set -uo pipefail
+unset PYTHONDONTWRITEBYTECODE
 PY=${1:-python}
 shift || true
 status=0
@@ -25,27 +27,6 @@ if [ "${NDE_ZOO_TEST_TIER:-full}" = "check" ]; then
   exec "$PY" -m pytest -m "not slow and not manual and not standalone and not e2e and not ddp" "${PARALLEL[@]}" "$@"
 fi
 export NDE_ZOO_TEST_TIME_LIMIT=${NDE_ZOO_TEST_TIME_LIMIT:-180}
-"$PY" -m pytest -m "not manual and not standalone" "${PARALLEL[@]}" "$@" || status=$?
+"$PY" -m pytest -m "not manual" "${PARALLEL[@]}" "$@" || status=$?
 if [ $status -eq 5 ]; then status=0; fi  # no tests collected is not a failure of the suite
-
-mapfile -t STANDALONE < <("$PY" -m pytest -m "standalone and not manual" --collect-only -q "$@" 2>/dev/null | grep '::')
-if [ ${#STANDALONE[@]} -gt 0 ]; then
-  JOBS=${NDE_ZOO_STANDALONE_JOBS:-2}
-  LOGS=$(mktemp -d)
-  echo "standalone tests: ${#STANDALONE[@]}, $JOBS at a time"
-  start=$SECONDS
-  running=0
-  for i in "${!STANDALONE[@]}"; do
-    ( "$PY" -m pytest -q -p no:cacheprovider "${STANDALONE[$i]}" >"$LOGS/$i.log" 2>&1; echo $? >"$LOGS/$i.rc"
-      echo "--- ${STANDALONE[$i]} (exit $(cat "$LOGS/$i.rc"))"; tail -n 25 "$LOGS/$i.log" ) &
-    running=$((running + 1))
-    if [ $running -ge "$JOBS" ]; then wait -n; running=$((running - 1)); fi
-  done
-  wait
-  for i in "${!STANDALONE[@]}"; do
-    if [ "$(cat "$LOGS/$i.rc")" != "0" ]; then status=1; echo "FAILED standalone: ${STANDALONE[$i]}"; fi
-  done
-  echo "standalone tests done in $((SECONDS - start)) s"
-  rm -rf "$LOGS"
-fi
 exit $status

@@ -4,8 +4,7 @@ through hydra-submitit-launcher's local executor (the SLURM launcher's smoke tes
 
 Under torchrun and srun every rank runs ``@hydra.main`` itself, so each would compute its own
 ``${now:}`` run directory: the commands pin ``hydra.run.dir`` / ``hydra.sweep.dir``, as the
-README says to. The tests marked ``standalone`` start several processes and are run one per
-pytest process by tests/run_tests.sh.
+README says to. The tests marked ``standalone`` start several processes (not in ``make check``).
 """
 
 from __future__ import annotations

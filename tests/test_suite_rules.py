@@ -144,3 +144,25 @@ def test_a_group_mark_the_id_does_not_say_is_refused(request):
                            if name == "xdist_group" else None, add_marker=lambda mark: None)
     with pytest.raises(pytest.UsageError, match="belongs to the group 'elsewhere'.*_SHARED_GROUPS"):
         conftest.pytest_collection_modifyitems(request.config, [item])
+
+
+def test_the_group_weights_name_groups_that_exist():
+    """A renamed test file or benchmark would leave its weight behind, silently: the workers would then take
+    that group in the collection's order again, and the session could end on it alone."""
+    from nde_zoo.bench import BENCHMARKS
+
+    for group in conftest.GROUP_SECONDS:
+        if group.startswith("bench_quick:"):
+            assert group.split(":", 1)[1] in BENCHMARKS, group
+        else:
+            assert (conftest.REPO / group).is_file(), group
+
+
+def test_the_workers_take_the_heaviest_groups_first():
+    groups = {"tests/test_solvers.py": 200, "tests/test_compiled.py": 150, "bench_quick:pde": 1,
+              "tests/test_configs.py": 40, "tests/test_unlisted.py": 20}
+    order = conftest.heaviest_first(groups)
+    # the weights listed win over the counts; unlisted groups weigh by their number of tests
+    assert order[:2] == ["tests/test_compiled.py", "bench_quick:pde"]
+    assert order.index("tests/test_solvers.py") < order.index("tests/test_configs.py") < order.index(
+        "tests/test_unlisted.py")
