@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DropoutBase", "compile_limits", "graphs_compiled", "profiler_memory_events", "profiler_running", "scan",
-           "suspended_saved_tensors_hooks"]
+__all__ = ["DropoutBase", "cache_scan_graphs", "compile_limits", "graphs_compiled", "profiler_memory_events",
+           "profiler_running", "scan", "suspended_saved_tensors_hooks"]
 
 # ``torch._higher_order_ops.scan``: the compiled solves' loop. Public alternative:
 # ``torch.while_loop`` with preallocated output buffers; on the CPU its functional buffer
@@ -27,6 +27,28 @@ try:
     from torch._higher_order_ops import scan
 except ImportError:  # pragma: no cover - torch < 2.6
     scan = None  # type: ignore[assignment]
+
+def cache_scan_graphs() -> bool:
+    """Let Inductor's FX graph cache and AOTAutograd's cache keep graphs holding a ``scan``; whether
+    they may (``False`` where this torch has no such switch).
+
+    torch refuses to cache a graph holding a higher-order operator not marked cacheable ("Can't cache
+    HigherOrderOperator: scan"), and every compiled solve is such a graph, so each new process traced,
+    derived and generated its programs again (only the C++ compile was cached). ``scan``'s body is a
+    graph module inside the graph, so the cache key (the pickled graph, its submodules included) covers
+    it. The mark is ``torch._inductor.config.unsafe_marked_cacheable_functions``, process-wide, set at
+    our first compile (not at import): the backward of a compiled Direct solve is compiled lazily, by
+    the user's ``backward()``, outside any scope of ours. Its value (the torch version) enters every key.
+    Public alternative: none; ``torch._inductor.config.fx_graph_cache = False`` turns the caches off."""
+    from torch._higher_order_ops.scan import scan_op
+    from torch._inductor import config
+
+    marked = getattr(config, "unsafe_marked_cacheable_functions", None)
+    if not isinstance(marked, dict):  # pragma: no cover - a torch without the switch
+        return False
+    marked.setdefault(f"{scan_op.__module__}.{scan_op.__name__}", f"nde_zoo/scan/{torch.__version__}")
+    return True
+
 
 #: The base class of every dropout module (``nn.Dropout``, ``Dropout1d/2d/3d``, ``AlphaDropout``...).
 #: Public alternative: listing the public classes, which misses a future one.

@@ -1,11 +1,12 @@
-"""A second process compiling the same solve reuses Inductor's on-disk cache (docs/compile.md, "Caches").
+"""A second process compiling the same solve reuses torch's on-disk caches (docs/compile.md, "Caches").
 
-What torch 2.13 can cache for our programs: the generated C++ kernels (Inductor's code cache, keyed
-by the kernel's source), not the traced graphs. Its FX-graph and AOTAutograd caches refuse a graph
-holding a ``scan`` ("Can't cache HigherOrderOperator: scan"), which every compiled solve is, so
-each new process traces again and only the C++ compile, the largest share of a cold compile, is
-skipped. This test pins the part that can be cached: the warm process compiles no kernel of its
-own (it prints both first calls; docs/compile.md gives them).
+Three caches serve it: Inductor's code cache (the generated C++ kernels, keyed by their source),
+Inductor's FX graph cache and AOTAutograd's cache (the derived graphs and the code generated for
+them). torch refuses the last two for a graph holding a ``scan`` unless the operator is marked
+cacheable, which the compiled solves do at their first compile (``nde_zoo._torch_compat.
+cache_scan_graphs``). The warm process must hit both graph caches (their own counters say so) and
+compile no kernel of its own, and its gradient must be the cold one's; each process still traces
+with Dynamo (that is not cached).
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ strategy = Direct("euler", steps=4, compile="strict")
 start = time.perf_counter()
 ys = strategy.solve(field, y0, torch.tensor([0.0, 1.0], dtype=torch.float64)).ys
 ys.pow(2).sum().backward()
-print(json.dumps({"compiles": strategy.programs.compiles, "seconds": time.perf_counter() - start}))
+from torch._dynamo.utils import counters
+print(json.dumps({"compiles": strategy.programs.compiles, "seconds": time.perf_counter() - start,
+                  "grad": y0.grad.tolist(), "fx_graph": dict(counters["inductor"]),
+                  "aot_autograd": dict(counters["aot_autograd"])}))
 """
 
 
@@ -62,7 +66,13 @@ def test_a_second_process_compiles_no_kernel_of_its_own(tmp_path):
     cold = _compile_in_a_fresh_process(cache)
     kernels = _kernels(cache)
     assert cold["compiles"] >= 1 and kernels, (cold, kernels)  # it compiled, and kept its kernels
+    assert cold["fx_graph"].get("fxgraph_cache_miss", 0) >= 1, cold  # cacheable: missed, not bypassed
+    assert not cold["fx_graph"].get("fxgraph_cache_bypass") and not cold["aot_autograd"].get("autograd_cache_bypass")
     warm = _compile_in_a_fresh_process(cache)
     assert warm["compiles"] == cold["compiles"]  # the same programs, traced again in the new process
-    assert _kernels(cache) == kernels  # ... but every kernel came from the cache: none compiled anew
+    assert warm["fx_graph"].get("fxgraph_cache_hit", 0) == cold["fx_graph"]["fxgraph_cache_miss"], warm
+    assert not warm["fx_graph"].get("fxgraph_cache_miss"), warm  # every graph, the lazy backward's too
+    assert warm["aot_autograd"].get("autograd_cache_hit", 0) >= 1, warm
+    assert _kernels(cache) == kernels  # ... and every kernel came from the cache: none compiled anew
+    assert warm["grad"] == cold["grad"]  # the cached programs compute what the compiled ones did
     print(f"first call: cold cache {cold['seconds']:.1f} s, warm cache {warm['seconds']:.1f} s")

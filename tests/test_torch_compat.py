@@ -17,6 +17,19 @@ def test_importing_the_strategies_leaves_dynamos_limits_at_torchs_defaults():
     assert config.accumulated_recompile_limit == config._config["accumulated_recompile_limit"].default
 
 
+def test_importing_the_strategies_leaves_inductors_caches_as_torch_has_them():
+    """scan is marked cacheable at the first compile, not at import (in a fresh process: this one may
+    have compiled already)."""
+    import subprocess
+    import sys
+
+    code = ("import nde_zoo.strategies, nde_zoo.driver.programs, torch._inductor.config as c; "
+            "print(sorted(c.unsafe_marked_cacheable_functions))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
 def test_compile_limits_are_raised_only_inside_the_scope_and_never_lowered():
     from nde_zoo._torch_compat import RECOMPILE_LIMIT, compile_limits
 
@@ -30,7 +43,11 @@ def test_compile_limits_are_raised_only_inside_the_scope_and_never_lowered():
 
 
 def test_the_private_names_exist_on_this_torch():
-    from nde_zoo._torch_compat import DropoutBase, scan, suspended_saved_tensors_hooks
+    from nde_zoo._torch_compat import DropoutBase, cache_scan_graphs, scan, suspended_saved_tensors_hooks
+    from torch._higher_order_ops.scan import scan_op
+
+    assert cache_scan_graphs(), "torch._inductor.config.unsafe_marked_cacheable_functions is gone"
+    assert scan_op.cacheable(), "scan is marked, but torch's caches would still refuse it"
 
     assert scan is not None, "torch._higher_order_ops.scan is gone: the compiled solves fall back to eager"
     assert all(issubclass(cls, DropoutBase) for cls in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout))

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nde_zoo._torch_compat import compile_limits, graphs_compiled, scan, suspended_saved_tensors_hooks
+from nde_zoo._torch_compat import cache_scan_graphs, compile_limits, graphs_compiled, scan, suspended_saved_tensors_hooks
 from nde_zoo.driver.traced_field import FieldTraceError, TracedField, diagnose_function, plain_state, trace_field
 
 log = logging.getLogger("nde_zoo")
@@ -300,6 +300,8 @@ class Programs:
             # compiles at -O1 and only the kernels at -O3: gcc at -O3 on one file holding both
             # took 537 of the CNF's 640 s cold compile, 55 s so (no slower per step; measured).
             options = {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}
+        if backend == "inductor":
+            cache_scan_graphs()  # a second process then loads these programs instead of deriving them again
         compiled = torch.compile(build(), fullgraph=True, dynamic=False, backend=backend, mode=mode, options=options)
         with _without_saved_tensors_hooks(), compile_limits():
             return compiled, compiled(*args)
