@@ -28,6 +28,7 @@ try:
 except ImportError:  # pragma: no cover - torch < 2.6
     scan = None  # type: ignore[assignment]
 
+
 def cache_scan_graphs() -> bool:
     """Let Inductor's FX graph cache and AOTAutograd's cache keep graphs holding a ``scan``; whether
     they may (``False`` where this torch has no such switch).

@@ -143,7 +143,7 @@ def xdist_group(nodeid: str) -> str:
 
 
 #: seconds a group takes on one worker of `make test` (2 cores, idle, cold caches; 2026-12-08): only the
-#: order in which the workers take the groups depends on them (:func:`heaviest_groups_first`). A group not
+#: order in which the workers take the groups depends on them (:func:`heaviest_first`). A group not
 #: listed counts ``_SECONDS_PER_TEST`` a test.
 GROUP_SECONDS = {
     "tests/test_compiled.py": 210, "tests/test_ddp.py": 55, "tests/test_auto.py": 50,
