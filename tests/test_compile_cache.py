@@ -61,7 +61,7 @@ def _compile_in_a_fresh_process(cache: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_a_second_process_compiles_no_kernel_of_its_own(tmp_path):
+def test_a_second_process_loads_the_graphs_and_kernels_from_the_cache(tmp_path):
     cache = tmp_path / "inductor"
     cold = _compile_in_a_fresh_process(cache)
     kernels = _kernels(cache)
